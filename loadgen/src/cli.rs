@@ -1,0 +1,266 @@
+//! Command-line interface: every scenario is a subcommand, and the options
+//! shared by all of them (where to connect, how to authenticate, what to
+//! measure on the server, where to write reports) are global flags that may
+//! be given before or after the subcommand.
+//!
+//! The structs double as the library's configuration: a test builds a
+//! [`Cli`] (or parses one from a list of words) and hands it to
+//! [`crate::run`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+/// Load generator for the chorus WebSocket server.
+#[derive(Parser, Debug, Clone, Serialize)]
+#[command(name = "loadgen", version, about, long_about = None)]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(subcommand)]
+    pub scenario: Scenario,
+}
+
+/// Options every scenario understands.
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct Common {
+    /// WebSocket URL of a server node (ws://host:port[/path], path default /ws).
+    /// Give it more than once to spread connections over nodes, round robin.
+    #[arg(long = "url", global = true, default_value = "ws://127.0.0.1:8080")]
+    pub urls: Vec<String>,
+
+    /// HS256 secret to mint one token per connection (sub = <sub-prefix><n>).
+    #[arg(long, global = true, env = "CHORUS_JWT_SECRET", hide_env_values = true)]
+    #[serde(skip)]
+    pub jwt_secret: Option<String>,
+
+    /// File holding one token used by every connection (instead of --jwt-secret).
+    #[arg(long, global = true, conflicts_with = "jwt_secret")]
+    pub token_file: Option<PathBuf>,
+
+    /// Prefix of the `sub` claim of minted tokens.
+    #[arg(long, global = true, default_value = "lg-")]
+    pub sub_prefix: String,
+
+    /// Spread connections to a loopback server over source addresses
+    /// 127.0.0.1 ..= 127.0.0.N (ignored for other targets).
+    #[arg(long, global = true, default_value_t = 16, value_parser = clap::value_parser!(u8).range(1..=254))]
+    pub source_ips: u8,
+
+    /// PID of a server process to measure (CPU, RSS); repeatable.
+    #[arg(long = "server-pid", global = true)]
+    pub server_pids: Vec<u32>,
+
+    /// Write every figure as JSON to this file.
+    #[arg(long, global = true)]
+    pub json: Option<PathBuf>,
+
+    /// Write plots to this file (.svg, or .html with the table and inline SVG).
+    #[arg(long, global = true)]
+    pub report: Option<PathBuf>,
+
+    /// Tokio worker threads.
+    #[arg(long, global = true, default_value_t = 2)]
+    pub threads: usize,
+
+    /// Handshakes in flight at once while connecting.
+    #[arg(long, global = true, default_value_t = 256)]
+    pub connect_concurrency: usize,
+
+    /// Open connections at this many per second (default: as fast as possible).
+    #[arg(long, global = true)]
+    pub connect_rate: Option<f64>,
+
+    /// Give up on one connection attempt (TCP connect + upgrade) after this long.
+    #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[serde(with = "secs")]
+    pub connect_timeout: Duration,
+
+    /// Give up waiting for every member to be joined after this long.
+    #[arg(long, global = true, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[serde(with = "secs")]
+    pub join_timeout: Duration,
+
+    /// Pause after all connections are up before reading server RSS.
+    #[arg(long, global = true, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[serde(with = "secs")]
+    pub settle: Duration,
+
+    /// No live progress line on stderr.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+
+    /// Exit with status 3 when the run found problems (failed connections or
+    /// joins, seq gaps, duplicates, reorders, missing deliveries, errors).
+    #[arg(long, global = true)]
+    pub strict: bool,
+}
+
+/// The scenarios.
+#[derive(Subcommand, Debug, Clone, Serialize)]
+#[serde(tag = "scenario", rename_all = "lowercase")]
+pub enum Scenario {
+    /// R rooms of M members; P publisher connections (not members) send at an
+    /// aggregate rate into the rooms, round robin.
+    Fanout(FanoutArgs),
+    /// R rooms of M members; every member also sends into its own room(s).
+    Chat(ChatArgs),
+    /// A storm of N authenticated connections: connections/s, handshake latency.
+    Connect(ConnectArgs),
+    /// N authenticated connections joined to rooms and held idle: server
+    /// memory per connection.
+    Idle(IdleArgs),
+}
+
+impl Scenario {
+    /// The subcommand's name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Scenario::Fanout(_) => "fanout",
+            Scenario::Chat(_) => "chat",
+            Scenario::Connect(_) => "connect",
+            Scenario::Idle(_) => "idle",
+        }
+    }
+}
+
+/// Rooms and their members.
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct RoomArgs {
+    /// Number of rooms.
+    #[arg(long, default_value_t = 10)]
+    pub rooms: usize,
+    /// Members (joined connections) per room.
+    #[arg(long, default_value_t = 100)]
+    pub members: usize,
+    /// Rooms are named <prefix>-<i>.
+    #[arg(long, default_value = "lg")]
+    pub room_prefix: String,
+}
+
+/// The timed phases of a sending scenario.
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct PhaseArgs {
+    /// Length of the send phase.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[serde(with = "secs")]
+    pub duration: Duration,
+    /// After the send phase, keep reading this long to collect stragglers.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    #[serde(with = "secs")]
+    pub drain: Duration,
+}
+
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct FanoutArgs {
+    #[command(flatten)]
+    pub rooms: RoomArgs,
+    /// Publisher connections (they do not join; each gets rooms round robin).
+    #[arg(long, default_value_t = 10)]
+    pub publishers: usize,
+    /// Aggregate send rate over all publishers, messages per second.
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// Size of each message body in bytes (at least the ~70 bytes of the
+    /// timestamp fields).
+    #[arg(long, default_value_t = 100)]
+    pub payload: usize,
+    #[command(flatten)]
+    pub phase: PhaseArgs,
+}
+
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub rooms: RoomArgs,
+    /// Messages per second each member sends.
+    #[arg(long, default_value_t = 1.0)]
+    pub rate_per_user: f64,
+    /// Rooms each member joins (its own room and the next ones); it sends to
+    /// them round robin.
+    #[arg(long, default_value_t = 1)]
+    pub rooms_per_user: usize,
+    /// Size of each message body in bytes.
+    #[arg(long, default_value_t = 100)]
+    pub payload: usize,
+    #[command(flatten)]
+    pub phase: PhaseArgs,
+}
+
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct ConnectArgs {
+    /// Number of connections.
+    #[arg(long, default_value_t = 1000)]
+    pub connections: usize,
+    /// Hold the connections this long once they are all up.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    #[serde(with = "secs")]
+    pub duration: Duration,
+}
+
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct IdleArgs {
+    /// Number of connections.
+    #[arg(long, default_value_t = 1000)]
+    pub connections: usize,
+    /// Connections joined to each room.
+    #[arg(long, default_value_t = 100)]
+    pub per_room: usize,
+    /// Rooms are named <prefix>-<i>.
+    #[arg(long, default_value = "lg")]
+    pub room_prefix: String,
+    /// Hold the connections this long once they are all joined.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[serde(with = "secs")]
+    pub duration: Duration,
+}
+
+/// Durations serialize as fractional seconds.
+mod secs {
+    use serde::Serializer;
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_global_flags_after_subcommand() {
+        let cli = Cli::try_parse_from([
+            "loadgen",
+            "fanout",
+            "--rooms",
+            "3",
+            "--url",
+            "ws://127.0.0.1:1",
+            "--url",
+            "ws://127.0.0.1:2",
+            "--duration",
+            "500ms",
+            "--jwt-secret",
+            "x",
+        ])
+        .unwrap();
+        assert_eq!(cli.common.urls.len(), 2);
+        match cli.scenario {
+            Scenario::Fanout(f) => {
+                assert_eq!(f.rooms.rooms, 3);
+                assert_eq!(f.phase.duration, Duration::from_millis(500));
+            }
+            _ => panic!("wrong scenario"),
+        }
+    }
+}

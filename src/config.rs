@@ -1,0 +1,190 @@
+//! Configuration of `chorus serve` (PROTOCOL.md section 7).
+//!
+//! Every option is a flag and a `CHORUS_*` environment variable, the flag
+//! winning. [`ServeArgs`] is what the user typed; [`Config`] is the same,
+//! checked once at start, so nothing on the request path re-validates it.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::auth::{Expectations, KeyError, Verifier};
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (WebSocket, HTTP API and metrics).
+    #[arg(long, env = "CHORUS_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// HS256 shared secret for client tokens. With no key at all, a random one is made at start.
+    #[arg(long, env = "CHORUS_JWT_SECRET", hide_env_values = true, conflicts_with = "jwt_public_key")]
+    pub jwt_secret: Option<String>,
+    /// PEM file with an RSA (RS256) or EC P-256 (ES256) public key for client tokens.
+    #[arg(long, env = "CHORUS_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Required `iss` claim.
+    #[arg(long, env = "CHORUS_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim.
+    #[arg(long, env = "CHORUS_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Redis URL: run as one node of a cluster.
+    #[arg(long, env = "CHORUS_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// PostgreSQL URL: keep history durably.
+    #[arg(long, env = "CHORUS_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Comma-separated origins allowed to open WebSockets (e.g. https://app.example.com).
+    #[arg(long, env = "CHORUS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// How often the server pings each connection.
+    #[arg(long, env = "CHORUS_PING_INTERVAL", default_value = "25s", value_parser = humantime::parse_duration)]
+    pub ping_interval: Duration,
+    /// Close a connection that sent nothing (pongs included) for this long.
+    #[arg(long, env = "CHORUS_PING_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub ping_timeout: Duration,
+    /// Largest client message in bytes; larger ones close the connection with 1009.
+    #[arg(long, env = "CHORUS_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub max_message_bytes: usize,
+    /// Messages kept per room for history and recovery.
+    #[arg(long, env = "CHORUS_HISTORY_SIZE", default_value_t = 1000)]
+    pub history_size: usize,
+    /// Frames per second each connection may send.
+    #[arg(long, env = "CHORUS_RATE", default_value_t = 100.0)]
+    pub rate: f64,
+    /// Frames a connection may send at once before the rate applies.
+    #[arg(long, env = "CHORUS_BURST", default_value_t = 200)]
+    pub burst: u32,
+    /// Frames queued per connection before it counts as a slow consumer (closed with 1013).
+    #[arg(long, env = "CHORUS_SEND_QUEUE", default_value_t = 1024)]
+    pub send_queue: usize,
+    /// Prefix of every Redis key and channel.
+    #[arg(long, env = "CHORUS_REDIS_PREFIX", default_value = "chorus")]
+    pub redis_prefix: String,
+    /// Deliver and ack a message only once the database holds it.
+    #[arg(long, env = "CHORUS_DURABLE_ACKS")]
+    pub durable_acks: bool,
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--listen {0:?} is not an address to listen on")]
+    Listen(String),
+    #[error("cannot read --jwt-public-key {path}: {source}")]
+    PublicKey { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Where the JWT key came from: the start-up banner mints a token only for a
+/// secret it made itself.
+#[derive(Clone)]
+pub enum KeySource {
+    Secret(String),
+    GeneratedSecret(String),
+    PublicKey,
+}
+
+/// The validated configuration.
+pub struct Config {
+    pub listen: SocketAddr,
+    pub verifier: Verifier,
+    pub key_source: KeySource,
+    pub jwt_issuer: Option<String>,
+    pub jwt_audience: Option<String>,
+    /// `None` allows every origin.
+    pub allowed_origins: Option<Vec<String>>,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    pub max_message_bytes: usize,
+    pub history_size: usize,
+    pub rate: f64,
+    pub burst: u32,
+    pub send_queue: usize,
+}
+
+impl Config {
+    pub fn from_args(args: ServeArgs) -> Result<Self, ConfigError> {
+        reject_unbuilt_backends(&args)?;
+        check_limits(&args)?;
+        let listen = args
+            .listen
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| ConfigError::Listen(args.listen.clone()))?;
+        let expect = Expectations { issuer: args.jwt_issuer.clone(), audience: args.jwt_audience.clone() };
+        let (verifier, key_source) = load_key(&args, &expect)?;
+        let allowed_origins = (!args.allowed_origins.is_empty())
+            .then(|| args.allowed_origins.iter().map(|o| o.trim().trim_end_matches('/').to_owned()).collect());
+        Ok(Self {
+            listen,
+            verifier,
+            key_source,
+            jwt_issuer: args.jwt_issuer,
+            jwt_audience: args.jwt_audience,
+            allowed_origins,
+            ping_interval: args.ping_interval,
+            ping_timeout: args.ping_timeout,
+            max_message_bytes: args.max_message_bytes,
+            history_size: args.history_size,
+            rate: args.rate,
+            burst: args.burst,
+            send_queue: args.send_queue,
+        })
+    }
+}
+
+fn reject_unbuilt_backends(args: &ServeArgs) -> Result<(), ConfigError> {
+    if args.redis_url.is_some() {
+        return Err(ConfigError::Invalid("--redis-url: cluster mode is not available in this build yet".into()));
+    }
+    if args.database_url.is_some() || args.durable_acks {
+        return Err(ConfigError::Invalid(
+            "--database-url / --durable-acks: PostgreSQL history is not available in this build yet".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn check_limits(args: &ServeArgs) -> Result<(), ConfigError> {
+    let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+    if args.ping_interval.is_zero() || args.ping_timeout.is_zero() {
+        return invalid("--ping-interval and --ping-timeout must be above zero");
+    }
+    if args.max_message_bytes == 0 || args.send_queue == 0 {
+        return invalid("--max-message-bytes and --send-queue must be above zero");
+    }
+    if !(args.rate.is_finite() && args.rate > 0.0) || args.burst == 0 {
+        return invalid("--rate and --burst must be above zero");
+    }
+    Ok(())
+}
+
+fn load_key(args: &ServeArgs, expect: &Expectations) -> Result<(Verifier, KeySource), ConfigError> {
+    if let Some(path) = &args.jwt_public_key {
+        let pem = std::fs::read(path)
+            .map_err(|source| ConfigError::PublicKey { path: path.display().to_string(), source })?;
+        let verifier = Verifier::from_public_key_pem(&pem, &path.display().to_string(), expect)?;
+        return Ok((verifier, KeySource::PublicKey));
+    }
+    let (secret, source) = match &args.jwt_secret {
+        Some(secret) => (secret.clone(), KeySource::Secret(secret.clone())),
+        None => {
+            let secret = random_secret();
+            (secret.clone(), KeySource::GeneratedSecret(secret))
+        }
+    };
+    Ok((Verifier::from_secret(secret.as_bytes(), expect)?, source))
+}
+
+/// 256 random bits, URL-safe, for a server started with no key.
+fn random_secret() -> String {
+    use base64::Engine;
+    let bytes: [u8; 32] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}

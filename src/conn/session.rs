@@ -1,0 +1,236 @@
+//! One connection's reader loop: reads frames, applies the rate limit,
+//! answers requests, and leaves every room when the connection ends.
+//!
+//! Replies go through the connection's queue like everything else, so they
+//! are ordered with the room messages around them: a sender that is a member
+//! gets its `message` before its `ack`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpStream;
+
+use super::outbox::{Phase, PushError};
+use super::rate::TokenBucket;
+use super::{writer, Connection};
+use crate::auth::Claims;
+use crate::protocol::outbound::{self, ErrorCode};
+use crate::protocol::{parse_request, Request, RequestKind};
+use crate::registry::Since;
+use crate::room::RoomName;
+use crate::state::ServerState;
+use crate::ws::{self, FrameReader, Incoming};
+
+/// How long a closing connection waits for the client's close frame.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+struct Session {
+    state: Arc<ServerState>,
+    conn: Arc<Connection>,
+    claims: Claims,
+    rooms: Vec<RoomName>,
+    bucket: TokenBucket,
+    /// Frames refused by the rate limit since the last one allowed.
+    refused_in_a_row: u32,
+}
+
+/// Serves an upgraded connection until it closes. `early` holds bytes the
+/// client sent right behind its upgrade request.
+pub async fn run(state: Arc<ServerState>, stream: TcpStream, early: Bytes, claims: Claims, room: Option<RoomName>) {
+    let (mut read_half, write_half) = stream.into_split();
+    let id = state.next_connection_id();
+    let conn = Arc::new(Connection::new(id, state.config.send_queue, claims.exp, state.now_ms()));
+    state.connections.insert(id, conn.clone());
+    state.metrics.connections.inc();
+    let writer = tokio::spawn(writer::run(conn.clone(), write_half, state.metrics.clone()));
+
+    let bucket = TokenBucket::new(state.config.rate, state.config.burst, Instant::now());
+    let mut session = Session { state, conn, claims, rooms: Vec::new(), bucket, refused_in_a_row: 0 };
+    if let Some(room) = room {
+        session.join(room, None);
+    }
+    let mut reader = FrameReader::new(&early, session.state.config.max_message_bytes);
+    session.read_until_closed(&mut reader, &mut read_half).await;
+    session.end();
+    let _ = writer.await;
+}
+
+impl Session {
+    async fn read_until_closed(&mut self, reader: &mut FrameReader, socket: &mut OwnedReadHalf) {
+        loop {
+            let incoming = tokio::select! {
+                biased;
+                () = self.conn.reader_stopped() => break,
+                incoming = reader.next(socket) => incoming,
+            };
+            self.conn.touch(self.state.now_ms());
+            match incoming {
+                Ok(Incoming::Text(text)) => self.on_text(&text),
+                Ok(Incoming::Binary) => {
+                    if self.admit(None) {
+                        self.error(ErrorCode::BadRequest, "binary frames are not supported", None);
+                    }
+                }
+                Ok(Incoming::Ping(payload)) => self.send(ws::pong_frame(&payload)),
+                Ok(Incoming::Pong) => {}
+                Ok(Incoming::Close(code)) => {
+                    // Echo the client's code, as RFC 6455 asks.
+                    self.conn.close(code.unwrap_or(1000), "");
+                    return;
+                }
+                Err(e) => {
+                    let Some((code, reason)) = e.close() else { return };
+                    self.conn.close(code, reason);
+                    break;
+                }
+            }
+            if self.conn.outbox.phase() != Phase::Open {
+                break;
+            }
+        }
+        linger(reader, socket).await;
+    }
+
+    fn on_text(&mut self, text: &[u8]) {
+        self.state.metrics.frames_in.inc();
+        // The reader hands over only valid UTF-8.
+        let text = std::str::from_utf8(text).unwrap_or_default();
+        match parse_request(text) {
+            Ok(request) => {
+                if self.admit(request.reference.as_deref()) {
+                    self.handle(request);
+                }
+            }
+            Err(bad) => {
+                if self.admit(bad.reference.as_deref()) {
+                    self.error(ErrorCode::BadRequest, &bad.message, bad.reference.as_deref());
+                }
+            }
+        }
+    }
+
+    /// Applies the token bucket: a refused frame gets `rate_limited`, and a
+    /// client that keeps going for a whole burst more is cut with 1008.
+    fn admit(&mut self, reference: Option<&str>) -> bool {
+        if self.bucket.try_take(Instant::now()) {
+            self.refused_in_a_row = 0;
+            return true;
+        }
+        self.state.metrics.rate_limited.inc();
+        self.refused_in_a_row += 1;
+        if self.refused_in_a_row > self.state.config.burst {
+            self.conn.close(1008, "flooding");
+        } else {
+            self.error(ErrorCode::RateLimited, "too many frames, slow down", reference);
+        }
+        false
+    }
+
+    fn handle(&mut self, request: Request<'_>) {
+        let reference = request.reference.as_deref();
+        match request.kind {
+            RequestKind::Join { room, since, epoch } => {
+                if self.allowed(&room, reference) {
+                    self.join(room, since.map(|seq| Since { seq, epoch: epoch.as_deref() }));
+                }
+            }
+            RequestKind::Leave { room } => self.leave(&room, reference),
+            RequestKind::Send { room, body } => {
+                if self.allowed(&room, reference) {
+                    let seq = self.state.publish(&room, &self.claims.sub, body);
+                    if let Some(reference) = reference {
+                        self.send(outbound::ack(reference, &room, seq));
+                    }
+                }
+            }
+            RequestKind::History { room, before, limit } => {
+                if self.allowed(&room, reference) {
+                    let messages = self.state.registry.history(&room, before, limit);
+                    self.send(outbound::history(&room, messages.iter().map(|m| m.json())));
+                }
+            }
+            RequestKind::Refresh { token } => self.refresh(&token, reference),
+            RequestKind::Ping => self.send(outbound::pong(reference)),
+        }
+    }
+
+    /// Whether the token allows `room`; answers `forbidden` when not.
+    fn allowed(&self, room: &RoomName, reference: Option<&str>) -> bool {
+        let allowed = self.claims.rooms.allows(room);
+        if !allowed {
+            self.error(ErrorCode::Forbidden, &format!("token does not allow room {room}"), reference);
+        }
+        allowed
+    }
+
+    fn join(&mut self, room: RoomName, since: Option<Since<'_>>) {
+        self.state.registry.join(&room, &self.conn, since);
+        if !self.rooms.contains(&room) {
+            self.rooms.push(room);
+        }
+    }
+
+    fn leave(&mut self, room: &RoomName, reference: Option<&str>) {
+        let Some(index) = self.rooms.iter().position(|r| r == room) else {
+            self.error(ErrorCode::NotJoined, &format!("not joined to {room}"), reference);
+            return;
+        };
+        self.rooms.swap_remove(index);
+        self.state.registry.leave(room, self.conn.id);
+        self.send(outbound::left(room));
+    }
+
+    /// Swaps in a new token for the same `sub`: new expiry, new rooms.
+    fn refresh(&mut self, token: &str, reference: Option<&str>) {
+        let claims = match self.state.config.verifier.verify(token) {
+            Ok(claims) => claims,
+            Err(e) => return self.error(ErrorCode::Forbidden, &format!("refresh refused: {e}"), reference),
+        };
+        if claims.sub != self.claims.sub {
+            return self.error(ErrorCode::Forbidden, "refresh token is for another sub", reference);
+        }
+        self.conn.set_expires_at(claims.exp);
+        self.send(outbound::refreshed(claims.exp));
+        self.claims = claims;
+    }
+
+    fn error(&self, code: ErrorCode, message: &str, reference: Option<&str>) {
+        self.send(outbound::error(code, message, reference));
+    }
+
+    fn send(&self, frame: Bytes) {
+        if self.conn.send(frame) == Err(PushError::Full) {
+            self.state.metrics.slow_consumers.inc();
+        }
+    }
+
+    /// Leaves every room and forgets the connection; the writer stops after
+    /// the close frame, or at once if none was queued.
+    fn end(&mut self) {
+        for room in self.rooms.drain(..) {
+            self.state.registry.leave(&room, self.conn.id);
+        }
+        if self.state.connections.remove(&self.conn.id).is_some() {
+            self.state.metrics.connections.dec();
+        }
+        if self.conn.outbox.phase() == Phase::Open {
+            self.conn.outbox.kill();
+        }
+    }
+}
+
+/// After a close frame is queued, reads (and ignores) until the client's
+/// close or EOF, for a moment at most, so the client reads our close frame
+/// before the socket goes.
+async fn linger(reader: &mut FrameReader, socket: &mut OwnedReadHalf) {
+    let _ = tokio::time::timeout(CLOSE_LINGER, async {
+        while let Ok(incoming) = reader.next(socket).await {
+            if matches!(incoming, Incoming::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}

@@ -1,0 +1,69 @@
+//! The HTTP API for backends: publish to a room and read its history
+//! (PROTOCOL.md section 6), with the same authorization as WebSockets.
+
+use std::sync::Arc;
+
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, StatusCode};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{authorize, json, query_param, ApiError, HttpResponse};
+use crate::protocol::inbound;
+use crate::protocol::outbound::{write_json_array, write_json_string};
+use crate::room::RoomName;
+use crate::state::ServerState;
+
+#[derive(Deserialize)]
+struct PublishBody {
+    body: Box<RawValue>,
+}
+
+/// `POST /rooms/{room}/messages` with `{"body": ...}`.
+pub async fn publish(state: &Arc<ServerState>, req: Request<Incoming>, room: &str) -> Result<HttpResponse, ApiError> {
+    let (claims, room) = authorize(state, &req, Some(room))?;
+    let room = room.ok_or_else(|| ApiError::bad_request("missing room"))?;
+    let limit = state.config.max_message_bytes;
+    let bytes = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            let message = format!("body larger than {limit} bytes");
+            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message));
+        }
+        Err(e) => return Err(ApiError::bad_request(format!("could not read body: {e}"))),
+    };
+    let parsed: PublishBody = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("body must be {{\"body\": <json>}}: {e}")))?;
+    let seq = state.publish(&room, &claims.sub, &parsed.body);
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(b"{\"room\":");
+    write_json_string(&mut out, room.as_str());
+    out.extend_from_slice(format!(",\"seq\":{seq}}}").as_bytes());
+    Ok(json(StatusCode::OK, out))
+}
+
+/// `GET /rooms/{room}/history?before=&limit=`.
+pub fn history(state: &Arc<ServerState>, req: Request<Incoming>, room: &str) -> Result<HttpResponse, ApiError> {
+    let (_, room) = authorize(state, &req, Some(room))?;
+    let room: RoomName = room.ok_or_else(|| ApiError::bad_request("missing room"))?;
+    let before = number_param(&req, "before")?;
+    let limit = inbound::limit(number_param(&req, "limit")?).map_err(ApiError::bad_request)?;
+    let messages = state.registry.history(&room, before, limit);
+    let mut out = Vec::with_capacity(messages.iter().map(|m| m.json().len() + 1).sum::<usize>() + 48);
+    out.extend_from_slice(b"{\"room\":");
+    write_json_string(&mut out, room.as_str());
+    out.extend_from_slice(b",\"messages\":");
+    write_json_array(&mut out, messages.iter().map(|m| m.json()));
+    out.push(b'}');
+    Ok(json(StatusCode::OK, out))
+}
+
+/// A query parameter that must be a whole number when present.
+fn number_param(req: &Request<Incoming>, name: &str) -> Result<Option<u64>, ApiError> {
+    match query_param(req, name) {
+        None => Ok(None),
+        Some(v) if v.is_empty() => Ok(None),
+        Some(v) => v.parse().map(Some).map_err(|_| ApiError::bad_request(format!("{name} must be a whole number"))),
+    }
+}

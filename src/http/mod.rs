@@ -1,0 +1,149 @@
+//! The hyper service: routes, the checks every authenticated route shares
+//! (origin, token, room), and JSON error responses.
+
+mod api;
+mod upgrade;
+
+use std::borrow::Cow;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, ORIGIN};
+use hyper::{Method, Request, Response, StatusCode};
+
+use crate::auth::{AuthError, Claims};
+use crate::room::RoomName;
+use crate::state::ServerState;
+
+pub type HttpResponse = Response<Full<Bytes>>;
+
+/// The hyper service function.
+pub async fn handle(state: Arc<ServerState>, req: Request<Incoming>) -> Result<HttpResponse, Infallible> {
+    Ok(route(&state, req).await.unwrap_or_else(ApiError::into_response))
+}
+
+async fn route(state: &Arc<ServerState>, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let method = req.method().clone();
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => Ok(text(StatusCode::OK, "ok")),
+        (&Method::GET, ["readyz"]) => Ok(text(StatusCode::OK, "ready")),
+        (&Method::GET, ["metrics"]) => Ok(metrics(state)),
+        (&Method::GET, ["ws"]) => upgrade::upgrade(state, req, None),
+        (&Method::GET, ["ws", room]) => upgrade::upgrade(state, req, Some(room)),
+        (&Method::POST, ["rooms", room, "messages"]) => api::publish(state, req, room).await,
+        (&Method::GET, ["rooms", room, "history"]) => api::history(state, req, room),
+        (_, ["healthz" | "readyz" | "metrics" | "ws"] | ["ws", _] | ["rooms", _, "messages" | "history"]) => {
+            Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "bad_request", "method not allowed"))
+        }
+        _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")),
+    }
+}
+
+fn metrics(state: &ServerState) -> HttpResponse {
+    state.metrics.rooms.set(state.registry.room_count() as i64);
+    let mut response = Response::new(Full::new(Bytes::from(state.metrics.render())));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    response
+}
+
+/// An HTTP error answer: status and `{"error": code, "message": ...}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    fn into_response(self) -> HttpResponse {
+        let body = serde_json::json!({"error": self.code, "message": self.message});
+        json(self.status, body.to_string().into_bytes())
+    }
+}
+
+pub fn json(status: StatusCode, body: Vec<u8>) -> HttpResponse {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn text(status: StatusCode, body: &'static str) -> HttpResponse {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+/// The checks before any authenticated route: the origin, the token, the
+/// room name, and that the token allows the room.
+fn authorize<B>(state: &ServerState, req: &Request<B>, room: Option<&str>) -> Result<(Claims, Option<RoomName>), ApiError> {
+    check_origin(state, req)?;
+    let claims = authenticate(state, req)?;
+    let Some(room) = room else {
+        return Ok((claims, None));
+    };
+    let room = RoomName::parse(room).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if !claims.rooms.allows(&room) {
+        state.metrics.auth_failure("room");
+        return Err(ApiError::forbidden(format!("token does not allow room {room}")));
+    }
+    Ok((claims, Some(room)))
+}
+
+fn check_origin<B>(state: &ServerState, req: &Request<B>) -> Result<(), ApiError> {
+    let (Some(allowed), Some(origin)) = (&state.config.allowed_origins, req.headers().get(ORIGIN)) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or_default().trim_end_matches('/');
+    if allowed.iter().any(|a| a == origin) {
+        return Ok(());
+    }
+    state.metrics.auth_failure("origin");
+    Err(ApiError::forbidden(format!("origin {origin:?} is not allowed")))
+}
+
+fn authenticate<B>(state: &ServerState, req: &Request<B>) -> Result<Claims, ApiError> {
+    let verified = match bearer_token(req) {
+        Some(token) => state.config.verifier.verify(&token),
+        None => Err(AuthError::Missing),
+    };
+    verified.map_err(|e| {
+        state.metrics.auth_failure(e.reason());
+        ApiError::new(StatusCode::UNAUTHORIZED, "invalid_token", e.to_string())
+    })
+}
+
+/// The token from `Authorization: Bearer`, else from `?token=`.
+fn bearer_token<B>(req: &Request<B>) -> Option<Cow<'_, str>> {
+    let header = req.headers().get(AUTHORIZATION).and_then(|h| h.to_str().ok());
+    if let Some(token) = header.and_then(|h| h.strip_prefix("Bearer ")) {
+        return Some(Cow::Borrowed(token.trim()));
+    }
+    query_param(req, "token")
+}
+
+pub fn query_param<'r, B>(req: &'r Request<B>, name: &str) -> Option<Cow<'r, str>> {
+    let query = req.uri().query()?;
+    form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v)
+}

@@ -1,0 +1,20 @@
+//! chorus: a real-time chat and fanout WebSocket server.
+//!
+//! The binary (`src/main.rs`), the tests and the benches share this library.
+//! docs/ARCHITECTURE.md walks through the modules and the path of a message.
+
+pub mod auth;
+pub mod config;
+pub mod conn;
+pub mod http;
+pub mod liveness;
+pub mod metrics;
+pub mod protocol;
+pub mod registry;
+pub mod room;
+pub mod server;
+pub mod state;
+pub mod ws;
+
+pub use config::{Config, ServeArgs};
+pub use server::Server;

@@ -1,0 +1,132 @@
+//! The `chorus` command: `chorus serve` runs a server, `chorus token` mints
+//! a token for it.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use chorus::auth::NewToken;
+use chorus::config::KeySource;
+use chorus::{Config, ServeArgs, Server};
+
+#[derive(Parser)]
+#[command(name = "chorus", version, about = "A real-time chat and fanout WebSocket server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a server.
+    Serve(ServeArgs),
+    /// Print a signed HS256 token.
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// The server's HS256 secret.
+    #[arg(long, env = "CHORUS_JWT_SECRET", hide_env_values = true)]
+    secret: String,
+    /// The user id (`sub`).
+    #[arg(long)]
+    sub: String,
+    /// Comma-separated room patterns the token allows (`lobby,team-*`); all rooms when absent.
+    #[arg(long, value_delimiter = ',')]
+    rooms: Option<Vec<String>>,
+    /// How long the token is valid.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// `iss` claim.
+    #[arg(long)]
+    issuer: Option<String>,
+    /// `aud` claim.
+    #[arg(long)]
+    audience: Option<String>,
+}
+
+/// How long shutdown waits for connections to close.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Token(args) => print_token(args),
+        Command::Serve(args) => {
+            init_tracing();
+            let config = Config::from_args(args).context("invalid configuration")?;
+            let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
+            runtime.block_on(serve(config))
+        }
+    }
+}
+
+fn print_token(args: TokenArgs) -> anyhow::Result<()> {
+    let mut token = NewToken::new(&args.sub, args.ttl);
+    token.rooms = args.rooms;
+    token.iss = args.issuer;
+    token.aud = args.audience;
+    println!("{}", token.sign_hs256(args.secret.as_bytes()).context("cannot sign the token")?);
+    Ok(())
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let banner = Banner::from_config(&config);
+    let server = Server::start(config).await.context("cannot start the server")?;
+    banner.print(server.local_addr())?;
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    server.shutdown(SHUTDOWN_GRACE).await;
+    Ok(())
+}
+
+/// What to print at start: always the address, and a working token when the
+/// server made its own secret.
+struct Banner {
+    generated: Option<(String, NewToken)>,
+}
+
+impl Banner {
+    fn from_config(config: &Config) -> Self {
+        let generated = match &config.key_source {
+            KeySource::GeneratedSecret(secret) => {
+                let mut token = NewToken::new("demo", Duration::from_secs(24 * 3600));
+                token.iss = config.jwt_issuer.clone();
+                token.aud = config.jwt_audience.clone();
+                Some((secret.clone(), token))
+            }
+            KeySource::Secret(_) | KeySource::PublicKey => None,
+        };
+        Self { generated }
+    }
+
+    fn print(&self, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+        println!("chorus listening on {addr}");
+        if let Some((secret, token)) = &self.generated {
+            let jwt = token.sign_hs256(secret.as_bytes()).context("cannot sign the demo token")?;
+            println!("no JWT key configured: made a random secret for this run");
+            println!("  secret:  {secret}");
+            println!("  token:   {jwt}   (sub \"demo\", valid 24h)");
+            println!("  connect: ws://{addr}/ws?token={jwt}");
+        }
+        Ok(())
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        r = tokio::signal::ctrl_c() => r.context("cannot listen for SIGINT")?,
+    }
+    Ok(())
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}

@@ -1,0 +1,88 @@
+//! Every Prometheus metric the server exports, named in one place.
+//!
+//! Each server owns its registry (no global recorder), so several servers in
+//! one process, as in tests, keep their figures apart. Hot-path updates are
+//! single atomic adds; fanout adds once per message, not once per member.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Label set of the auth-failure counter: `reason`.
+type Reason = [(&'static str, &'static str); 1];
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Gauge,
+    pub rooms: Gauge,
+    pub frames_in: Counter,
+    pub frames_out: Counter,
+    pub messages_published: Counter,
+    pub deliveries: Counter,
+    pub slow_consumers: Counter,
+    pub rate_limited: Counter,
+    auth_failures: Family<Reason, Counter>,
+    /// Seconds from a publish's arrival to its frame queued for every local member.
+    pub fanout_seconds: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("chorus");
+        let connections = Gauge::default();
+        let rooms = Gauge::default();
+        let frames_in = Counter::default();
+        let frames_out = Counter::default();
+        let messages_published = Counter::default();
+        let deliveries = Counter::default();
+        let slow_consumers = Counter::default();
+        let rate_limited = Counter::default();
+        let auth_failures = Family::<Reason, Counter>::default();
+        // 1 µs to about 1 s.
+        let fanout_seconds = Histogram::new(exponential_buckets(1e-6, 2.0, 21));
+        registry.register("connections", "Open WebSocket connections", connections.clone());
+        registry.register("rooms", "Rooms with local members or history", rooms.clone());
+        registry.register("frames_in", "WebSocket data frames received", frames_in.clone());
+        registry.register("frames_out", "WebSocket frames written", frames_out.clone());
+        registry.register("messages_published", "Messages given a seq", messages_published.clone());
+        registry.register("deliveries", "Message frames queued to members", deliveries.clone());
+        registry.register("slow_consumers", "Connections cut with 1013", slow_consumers.clone());
+        registry.register("rate_limited", "Frames refused by the rate limit", rate_limited.clone());
+        registry.register("auth_failures", "Requests refused for their token", auth_failures.clone());
+        registry.register("fanout_seconds", "Publish to queued at every local member", fanout_seconds.clone());
+        Self {
+            registry,
+            connections,
+            rooms,
+            frames_in,
+            frames_out,
+            messages_published,
+            deliveries,
+            slow_consumers,
+            rate_limited,
+            auth_failures,
+            fanout_seconds,
+        }
+    }
+
+    pub fn auth_failure(&self, reason: &'static str) {
+        self.auth_failures.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

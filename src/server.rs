@@ -1,0 +1,114 @@
+//! Starting and stopping a server: the listener, the accept loop, one hyper
+//! connection per socket, and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::state::ServerState;
+use crate::{http, liveness};
+
+/// Pending connections the kernel holds for us during a connection storm.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// A running server.
+pub struct Server {
+    state: Arc<ServerState>,
+    local_addr: SocketAddr,
+    accept: JoinHandle<()>,
+    sweep: JoinHandle<()>,
+}
+
+impl Server {
+    /// Binds the listener and starts serving.
+    pub async fn start(config: Config) -> std::io::Result<Self> {
+        let listener = bind(config.listen)?;
+        let local_addr = listener.local_addr()?;
+        let state = Arc::new(ServerState::new(config, new_epoch().into()));
+        let accept = tokio::spawn(accept_loop(state.clone(), listener));
+        let sweep = tokio::spawn(liveness::run(state.clone()));
+        Ok(Self { state, local_addr, accept, sweep })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn state(&self) -> &Arc<ServerState> {
+        &self.state
+    }
+
+    /// Stops accepting, closes every connection with 1001 after what is
+    /// already queued, and waits up to `grace` for them to finish.
+    pub async fn shutdown(self, grace: Duration) {
+        let state = self.state;
+        state.shutdown.cancel();
+        let _ = self.accept.await;
+        let _ = self.sweep.await;
+        for conn in state.connections.iter() {
+            conn.close(1001, "going away");
+        }
+        state.tasks.close();
+        if tokio::time::timeout(grace, state.tasks.wait()).await.is_err() {
+            tracing::warn!("{} connections still open after {grace:?}", state.connections.len());
+        }
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// A fresh epoch: this node's in-memory sequences start anew.
+fn new_epoch() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+async fn accept_loop(state: Arc<ServerState>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = state.shutdown.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                state.tasks.spawn(serve_http(state.clone(), stream));
+            }
+            Err(e) => {
+                // Out of file descriptors, most likely: back off rather than spin.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_http(state: Arc<ServerState>, stream: TcpStream) {
+    let service_state = state.clone();
+    let service = service_fn(move |req| http::handle(service_state.clone(), req));
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
+    let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        () = state.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! The WebSocket framing chorus speaks after the upgrade (RFC 6455).
+//!
+//! fastwebsockets performs the handshake; framing lives here because the two
+//! hot paths want shapes that a general-purpose WebSocket type does not give:
+//! server frames are built once as complete `Bytes` and shared by every
+//! recipient, and the reader holds no buffer at all while a connection is idle
+//! (fastwebsockets keeps 8 KiB per connection), caps the size of a whole
+//! message rather than of each fragment, and answers an oversized message with
+//! a 1009 close.
+
+pub mod frame;
+pub mod reader;
+
+pub use frame::{close_frame, ping_frame, pong_frame, TextFrameBuilder};
+pub use reader::{FrameReader, Incoming, ReadError};

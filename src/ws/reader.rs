@@ -1,0 +1,372 @@
+//! Reading client frames: unmasking, reassembling fragments, enforcing the
+//! message-size limit, and holding no memory while the connection is idle.
+//!
+//! An idle connection is the common case for a fanout server, so between
+//! frames the reader drops its buffer and waits for readiness; it allocates a
+//! read buffer only when bytes are there to read.
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::OwnedReadHalf;
+
+/// How much to read at once when a frame starts.
+const READ_CHUNK: usize = 4096;
+
+const OP_CONTINUATION: u8 = 0x0;
+const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xA;
+
+/// A complete message or control frame from the client.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Incoming {
+    /// A whole text message, valid UTF-8.
+    Text(Bytes),
+    /// A whole binary message; chorus has no use for its content.
+    Binary,
+    Ping(Bytes),
+    Pong,
+    /// The client's close, with its status code when it sent one.
+    Close(Option<u16>),
+}
+
+/// Why reading stopped. Each variant knows the close code it deserves.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("connection closed by peer")]
+    Eof,
+    #[error("read failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol error: {0}")]
+    Protocol(&'static str),
+    #[error("text message is not valid UTF-8")]
+    InvalidUtf8,
+    #[error("message too large")]
+    TooLarge,
+}
+
+impl ReadError {
+    /// The close frame to send for this error, if the socket still works.
+    pub fn close(&self) -> Option<(u16, &'static str)> {
+        match self {
+            ReadError::Eof | ReadError::Io(_) => None,
+            ReadError::Protocol(why) => Some((1002, why)),
+            ReadError::InvalidUtf8 => Some((1007, "invalid utf-8")),
+            ReadError::TooLarge => Some((1009, "message too large")),
+        }
+    }
+}
+
+/// A message being reassembled from fragments.
+struct Partial {
+    text: bool,
+    data: BytesMut,
+}
+
+/// Turns the bytes of one connection into [`Incoming`] frames.
+pub struct FrameReader {
+    buf: BytesMut,
+    max_message: usize,
+    partial: Option<Partial>,
+}
+
+impl FrameReader {
+    /// `initial` holds bytes already read past the HTTP upgrade request.
+    pub fn new(initial: &[u8], max_message: usize) -> Self {
+        Self { buf: BytesMut::from(initial), max_message, partial: None }
+    }
+
+    /// Reads until a whole frame is there.
+    pub async fn next(&mut self, stream: &mut OwnedReadHalf) -> Result<Incoming, ReadError> {
+        loop {
+            if let Some(incoming) = self.parse()? {
+                return Ok(incoming);
+            }
+            if self.buf.is_empty() {
+                self.read_when_idle(stream).await?;
+            } else {
+                self.buf.reserve(READ_CHUNK);
+                if stream.read_buf(&mut self.buf).await? == 0 {
+                    return Err(ReadError::Eof);
+                }
+            }
+        }
+    }
+
+    /// Waits for readiness holding no buffer, then reads what is there.
+    async fn read_when_idle(&mut self, stream: &mut OwnedReadHalf) -> Result<(), ReadError> {
+        self.buf = BytesMut::new();
+        loop {
+            stream.readable().await?;
+            self.buf.reserve(READ_CHUNK);
+            match stream.try_read_buf(&mut self.buf) {
+                Ok(0) => return Err(ReadError::Eof),
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.buf = BytesMut::new();
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Takes one frame off the buffer, or `None` when more bytes are needed.
+    fn parse(&mut self) -> Result<Option<Incoming>, ReadError> {
+        loop {
+            let Some(head) = FrameHead::parse(&self.buf)? else {
+                return Ok(None);
+            };
+            self.check_size(&head)?;
+            let total = head.header_len + head.payload_len;
+            if self.buf.len() < total {
+                self.buf.reserve(total - self.buf.len());
+                return Ok(None);
+            }
+            self.buf.advance(head.header_len);
+            let mut payload = self.buf.split_to(head.payload_len);
+            fastwebsockets::unmask(&mut payload, head.mask);
+            if let Some(incoming) = self.accept(head.fin, head.opcode, payload)? {
+                return Ok(Some(incoming));
+            }
+        }
+    }
+
+    fn check_size(&self, head: &FrameHead) -> Result<(), ReadError> {
+        if head.opcode & 0x8 != 0 {
+            return Ok(());
+        }
+        let so_far = self.partial.as_ref().map_or(0, |p| p.data.len());
+        if so_far.saturating_add(head.payload_len) > self.max_message {
+            return Err(ReadError::TooLarge);
+        }
+        Ok(())
+    }
+
+    /// Interprets one unmasked frame; `None` while a fragmented message is incomplete.
+    fn accept(&mut self, fin: bool, opcode: u8, payload: BytesMut) -> Result<Option<Incoming>, ReadError> {
+        match opcode {
+            OP_TEXT | OP_BINARY => {
+                if self.partial.is_some() {
+                    return Err(ReadError::Protocol("expected a continuation frame"));
+                }
+                let text = opcode == OP_TEXT;
+                if fin {
+                    return complete(text, payload).map(Some);
+                }
+                self.partial = Some(Partial { text, data: payload });
+                Ok(None)
+            }
+            OP_CONTINUATION => {
+                let Some(mut partial) = self.partial.take() else {
+                    return Err(ReadError::Protocol("continuation frame without a message"));
+                };
+                partial.data.extend_from_slice(&payload);
+                if fin {
+                    return complete(partial.text, partial.data).map(Some);
+                }
+                self.partial = Some(partial);
+                Ok(None)
+            }
+            OP_CLOSE => close_code(&payload).map(|code| Some(Incoming::Close(code))),
+            OP_PING => Ok(Some(Incoming::Ping(payload.freeze()))),
+            OP_PONG => Ok(Some(Incoming::Pong)),
+            _ => Err(ReadError::Protocol("unknown opcode")),
+        }
+    }
+}
+
+fn complete(text: bool, data: BytesMut) -> Result<Incoming, ReadError> {
+    if !text {
+        return Ok(Incoming::Binary);
+    }
+    if std::str::from_utf8(&data).is_err() {
+        return Err(ReadError::InvalidUtf8);
+    }
+    Ok(Incoming::Text(data.freeze()))
+}
+
+/// The status code of a close frame, checked as RFC 6455 7.4 requires.
+fn close_code(payload: &[u8]) -> Result<Option<u16>, ReadError> {
+    match payload {
+        [] => Ok(None),
+        [_] => Err(ReadError::Protocol("close frame with a one-byte payload")),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            let allowed = matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999);
+            if !allowed {
+                return Err(ReadError::Protocol("invalid close code"));
+            }
+            if std::str::from_utf8(reason).is_err() {
+                return Err(ReadError::InvalidUtf8);
+            }
+            Ok(Some(code))
+        }
+    }
+}
+
+/// The fixed part of a frame, once enough bytes are there to read it.
+struct FrameHead {
+    fin: bool,
+    opcode: u8,
+    mask: [u8; 4],
+    header_len: usize,
+    payload_len: usize,
+}
+
+impl FrameHead {
+    fn parse(buf: &[u8]) -> Result<Option<Self>, ReadError> {
+        let [b0, b1, ..] = *buf else {
+            return Ok(None);
+        };
+        let fin = b0 & 0x80 != 0;
+        let opcode = b0 & 0x0F;
+        if b0 & 0x70 != 0 {
+            return Err(ReadError::Protocol("reserved bits set"));
+        }
+        if b1 & 0x80 == 0 {
+            return Err(ReadError::Protocol("client frames must be masked"));
+        }
+        let extended = match b1 & 0x7F {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        let header_len = 2 + extended + 4;
+        if buf.len() < header_len {
+            return Ok(None);
+        }
+        let payload_len = match extended {
+            0 => usize::from(b1 & 0x7F),
+            2 => usize::from(u16::from_be_bytes([buf[2], buf[3]])),
+            _ => {
+                let mut len = [0; 8];
+                len.copy_from_slice(&buf[2..10]);
+                usize::try_from(u64::from_be_bytes(len)).unwrap_or(usize::MAX)
+            }
+        };
+        if opcode & 0x8 != 0 && (!fin || payload_len > 125) {
+            return Err(ReadError::Protocol("control frames must be whole and at most 125 bytes"));
+        }
+        let mut mask = [0; 4];
+        mask.copy_from_slice(&buf[header_len - 4..header_len]);
+        Ok(Some(Self { fin, opcode, mask, header_len, payload_len }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A masked client frame, as a browser would send it.
+    fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [1, 2, 3, 4];
+        let mut f = vec![(u8::from(fin) << 7) | opcode];
+        match payload.len() {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n if n < 65536 => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        f
+    }
+
+    fn reader_with(bytes: &[u8], max: usize) -> FrameReader {
+        FrameReader::new(bytes, max)
+    }
+
+    #[test]
+    fn text_frame_is_unmasked() {
+        let mut r = reader_with(&client_frame(true, OP_TEXT, b"{\"type\":\"ping\"}"), 1024);
+        assert_eq!(r.parse().unwrap(), Some(Incoming::Text(Bytes::from_static(b"{\"type\":\"ping\"}"))));
+        assert_eq!(r.parse().unwrap(), None);
+    }
+
+    #[test]
+    fn partial_frame_waits_for_more() {
+        let frame = client_frame(true, OP_TEXT, &[b'a'; 300]);
+        let mut r = reader_with(&frame[..100], 1024);
+        assert_eq!(r.parse().unwrap(), None);
+        r.buf.extend_from_slice(&frame[100..]);
+        assert!(matches!(r.parse().unwrap(), Some(Incoming::Text(t)) if t.len() == 300));
+    }
+
+    #[test]
+    fn fragments_are_joined_and_control_frames_interleave() {
+        let mut bytes = client_frame(false, OP_TEXT, b"hel");
+        bytes.extend(client_frame(true, OP_PING, b"p"));
+        bytes.extend(client_frame(true, OP_CONTINUATION, b"lo"));
+        let mut r = reader_with(&bytes, 1024);
+        assert_eq!(r.parse().unwrap(), Some(Incoming::Ping(Bytes::from_static(b"p"))));
+        assert_eq!(r.parse().unwrap(), Some(Incoming::Text(Bytes::from_static(b"hello"))));
+    }
+
+    #[test]
+    fn size_limit_applies_to_the_whole_message() {
+        let mut r = reader_with(&client_frame(true, OP_TEXT, &[b'a'; 11]), 10);
+        assert!(matches!(r.parse(), Err(ReadError::TooLarge)));
+        let mut bytes = client_frame(false, OP_TEXT, &[b'a'; 6]);
+        bytes.extend(client_frame(true, OP_CONTINUATION, &[b'a'; 6]));
+        let mut r = reader_with(&bytes, 10);
+        assert!(matches!(r.parse(), Err(ReadError::TooLarge)));
+        let mut r = reader_with(&client_frame(true, OP_TEXT, &[b'a'; 10]), 10);
+        assert!(matches!(r.parse(), Ok(Some(Incoming::Text(_)))));
+    }
+
+    #[test]
+    fn oversized_header_is_refused_before_the_payload_arrives() {
+        let frame = client_frame(true, OP_TEXT, &vec![b'a'; 70_000]);
+        let mut r = reader_with(&frame[..20], 65_536);
+        assert!(matches!(r.parse(), Err(ReadError::TooLarge)));
+    }
+
+    #[test]
+    fn protocol_violations() {
+        let mut unmasked = client_frame(true, OP_TEXT, b"x");
+        unmasked[1] &= 0x7F;
+        let mut rsv = client_frame(true, OP_TEXT, b"x");
+        rsv[0] |= 0x40;
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (unmasked, "masked"),
+            (rsv, "reserved"),
+            (client_frame(false, OP_PING, b""), "control"),
+            (client_frame(true, OP_CONTINUATION, b"x"), "continuation"),
+            (client_frame(true, 0x3, b""), "opcode"),
+            (client_frame(true, OP_CLOSE, &[3]), "one-byte"),
+            (client_frame(true, OP_CLOSE, &1005u16.to_be_bytes()), "close code"),
+        ];
+        for (bytes, why) in cases {
+            match reader_with(&bytes, 1024).parse() {
+                Err(ReadError::Protocol(msg)) => assert!(msg.contains(why), "{msg} vs {why}"),
+                other => panic!("{why}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_text_is_refused() {
+        let mut r = reader_with(&client_frame(true, OP_TEXT, &[0xFF, 0xFE]), 1024);
+        assert!(matches!(r.parse(), Err(ReadError::InvalidUtf8)));
+    }
+
+    #[test]
+    fn close_binary_and_pong() {
+        let mut bytes = client_frame(true, OP_BINARY, b"\x00\x01");
+        bytes.extend(client_frame(true, OP_PONG, b""));
+        bytes.extend(client_frame(true, OP_CLOSE, &1000u16.to_be_bytes()));
+        bytes.extend(client_frame(true, OP_CLOSE, b""));
+        let mut r = reader_with(&bytes, 1024);
+        assert_eq!(r.parse().unwrap(), Some(Incoming::Binary));
+        assert_eq!(r.parse().unwrap(), Some(Incoming::Pong));
+        assert_eq!(r.parse().unwrap(), Some(Incoming::Close(Some(1000))));
+        assert_eq!(r.parse().unwrap(), Some(Incoming::Close(None)));
+    }
+}
