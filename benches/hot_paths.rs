@@ -1,1 +1,178 @@
-fn main() {}
+//! Criterion benches of the server's hot paths: parsing a client frame,
+//! encoding a message frame, fanning a message out to a room's members,
+//! checking a JWT and matching a room against a token's patterns.
+//!
+//! Run: `cargo bench --bench hot_paths` (add `-- --quick` for a fast pass).
+//! docs/BENCHMARKS.md records the figures.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+
+use chorus::auth::{Expectations, NewToken, Verifier};
+use chorus::conn::Connection;
+use chorus::protocol::{outbound, parse_request};
+use chorus::registry::Registry;
+use chorus::room::{RoomName, RoomPatterns};
+
+/// A `send` as a chat client typically sends it.
+const SEND_FRAME: &str =
+    r#"{"type":"send","room":"lobby","ref":"m-1042","body":{"text":"hello, world","client_ts":1700000000000}}"#;
+const BODY: &[u8] = br#"{"text":"hello, world","client_ts":1700000000000}"#;
+const TS: u64 = 1_700_000_000_000;
+
+fn room(name: &str) -> RoomName {
+    RoomName::parse(name).expect("valid room name")
+}
+
+fn parse(c: &mut Criterion) {
+    let mut group = c.benchmark_group("parse");
+    group.throughput(Throughput::Bytes(SEND_FRAME.len() as u64));
+    group.bench_function("send_frame", |b| {
+        b.iter(|| parse_request(black_box(SEND_FRAME)).expect("valid frame"));
+    });
+    group.finish();
+}
+
+fn encode(c: &mut Criterion) {
+    let lobby = room("lobby");
+    let big_body = format!(r#"{{"text":"{}"}}"#, "x".repeat(1000));
+    let mut group = c.benchmark_group("encode_message");
+    for (name, body) in [("small_body", BODY), ("1KiB_body", big_body.as_bytes())] {
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_function(name, |b| {
+            b.iter(|| outbound::message(black_box(&lobby), 42, black_box("alice"), TS, black_box(body)));
+        });
+    }
+    group.finish();
+}
+
+/// Publishes between two drains of the members' queues; the queues hold
+/// more than this, so no member is ever cut as a slow consumer.
+const DRAIN_EVERY: u64 = 32;
+
+fn fanout(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fanout");
+    for members in [1usize, 100, 10_000] {
+        let registry = Registry::new(1000, "bench".into());
+        let lobby = room("lobby");
+        let conns: Vec<Arc<Connection>> = (0..members as u64)
+            .map(|id| Arc::new(Connection::new(id, DRAIN_EVERY as usize + 1, u64::MAX, 0)))
+            .collect();
+        for conn in &conns {
+            registry.join_local(&lobby, conn, None);
+        }
+        let drain = || conns.iter().for_each(|c| drop(c.outbox.take()));
+        drain();
+        let check = registry.publish(&lobby, "alice", TS, BODY);
+        assert_eq!((check.recipients, check.slow_consumers), (members, 0));
+        drain();
+
+        // Elements are deliveries: criterion's rate is deliveries per second.
+        group.throughput(Throughput::Elements(members as u64));
+        group.bench_function(BenchmarkId::new("members", members), |b| {
+            b.iter_custom(|iters| {
+                let mut timed = Duration::ZERO;
+                let mut done = 0;
+                while done < iters {
+                    let batch = (iters - done).min(DRAIN_EVERY);
+                    let started = Instant::now();
+                    for _ in 0..batch {
+                        black_box(registry.publish(&lobby, "alice", TS, black_box(BODY)));
+                    }
+                    timed += started.elapsed();
+                    drain();
+                    done += batch;
+                }
+                timed
+            });
+        });
+        let last = registry.publish(&lobby, "alice", TS, BODY);
+        assert_eq!(last.slow_consumers, 0, "a member was cut: the bench drained too late");
+    }
+    group.finish();
+}
+
+fn jwt(c: &mut Criterion) {
+    let mut token = NewToken::new("alice", Duration::from_secs(3600));
+    token.rooms = Some(vec!["lobby".into(), "team-*".into()]);
+    let mut group = c.benchmark_group("jwt_verify");
+
+    let secret = b"a bench secret of a sensible length, 32+ bytes";
+    let verifier = Verifier::from_secret(secret, &Expectations::default()).expect("secret");
+    let hs256 = token.sign_hs256(secret).expect("sign");
+    verifier.verify(&hs256).expect("valid HS256 token");
+    group.bench_function("HS256", |b| b.iter(|| verifier.verify(black_box(&hs256)).expect("valid")));
+
+    let (private_der, public_pem) = rs256_key();
+    let verifier = Verifier::from_public_key_pem(&public_pem, "bench key", &Expectations::default()).expect("key");
+    let rs256 = jsonwebtoken::encode(&Header::new(Algorithm::RS256), &token, &EncodingKey::from_rsa_der(&private_der))
+        .expect("sign");
+    verifier.verify(&rs256).expect("valid RS256 token");
+    group.bench_function("RS256_2048", |b| b.iter(|| verifier.verify(black_box(&rs256)).expect("valid")));
+    group.finish();
+}
+
+/// A fresh 2048-bit RSA key: its private half as PKCS#1 DER, its public half
+/// as PKCS#1 PEM (what `--jwt-public-key` reads).
+fn rs256_key() -> (Vec<u8>, Vec<u8>) {
+    use base64::Engine;
+    use rsa::pkcs1::{EncodeRsaPrivateKey, EncodeRsaPublicKey};
+
+    let key = rsa::PrivateKey::new(&mut ThreadRng, 2048).expect("RSA key generation");
+    let private_der = key.to_pkcs1_der().expect("private DER").as_bytes().to_vec();
+    let public_der = key.to_public_key().to_pkcs1_der().expect("public DER");
+    let b64 = base64::engine::general_purpose::STANDARD.encode(public_der.as_bytes());
+    let mut pem = String::from("-----BEGIN RSA PUBLIC KEY-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        pem.push('\n');
+    }
+    pem.push_str("-----END RSA PUBLIC KEY-----\n");
+    (private_der, pem.into_bytes())
+}
+
+/// rand's thread-local CSPRNG, seen through the rand_core version rsa uses.
+struct ThreadRng;
+
+impl rsa::rand_core::TryRng for ThreadRng {
+    type Error = std::convert::Infallible;
+
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        Ok(rand::random())
+    }
+
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        Ok(rand::random())
+    }
+
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        rand::fill(dst);
+        Ok(())
+    }
+}
+
+impl rsa::rand_core::TryCryptoRng for ThreadRng {}
+
+fn room_patterns(c: &mut Criterion) {
+    let mut group = c.benchmark_group("room_patterns");
+    let any = RoomPatterns::any();
+    let patterns = ["lobby", "support", "news.eu", "news.us", "team-*", "dm:alice:*", "ops@*", "z*"];
+    let patterns = RoomPatterns::parse(&patterns).expect("patterns");
+    let cases = [
+        ("no_claim", &any, room("team-blue")),
+        ("exact_first", &patterns, room("lobby")),
+        ("prefix_5th", &patterns, room("team-blue")),
+        ("miss_of_8", &patterns, room("random-room-name")),
+    ];
+    for (name, patterns, room) in &cases {
+        group.bench_function(*name, |b| b.iter(|| black_box(patterns).allows(black_box(room))));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, parse, encode, fanout, jwt, room_patterns);
+criterion_main!(benches);

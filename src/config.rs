@@ -105,6 +105,8 @@ pub struct Config {
     pub rate: f64,
     pub burst: u32,
     pub send_queue: usize,
+    pub redis_url: Option<String>,
+    pub redis_prefix: String,
 }
 
 impl Config {
@@ -135,14 +137,13 @@ impl Config {
             rate: args.rate,
             burst: args.burst,
             send_queue: args.send_queue,
+            redis_url: args.redis_url,
+            redis_prefix: args.redis_prefix,
         })
     }
 }
 
 fn reject_unbuilt_backends(args: &ServeArgs) -> Result<(), ConfigError> {
-    if args.redis_url.is_some() {
-        return Err(ConfigError::Invalid("--redis-url: cluster mode is not available in this build yet".into()));
-    }
     if args.database_url.is_some() || args.durable_acks {
         return Err(ConfigError::Invalid(
             "--database-url / --durable-acks: PostgreSQL history is not available in this build yet".into(),
@@ -161,6 +162,9 @@ fn check_limits(args: &ServeArgs) -> Result<(), ConfigError> {
     }
     if !(args.rate.is_finite() && args.rate > 0.0) || args.burst == 0 {
         return invalid("--rate and --burst must be above zero");
+    }
+    if args.redis_prefix.is_empty() || args.redis_prefix.contains(|c: char| c.is_whitespace() || c == '{') {
+        return invalid("--redis-prefix must be non-empty, without spaces or braces");
     }
     Ok(())
 }

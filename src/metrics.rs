@@ -4,6 +4,8 @@
 //! one process, as in tests, keep their figures apart. Hot-path updates are
 //! single atomic adds; fanout adds once per message, not once per member.
 
+use std::time::Instant;
+
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -27,6 +29,11 @@ pub struct Metrics {
     auth_failures: Family<Reason, Counter>,
     /// Seconds from a publish's arrival to its frame queued for every local member.
     pub fanout_seconds: Histogram,
+    pub bus_publish_seconds: Histogram,
+    pub bus_messages_received: Counter,
+    pub bus_subscriptions: Gauge,
+    pub bus_reconnects: Counter,
+    pub bus_gap_fills: Counter,
 }
 
 impl Metrics {
@@ -53,6 +60,16 @@ impl Metrics {
         registry.register("rate_limited", "Frames refused by the rate limit", rate_limited.clone());
         registry.register("auth_failures", "Requests refused for their token", auth_failures.clone());
         registry.register("fanout_seconds", "Publish to queued at every local member", fanout_seconds.clone());
+        let bus_publish_seconds = Histogram::new(exponential_buckets(1e-5, 2.0, 18));
+        let bus_messages_received = Counter::default();
+        let bus_subscriptions = Gauge::default();
+        let bus_reconnects = Counter::default();
+        let bus_gap_fills = Counter::default();
+        registry.register("bus_publish_seconds", "Redis publish script round trip", bus_publish_seconds.clone());
+        registry.register("bus_messages_received", "Messages received from Redis pub/sub", bus_messages_received.clone());
+        registry.register("bus_subscriptions", "Redis channels this node subscribes", bus_subscriptions.clone());
+        registry.register("bus_reconnects", "Redis pub/sub reconnects", bus_reconnects.clone());
+        registry.register("bus_gap_fills", "Gaps filled from Redis history", bus_gap_fills.clone());
         Self {
             registry,
             connections,
@@ -65,7 +82,19 @@ impl Metrics {
             rate_limited,
             auth_failures,
             fanout_seconds,
+            bus_publish_seconds,
+            bus_messages_received,
+            bus_subscriptions,
+            bus_reconnects,
+            bus_gap_fills,
         }
+    }
+
+    /// One message queued to `recipients` local members, `started` when it arrived.
+    pub fn record_fanout(&self, started: Instant, recipients: usize, slow_consumers: usize) {
+        self.fanout_seconds.observe(started.elapsed().as_secs_f64());
+        self.deliveries.inc_by(recipients as u64);
+        self.slow_consumers.inc_by(slow_consumers as u64);
     }
 
     pub fn auth_failure(&self, reason: &'static str) {

@@ -1,12 +1,16 @@
 //! Rooms and their local members, in a sharded map.
 //!
-//! Each room has its own lock. Giving a message its `seq`, storing it and
-//! queueing it to every member happen under that lock, so every member sees
-//! the same order however many connections publish at once; the lock is
-//! never held across an `.await` and fanout never waits for a member (a full
-//! queue cuts that member instead). Joining with `since` replays under the
-//! same lock, so the replay, the `joined` reply and the live messages after
-//! it follow each other with no gap and no duplicate.
+//! Each room has its own lock. Queueing a message to every member happens
+//! under that lock, so every member sees the same order however many
+//! connections publish at once; the lock is never held across an `.await`
+//! and fanout never waits for a member (a full queue cuts that member).
+//!
+//! On a single node the room's lock also assigns `seq` ([`Registry::publish`]).
+//! In a cluster Redis assigns it and this node's subscriber hands each
+//! message to [`Registry::deliver`] in `seq` order; a joiner first waits for
+//! the subscription, then reads Redis, then [`Registry::complete_join`]
+//! replays what it missed and sets the seq from which live messages reach
+//! it, so that replay and live stream meet with no gap and no duplicate.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -30,8 +34,10 @@ pub struct StoredMessage {
 }
 
 impl StoredMessage {
-    pub fn json(&self) -> &[u8] {
-        payload(&self.frame)
+    /// The message's JSON text, sharing the frame's memory.
+    pub fn json(&self) -> Bytes {
+        let header = self.frame.len() - payload(&self.frame).len();
+        self.frame.slice(header..)
     }
 }
 
@@ -42,6 +48,14 @@ pub struct Since<'a> {
     pub epoch: Option<&'a str>,
 }
 
+/// A room's sequence state as the bus sees it, read after subscribing.
+pub struct Snapshot {
+    pub seq: u64,
+    pub epoch: Arc<str>,
+    /// Messages after the joiner's `since`, oldest first (empty without `since`).
+    pub messages: Vec<StoredMessage>,
+}
+
 /// What a publish did, for the caller's ack and metrics.
 pub struct Delivery {
     pub seq: u64,
@@ -49,10 +63,35 @@ pub struct Delivery {
     pub slow_consumers: usize,
 }
 
+/// What [`Registry::deliver`] did with a message from the bus.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Delivered {
+    /// Queued to the members.
+    Fanout { recipients: usize, slow_consumers: usize },
+    /// Already delivered (a gap fill got there first).
+    Duplicate,
+    /// Messages between the last delivered one and this one are missing:
+    /// fetch `from..seq` from history and deliver them first.
+    Gap { from: u64 },
+    /// No local member wants this room any more.
+    Unwanted,
+}
+
+struct Member {
+    conn: Arc<Connection>,
+    /// Live messages up to this seq are not sent: the replay covered them,
+    /// or (`u64::MAX`) the member is still syncing.
+    skip_through: u64,
+}
+
 struct RoomState {
-    members: Vec<Arc<Connection>>,
-    seq: u64,
+    members: Vec<Member>,
+    /// The last seq delivered here; `None` until a cluster room is synced.
+    seq: Option<u64>,
+    epoch: Arc<str>,
     recent: VecDeque<StoredMessage>,
+    /// Whether this node wants the room's bus messages (cluster mode).
+    subscribed: bool,
     /// Set when the room left the map; a joiner that raced with the removal
     /// must look the room up again.
     removed: bool,
@@ -65,11 +104,11 @@ struct Room {
 pub struct Registry {
     rooms: DashMap<RoomName, Arc<Room>>,
     history_size: usize,
+    /// This node's epoch: the epoch of every room on a single node.
     epoch: Arc<str>,
 }
 
 impl Registry {
-    /// `epoch` names this node's sequence state (PROTOCOL.md section 2).
     pub fn new(history_size: usize, epoch: Arc<str>) -> Self {
         Self { rooms: DashMap::new(), history_size, epoch }
     }
@@ -86,7 +125,7 @@ impl Registry {
     fn with_room<R>(&self, name: &RoomName, f: impl FnOnce(&mut RoomState) -> R) -> R {
         let mut f = Some(f);
         loop {
-            let room = self.rooms.entry(name.clone()).or_insert_with(new_room).clone();
+            let room = self.rooms.entry(name.clone()).or_insert_with(|| self.new_room()).clone();
             let mut state = room.state.lock();
             if state.removed {
                 continue;
@@ -97,144 +136,305 @@ impl Registry {
         }
     }
 
-    /// Gives the message the room's next `seq`, stores it and queues it to
-    /// every member; members whose queue is full are cut (1013).
-    pub fn publish(&self, room: &RoomName, from: &str, ts_millis: u64, body: &[u8]) -> Delivery {
-        let history_size = self.history_size;
-        self.with_room(room, |state| {
-            state.seq += 1;
-            let seq = state.seq;
-            let frame = outbound::message(room, seq, from, ts_millis, body);
-            let mut slow_consumers = 0;
-            for member in &state.members {
-                if member.send(frame.clone()) == Err(PushError::Full) {
-                    slow_consumers += 1;
-                }
-            }
-            if history_size > 0 {
-                if state.recent.len() >= history_size {
-                    state.recent.pop_front();
-                }
-                state.recent.push_back(StoredMessage { seq, frame });
-            }
-            Delivery { seq, recipients: state.members.len(), slow_consumers }
+    /// Runs `f` under the lock of an existing room.
+    fn with_existing_room<R>(&self, name: &RoomName, f: impl FnOnce(&mut RoomState) -> R) -> Option<R> {
+        let room = self.rooms.get(name).map(|r| r.clone())?;
+        let mut state = room.state.lock();
+        (!state.removed).then(|| f(&mut state))
+    }
+
+    fn new_room(&self) -> Arc<Room> {
+        Arc::new(Room {
+            state: Mutex::new(RoomState {
+                members: Vec::new(),
+                seq: None,
+                epoch: self.epoch.clone(),
+                recent: VecDeque::new(),
+                subscribed: false,
+                removed: false,
+            }),
         })
     }
 
-    /// Adds `member` (once) and queues the replay of what it missed, then
-    /// `joined`.
-    pub fn join(&self, room: &RoomName, member: &Arc<Connection>, since: Option<Since<'_>>) {
-        let epoch = self.epoch.clone();
+    /// Single node: gives the message the room's next `seq`, stores it and
+    /// queues it to every member.
+    pub fn publish(&self, room: &RoomName, from: &str, ts_millis: u64, body: &[u8]) -> Delivery {
         self.with_room(room, |state| {
-            if !state.members.iter().any(|m| m.id == member.id) {
-                state.members.push(member.clone());
+            let seq = state.seq.unwrap_or(0) + 1;
+            let message = StoredMessage { seq, frame: outbound::message(room, seq, from, ts_millis, body) };
+            let (recipients, slow_consumers) = self.fan_out(state, message);
+            Delivery { seq, recipients, slow_consumers }
+        })
+    }
+
+    /// Queues `message` to the members, keeps it in `recent`, moves `seq`.
+    fn fan_out(&self, state: &mut RoomState, message: StoredMessage) -> (usize, usize) {
+        let mut recipients = 0;
+        let mut slow_consumers = 0;
+        for member in state.members.iter().filter(|m| m.skip_through < message.seq) {
+            recipients += 1;
+            if member.conn.send(message.frame.clone()) == Err(PushError::Full) {
+                slow_consumers += 1;
             }
-            let (replay, recovered) = match since {
-                Some(since) => {
-                    let (replay, recovered) = replay_after(&state.recent, state.seq, &epoch, since);
-                    (replay, Some(recovered))
-                }
-                None => (Vec::new(), None),
-            };
-            let joined = outbound::joined(room, state.seq, &epoch, recovered);
-            let _ = member.outbox.push_all(replay.into_iter().chain([joined]));
+        }
+        state.seq = Some(message.seq);
+        if self.history_size > 0 {
+            if state.recent.len() >= self.history_size {
+                state.recent.pop_front();
+            }
+            state.recent.push_back(message);
+        }
+        (recipients, slow_consumers)
+    }
+
+    /// Single node: adds `member` (once) and queues the replay of what it
+    /// missed, then `joined`, all under the room's lock.
+    pub fn join_local(&self, room: &RoomName, member: &Arc<Connection>, since: Option<Since<'_>>) {
+        self.with_room(room, |state| {
+            upsert_member(state, member, 0);
+            let snapshot = Snapshot { seq: state.seq.unwrap_or(0), epoch: state.epoch.clone(), messages: Vec::new() };
+            finish_join(state, room, member, since, snapshot);
         });
     }
 
-    /// Removes `member_id`; returns whether it was a member. A room with no
-    /// member and no history leaves the map.
-    pub fn leave(&self, room: &RoomName, member_id: u64) -> bool {
-        let Some(entry) = self.rooms.get(room).map(|r| r.clone()) else {
-            return false;
-        };
-        let was_member = {
-            let mut state = entry.state.lock();
-            let before = state.members.len();
-            state.members.retain(|m| m.id != member_id);
-            before != state.members.len()
-        };
+    /// Cluster: adds `member` as syncing (it gets no live message yet). Runs
+    /// `subscribe` under the room's lock when the node was not subscribed,
+    /// so subscribe and unsubscribe commands leave in the order decided.
+    pub fn add_syncing_member(&self, room: &RoomName, member: &Arc<Connection>, subscribe: impl FnOnce()) {
+        self.with_room(room, |state| {
+            upsert_member(state, member, u64::MAX);
+            if !state.subscribed {
+                state.subscribed = true;
+                subscribe();
+            }
+        });
+    }
+
+    /// Cluster: replays to a syncing member what it missed, from the bus's
+    /// `snapshot` and from what was delivered here since, then `joined`;
+    /// live messages after that reach it.
+    pub fn complete_join(&self, room: &RoomName, member: &Arc<Connection>, since: Option<Since<'_>>, snapshot: Snapshot) {
+        self.with_existing_room(room, |state| {
+            if state.seq.is_some() && *state.epoch != *snapshot.epoch {
+                restart_epoch(state, room, &snapshot.epoch, snapshot.seq);
+            }
+            if state.seq.is_none() {
+                state.seq = Some(snapshot.seq);
+                state.epoch = snapshot.epoch.clone();
+            }
+            finish_join(state, room, member, since, snapshot);
+        });
+    }
+
+    /// Cluster: hands a message from the bus to the members, in `seq` order.
+    /// With `accept_gap`, a message past a gap is delivered anyway (history
+    /// no longer held what was missing).
+    pub fn deliver(&self, room: &RoomName, epoch: &str, message: StoredMessage, accept_gap: bool) -> Delivered {
+        self.with_existing_room(room, |state| {
+            if !state.subscribed {
+                return Delivered::Unwanted;
+            }
+            match state.seq {
+                Some(_) if *state.epoch != *epoch => restart_epoch(state, room, epoch, message.seq.saturating_sub(1)),
+                Some(seq) if message.seq <= seq => return Delivered::Duplicate,
+                Some(seq) if message.seq > seq + 1 && !accept_gap => return Delivered::Gap { from: seq + 1 },
+                Some(_) => {}
+                None => {
+                    state.seq = Some(message.seq.saturating_sub(1));
+                    state.epoch = epoch.into();
+                }
+            }
+            let (recipients, slow_consumers) = self.fan_out(state, message);
+            Delivered::Fanout { recipients, slow_consumers }
+        })
+        .unwrap_or(Delivered::Unwanted)
+    }
+
+    /// Removes `member_id`; returns whether it was a member. When the last
+    /// member of a subscribed room leaves, `unsubscribe` runs under the lock
+    /// and the room forgets its cluster state. A room with no member and no
+    /// history leaves the map.
+    pub fn leave(&self, room: &RoomName, member_id: u64, unsubscribe: impl FnOnce()) -> bool {
+        let was_member = self
+            .with_existing_room(room, |state| {
+                let before = state.members.len();
+                state.members.retain(|m| m.conn.id != member_id);
+                if state.members.is_empty() && state.subscribed {
+                    state.subscribed = false;
+                    state.seq = None;
+                    state.recent.clear();
+                    unsubscribe();
+                }
+                before != state.members.len()
+            })
+            .unwrap_or(false);
         self.rooms.remove_if(room, |_, r| {
             let mut state = r.state.lock();
-            let idle = state.members.is_empty() && state.recent.is_empty();
+            let idle = state.members.is_empty() && state.recent.is_empty() && !state.subscribed;
             state.removed |= idle;
             idle
         });
         was_member
     }
 
-    /// Up to `limit` stored messages before `before` (exclusive), oldest first.
+    /// Up to `limit` messages held here before `before` (exclusive), oldest first.
     pub fn history(&self, room: &RoomName, before: Option<u64>, limit: usize) -> Vec<StoredMessage> {
-        let Some(entry) = self.rooms.get(room).map(|r| r.clone()) else {
-            return Vec::new();
-        };
-        let state = entry.state.lock();
-        let end = match before {
-            Some(before) => state.recent.partition_point(|m| m.seq < before),
-            None => state.recent.len(),
-        };
-        let start = end.saturating_sub(limit);
-        state.recent.range(start..end).cloned().collect()
+        self.with_existing_room(room, |state| {
+            let end = match before {
+                Some(before) => state.recent.partition_point(|m| m.seq < before),
+                None => state.recent.len(),
+            };
+            let start = end.saturating_sub(limit);
+            state.recent.range(start..end).cloned().collect()
+        })
+        .unwrap_or_default()
+    }
+
+    /// Cluster: the subscribed rooms and the last seq each delivered, for
+    /// resubscribing and filling gaps after a reconnect.
+    pub fn subscribed_rooms(&self) -> Vec<(RoomName, Option<u64>)> {
+        self.rooms
+            .iter()
+            .filter_map(|entry| {
+                let state = entry.value().state.lock();
+                state.subscribed.then(|| (entry.key().clone(), state.seq))
+            })
+            .collect()
     }
 }
 
-fn new_room() -> Arc<Room> {
-    Arc::new(Room {
-        state: Mutex::new(RoomState { members: Vec::new(), seq: 0, recent: VecDeque::new(), removed: false }),
-    })
+fn upsert_member(state: &mut RoomState, conn: &Arc<Connection>, skip_through: u64) {
+    match state.members.iter_mut().find(|m| m.conn.id == conn.id) {
+        Some(member) => member.skip_through = member.skip_through.min(skip_through),
+        None => state.members.push(Member { conn: conn.clone(), skip_through }),
+    }
 }
 
-/// The frames to replay for a client that saw everything up to `since`, and
-/// whether that is everything it missed.
-fn replay_after(recent: &VecDeque<StoredMessage>, seq: u64, epoch: &str, since: Since<'_>) -> (Vec<Bytes>, bool) {
-    if since.epoch.is_some_and(|e| e != epoch) || since.seq > seq {
+/// Queues the replay and `joined` to `member`, and lets live messages after
+/// the room's current seq reach it.
+fn finish_join(state: &mut RoomState, room: &RoomName, member: &Arc<Connection>, since: Option<Since<'_>>, snapshot: Snapshot) {
+    let latest = state.seq.unwrap_or(0).max(snapshot.seq);
+    let (replay, recovered) = match since {
+        Some(since) => {
+            let (replay, recovered) = replay_after(&snapshot, &state.recent, latest, since);
+            (replay, Some(recovered))
+        }
+        None => (Vec::new(), None),
+    };
+    let joined = outbound::joined(room, latest, &state.epoch, recovered);
+    let _ = member.outbox.push_all(replay.into_iter().chain([joined]));
+    if let Some(m) = state.members.iter_mut().find(|m| m.conn.id == member.id) {
+        m.skip_through = latest;
+    }
+}
+
+/// The bus lost this room's sequence state: forget ours, and tell the
+/// members the new epoch with an unsolicited `joined` (`recovered: false`).
+fn restart_epoch(state: &mut RoomState, room: &RoomName, epoch: &str, seq: u64) {
+    state.epoch = epoch.into();
+    state.seq = Some(seq);
+    state.recent.clear();
+    let joined = outbound::joined(room, seq, epoch, Some(false));
+    for member in state.members.iter_mut().filter(|m| m.skip_through != u64::MAX) {
+        member.skip_through = seq;
+        let _ = member.conn.send(joined.clone());
+    }
+}
+
+/// The frames to replay for a client that saw everything up to `since`:
+/// from the snapshot, then from `recent` past the snapshot, up to `latest`;
+/// and whether that is everything it missed.
+fn replay_after(snapshot: &Snapshot, recent: &VecDeque<StoredMessage>, latest: u64, since: Since<'_>) -> (Vec<Bytes>, bool) {
+    if since.epoch.is_some_and(|e| e != &*snapshot.epoch) || since.seq > latest {
         return (Vec::new(), false);
     }
-    let first_kept = recent.front().map_or(seq + 1, |m| m.seq);
-    let recovered = first_kept <= since.seq + 1;
-    let start = recent.partition_point(|m| m.seq <= since.seq);
-    (recent.range(start..).map(|m| m.frame.clone()).collect(), recovered)
+    let from_snapshot = snapshot.messages.iter().filter(|m| m.seq > since.seq);
+    let after = since.seq.max(snapshot.seq);
+    let from_recent = recent.iter().filter(|m| m.seq > after && m.seq <= latest);
+    let mut next = since.seq + 1;
+    let mut recovered = true;
+    let mut frames = Vec::new();
+    for message in from_snapshot.chain(from_recent) {
+        if message.seq < next {
+            continue;
+        }
+        recovered &= message.seq == next;
+        next = message.seq + 1;
+        frames.push(message.frame.clone());
+    }
+    (frames, recovered && next > latest)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn log(seqs: std::ops::RangeInclusive<u64>) -> VecDeque<StoredMessage> {
+    fn messages(seqs: std::ops::RangeInclusive<u64>) -> Vec<StoredMessage> {
         seqs.map(|seq| StoredMessage { seq, frame: Bytes::from(seq.to_string()) }).collect()
+    }
+
+    fn snapshot(seq: u64, held: std::ops::RangeInclusive<u64>) -> Snapshot {
+        Snapshot { seq, epoch: "e".into(), messages: messages(held) }
+    }
+
+    fn empty_snapshot(seq: u64) -> Snapshot {
+        Snapshot { seq, epoch: "e".into(), messages: Vec::new() }
     }
 
     fn since(seq: u64, epoch: Option<&str>) -> Since<'_> {
         Since { seq, epoch }
     }
 
+    fn replay(snap: &Snapshot, recent: &[StoredMessage], latest: u64, s: Since<'_>) -> (Vec<Bytes>, bool) {
+        replay_after(snap, &recent.iter().cloned().collect(), latest, s)
+    }
+
     #[test]
     fn replays_everything_after_since_when_history_holds_it() {
-        let (frames, recovered) = replay_after(&log(1..=10), 10, "e", since(7, Some("e")));
+        let snap = snapshot(10, 8..=10);
+        let (frames, recovered) = replay(&snap, &[], 10, since(7, Some("e")));
         assert_eq!(frames, ["8", "9", "10"]);
         assert!(recovered);
-        let (frames, recovered) = replay_after(&log(1..=10), 10, "e", since(10, None));
+        let (frames, recovered) = replay(&empty_snapshot(10), &[], 10, since(10, None));
         assert!(frames.is_empty() && recovered);
     }
 
     #[test]
+    fn local_history_serves_as_the_snapshot_tail() {
+        // Single node: empty snapshot messages, everything from `recent`.
+        let recent = messages(1..=10);
+        let (frames, recovered) = replay(&empty_snapshot(0), &recent, 10, since(7, None));
+        assert_eq!(frames, ["8", "9", "10"]);
+        assert!(recovered);
+    }
+
+    #[test]
+    fn snapshot_and_recent_meet_without_duplicates() {
+        // Redis held up to 12; this node delivered 11..=14 meanwhile.
+        let (frames, recovered) = replay(&snapshot(12, 6..=12), &messages(11..=14), 14, since(8, Some("e")));
+        assert_eq!(frames, ["9", "10", "11", "12", "13", "14"]);
+        assert!(recovered);
+    }
+
+    #[test]
     fn partial_history_replays_what_is_left_and_says_so() {
-        let (frames, recovered) = replay_after(&log(6..=10), 10, "e", since(2, Some("e")));
+        let (frames, recovered) = replay(&snapshot(10, 6..=10), &[], 10, since(2, Some("e")));
         assert_eq!(frames.len(), 5);
         assert!(!recovered);
-        let (frames, recovered) = replay_after(&log(6..=10), 10, "e", since(5, Some("e")));
+        let (frames, recovered) = replay(&snapshot(10, 6..=10), &[], 10, since(5, Some("e")));
         assert_eq!(frames.len(), 5);
         assert!(recovered);
     }
 
     #[test]
     fn other_epoch_or_future_seq_replays_nothing() {
-        assert_eq!(replay_after(&log(1..=3), 3, "e", since(1, Some("old"))), (vec![], false));
-        assert_eq!(replay_after(&log(1..=3), 3, "e", since(9, Some("e"))), (vec![], false));
+        assert_eq!(replay(&snapshot(3, 1..=3), &[], 3, since(1, Some("old"))), (vec![], false));
+        assert_eq!(replay(&snapshot(3, 1..=3), &[], 3, since(9, Some("e"))), (vec![], false));
     }
 
     #[test]
     fn empty_history_recovers_only_when_nothing_was_missed() {
-        assert_eq!(replay_after(&VecDeque::new(), 0, "e", since(0, None)), (vec![], true));
-        assert_eq!(replay_after(&VecDeque::new(), 4, "e", since(2, None)), (vec![], false));
+        assert_eq!(replay(&empty_snapshot(0), &[], 0, since(0, None)), (vec![], true));
+        assert_eq!(replay(&empty_snapshot(4), &[], 4, since(2, None)), (vec![], false));
     }
 }

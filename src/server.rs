@@ -11,7 +11,13 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::redis::{RedisBus, RedisSettings};
+use crate::bus::{fresh_epoch, Bus};
 use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
 use crate::state::ServerState;
 use crate::{http, liveness};
 
@@ -31,7 +37,7 @@ impl Server {
     pub async fn start(config: Config) -> std::io::Result<Self> {
         let listener = bind(config.listen)?;
         let local_addr = listener.local_addr()?;
-        let state = Arc::new(ServerState::new(config, new_epoch().into()));
+        let state = Arc::new(build_state(config)?);
         let accept = tokio::spawn(accept_loop(state.clone(), listener));
         let sweep = tokio::spawn(liveness::run(state.clone()));
         Ok(Self { state, local_addr, accept, sweep })
@@ -72,9 +78,22 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// A fresh epoch: this node's in-memory sequences start anew.
-fn new_epoch() -> String {
-    format!("{:016x}", rand::random::<u64>())
+/// The shared state, with the bus that `--redis-url` asks for. A single
+/// node's epoch is new at every start: its sequences live in memory only.
+fn build_state(config: Config) -> std::io::Result<ServerState> {
+    let metrics = Arc::new(Metrics::new());
+    let shutdown = CancellationToken::new();
+    let registry = Arc::new(Registry::new(config.history_size, fresh_epoch().into()));
+    let bus = match &config.redis_url {
+        None => Bus::local(registry, metrics.clone()),
+        Some(url) => {
+            let settings = RedisSettings { url, prefix: &config.redis_prefix, history_size: config.history_size };
+            let redis = RedisBus::start(settings, registry.clone(), metrics.clone(), shutdown.clone())
+                .map_err(std::io::Error::other)?;
+            Bus::redis(registry, metrics.clone(), redis)
+        }
+    };
+    Ok(ServerState::new(config, bus, metrics, shutdown))
 }
 
 async fn accept_loop(state: Arc<ServerState>, listener: TcpListener) {

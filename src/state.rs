@@ -1,24 +1,23 @@
-//! What every part of a running server shares: configuration, rooms,
-//! connections, metrics, the clock and the shutdown signal.
+//! What every part of a running server shares: configuration, the bus (and
+//! through it the rooms), connections, metrics, the clock and the shutdown
+//! signal.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
-use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::bus::Bus;
 use crate::config::Config;
 use crate::conn::Connection;
 use crate::metrics::Metrics;
-use crate::registry::Registry;
-use crate::room::RoomName;
 
 pub struct ServerState {
     pub config: Config,
-    pub registry: Registry,
+    pub bus: Bus,
     pub metrics: Arc<Metrics>,
     /// Every open connection, for the liveness sweep and shutdown.
     pub connections: DashMap<u64, Arc<Connection>>,
@@ -31,14 +30,13 @@ pub struct ServerState {
 }
 
 impl ServerState {
-    pub fn new(config: Config, epoch: Arc<str>) -> Self {
-        let registry = Registry::new(config.history_size, epoch);
+    pub fn new(config: Config, bus: Bus, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Self {
         Self {
             config,
-            registry,
-            metrics: Arc::new(Metrics::new()),
+            bus,
+            metrics,
             connections: DashMap::new(),
-            shutdown: CancellationToken::new(),
+            shutdown,
             tasks: TaskTracker::new(),
             started: Instant::now(),
             next_connection_id: AtomicU64::new(1),
@@ -52,19 +50,6 @@ impl ServerState {
 
     pub fn next_connection_id(&self) -> u64 {
         self.next_connection_id.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Publishes `body` from `from` to `room` and returns its `seq`; the one
-    /// path for WebSocket `send` and the HTTP API.
-    pub fn publish(&self, room: &RoomName, from: &str, body: &RawValue) -> u64 {
-        let started = Instant::now();
-        let delivery = self.registry.publish(room, from, unix_millis(), body.get().as_bytes());
-        let m = &self.metrics;
-        m.fanout_seconds.observe(started.elapsed().as_secs_f64());
-        m.messages_published.inc();
-        m.deliveries.inc_by(delivery.recipients as u64);
-        m.slow_consumers.inc_by(delivery.slow_consumers as u64);
-        delivery.seq
     }
 }
 

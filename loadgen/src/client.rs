@@ -70,7 +70,9 @@ pub fn parse_ws_url(url: &str) -> Result<(String, u16, String)> {
     let rest = if let Some(r) = url.strip_prefix("ws://") {
         r
     } else if url.starts_with("wss://") {
-        bail!("{url}: wss:// (TLS) is not supported by loadgen; point it at the plain ws:// listener")
+        bail!(
+            "{url}: wss:// (TLS) is not supported by loadgen; point it at the plain ws:// listener"
+        )
     } else {
         bail!("{url}: expected a ws://host:port URL")
     };
@@ -346,8 +348,9 @@ async fn handshake(
         }
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let status = parse_status(&head)
-        .ok_or_else(|| ConnectError::Handshake(format!("not an HTTP response: {}", short(&head))))?;
+    let status = parse_status(&head).ok_or_else(|| {
+        ConnectError::Handshake(format!("not an HTTP response: {}", short(&head)))
+    })?;
     if status != 101 {
         // Read the (short) body for the reason, without waiting long.
         let len = header(&head, "content-length")

@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 
 /// Raise RLIMIT_NOFILE's soft limit to its hard limit; returns the new soft
 /// limit.
-pub fn raise_nofile() -> std::io::Result<u64> {
+pub fn raise_nofile() -> std::io::Result<libc::rlim_t> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -25,13 +25,13 @@ pub fn raise_nofile() -> std::io::Result<u64> {
         }
         lim.rlim_cur = lim.rlim_max;
     }
-    Ok(lim.rlim_cur as u64)
+    Ok(lim.rlim_cur)
 }
 
 /// Fail early when `connections` sockets (plus some slack for the runtime,
 /// stdio and /proc reads) cannot be open at once.
 pub fn check_fd_budget(connections: usize) -> Result<u64> {
-    let limit = raise_nofile()?;
+    let limit: u64 = raise_nofile()?;
     let need = connections as u64 + 64;
     if need > limit {
         bail!(

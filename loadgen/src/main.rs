@@ -1,1 +1,56 @@
-fn main() {}
+//! The `loadgen` command: parse the options, build a runtime with the asked
+//! number of worker threads, run the scenario, print the table on stdout,
+//! and write `--json` / `--report`. Exit status: 0 done, 1 the run could not
+//! be done, 3 done but problems found with `--strict`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use loadgen::{report, Cli};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Raise the open-files limit before any socket exists.
+    let _ = loadgen::limits::raise_nofile();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.common.threads.max(1))
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("loadgen: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let json = cli.common.json.clone();
+    let report_path = cli.common.report.clone();
+    let strict = cli.common.strict;
+    let summary = match runtime.block_on(loadgen::run(cli)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("loadgen: error: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    print!("{}", report::table(&summary));
+    let mut status = 0u8;
+    if let Some(path) = json {
+        if let Err(e) = report::write_json(&summary, &path) {
+            eprintln!("loadgen: {e:#}");
+            status = 1;
+        }
+    }
+    if let Some(path) = report_path {
+        if let Err(e) = report::write_report(&summary, &path) {
+            eprintln!("loadgen: {e:#}");
+            status = 1;
+        }
+    }
+    if status == 0 && strict && !summary.ok {
+        status = 3;
+    }
+    // Connection tasks may still be winding down; do not wait for them.
+    runtime.shutdown_background();
+    ExitCode::from(status)
+}

@@ -277,8 +277,9 @@ mod tests {
 
     #[test]
     fn foreign_bodies() {
-        let f = parse(br#"{"type":"message","room":"r","seq":1,"body":{"t":"no","x":[1,{"a":2}]}}"#)
-            .unwrap();
+        let f =
+            parse(br#"{"type":"message","room":"r","seq":1,"body":{"t":"no","x":[1,{"a":2}]}}"#)
+                .unwrap();
         assert_eq!(f.seq, Some(1));
         assert_eq!(f.marker, None);
         let f = parse(br#"{"type":"message","body":[1,2,{"}":"{"}],"seq":3}"#).unwrap();
@@ -291,8 +292,9 @@ mod tests {
     fn parses_control_frames() {
         let f = parse(br#"{"type":"ack","ref":"123","room":"r1","seq":5}"#).unwrap();
         assert_eq!((f.ty, f.reference, f.seq), ("ack", Some("123"), Some(5)));
-        let f = parse(br#"{"type":"error","code":"bad_request","message":"bad \"room\"","ref":null}"#)
-            .unwrap();
+        let f =
+            parse(br#"{"type":"error","code":"bad_request","message":"bad \"room\"","ref":null}"#)
+                .unwrap();
         assert_eq!(f.code, Some("bad_request"));
         assert_eq!(f.message, Some(r#"bad \"room\""#));
         assert_eq!(f.reference, None);

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use serde_json::value::RawValue;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 
@@ -49,7 +50,7 @@ pub async fn run(state: Arc<ServerState>, stream: TcpStream, early: Bytes, claim
     let bucket = TokenBucket::new(state.config.rate, state.config.burst, Instant::now());
     let mut session = Session { state, conn, claims, rooms: Vec::new(), bucket, refused_in_a_row: 0 };
     if let Some(room) = room {
-        session.join(room, None);
+        session.join(room, None, None).await;
     }
     let mut reader = FrameReader::new(&early, session.state.config.max_message_bytes);
     session.read_until_closed(&mut reader, &mut read_half).await;
@@ -67,7 +68,7 @@ impl Session {
             };
             self.conn.touch(self.state.now_ms());
             match incoming {
-                Ok(Incoming::Text(text)) => self.on_text(&text),
+                Ok(Incoming::Text(text)) => self.on_text(&text).await,
                 Ok(Incoming::Binary) => {
                     if self.admit(None) {
                         self.error(ErrorCode::BadRequest, "binary frames are not supported", None);
@@ -93,14 +94,14 @@ impl Session {
         linger(reader, socket).await;
     }
 
-    fn on_text(&mut self, text: &[u8]) {
+    async fn on_text(&mut self, text: &[u8]) {
         self.state.metrics.frames_in.inc();
         // The reader hands over only valid UTF-8.
         let text = std::str::from_utf8(text).unwrap_or_default();
         match parse_request(text) {
             Ok(request) => {
                 if self.admit(request.reference.as_deref()) {
-                    self.handle(request);
+                    self.handle(request).await;
                 }
             }
             Err(bad) => {
@@ -128,31 +129,46 @@ impl Session {
         false
     }
 
-    fn handle(&mut self, request: Request<'_>) {
+    async fn handle(&mut self, request: Request<'_>) {
         let reference = request.reference.as_deref();
         match request.kind {
             RequestKind::Join { room, since, epoch } => {
                 if self.allowed(&room, reference) {
-                    self.join(room, since.map(|seq| Since { seq, epoch: epoch.as_deref() }));
+                    let since = since.map(|seq| Since { seq, epoch: epoch.as_deref() });
+                    self.join(room, since, reference).await;
                 }
             }
             RequestKind::Leave { room } => self.leave(&room, reference),
             RequestKind::Send { room, body } => {
                 if self.allowed(&room, reference) {
-                    let seq = self.state.publish(&room, &self.claims.sub, body);
-                    if let Some(reference) = reference {
-                        self.send(outbound::ack(reference, &room, seq));
-                    }
+                    self.publish(&room, body, reference).await;
                 }
             }
             RequestKind::History { room, before, limit } => {
                 if self.allowed(&room, reference) {
-                    let messages = self.state.registry.history(&room, before, limit);
-                    self.send(outbound::history(&room, messages.iter().map(|m| m.json())));
+                    self.history(&room, before, limit, reference).await;
                 }
             }
             RequestKind::Refresh { token } => self.refresh(&token, reference),
             RequestKind::Ping => self.send(outbound::pong(reference)),
+        }
+    }
+
+    async fn publish(&self, room: &RoomName, body: &RawValue, reference: Option<&str>) {
+        match self.state.bus.publish(room, &self.claims.sub, body).await {
+            Ok(seq) => {
+                if let Some(reference) = reference {
+                    self.send(outbound::ack(reference, room, seq));
+                }
+            }
+            Err(e) => self.error(ErrorCode::Unavailable, &e.to_string(), reference),
+        }
+    }
+
+    async fn history(&self, room: &RoomName, before: Option<u64>, limit: usize, reference: Option<&str>) {
+        match self.state.bus.history(room, before, limit).await {
+            Ok(messages) => self.send(outbound::history(room, messages.iter().map(|m| &m[..]))),
+            Err(e) => self.error(ErrorCode::Unavailable, &e.to_string(), reference),
         }
     }
 
@@ -165,10 +181,14 @@ impl Session {
         allowed
     }
 
-    fn join(&mut self, room: RoomName, since: Option<Since<'_>>) {
-        self.state.registry.join(&room, &self.conn, since);
-        if !self.rooms.contains(&room) {
-            self.rooms.push(room);
+    async fn join(&mut self, room: RoomName, since: Option<Since<'_>>, reference: Option<&str>) {
+        match self.state.bus.join(&room, &self.conn, since).await {
+            Ok(()) if !self.rooms.contains(&room) => self.rooms.push(room),
+            Ok(()) => {}
+            Err(e) => {
+                self.rooms.retain(|r| *r != room);
+                self.error(ErrorCode::Unavailable, &e.to_string(), reference);
+            }
         }
     }
 
@@ -178,7 +198,7 @@ impl Session {
             return;
         };
         self.rooms.swap_remove(index);
-        self.state.registry.leave(room, self.conn.id);
+        self.state.bus.leave(room, self.conn.id);
         self.send(outbound::left(room));
     }
 
@@ -210,7 +230,7 @@ impl Session {
     /// the close frame, or at once if none was queued.
     fn end(&mut self) {
         for room in self.rooms.drain(..) {
-            self.state.registry.leave(&room, self.conn.id);
+            self.state.bus.leave(&room, self.conn.id);
         }
         if self.state.connections.remove(&self.conn.id).is_some() {
             self.state.metrics.connections.dec();

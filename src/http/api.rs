@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{authorize, json, query_param, ApiError, HttpResponse};
+use crate::bus::BusError;
 use crate::protocol::inbound;
 use crate::protocol::outbound::{write_json_array, write_json_string};
 use crate::room::RoomName;
@@ -35,7 +36,7 @@ pub async fn publish(state: &Arc<ServerState>, req: Request<Incoming>, room: &st
     };
     let parsed: PublishBody = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("body must be {{\"body\": <json>}}: {e}")))?;
-    let seq = state.publish(&room, &claims.sub, &parsed.body);
+    let seq = state.bus.publish(&room, &claims.sub, &parsed.body).await.map_err(unavailable)?;
     let mut out = Vec::with_capacity(64);
     out.extend_from_slice(b"{\"room\":");
     write_json_string(&mut out, room.as_str());
@@ -44,19 +45,23 @@ pub async fn publish(state: &Arc<ServerState>, req: Request<Incoming>, room: &st
 }
 
 /// `GET /rooms/{room}/history?before=&limit=`.
-pub fn history(state: &Arc<ServerState>, req: Request<Incoming>, room: &str) -> Result<HttpResponse, ApiError> {
+pub async fn history(state: &Arc<ServerState>, req: Request<Incoming>, room: &str) -> Result<HttpResponse, ApiError> {
     let (_, room) = authorize(state, &req, Some(room))?;
     let room: RoomName = room.ok_or_else(|| ApiError::bad_request("missing room"))?;
     let before = number_param(&req, "before")?;
     let limit = inbound::limit(number_param(&req, "limit")?).map_err(ApiError::bad_request)?;
-    let messages = state.registry.history(&room, before, limit);
-    let mut out = Vec::with_capacity(messages.iter().map(|m| m.json().len() + 1).sum::<usize>() + 48);
+    let messages = state.bus.history(&room, before, limit).await.map_err(unavailable)?;
+    let mut out = Vec::with_capacity(messages.iter().map(|m| m.len() + 1).sum::<usize>() + 48);
     out.extend_from_slice(b"{\"room\":");
     write_json_string(&mut out, room.as_str());
     out.extend_from_slice(b",\"messages\":");
-    write_json_array(&mut out, messages.iter().map(|m| m.json()));
+    write_json_array(&mut out, messages.iter().map(|m| &m[..]));
     out.push(b'}');
     Ok(json(StatusCode::OK, out))
+}
+
+fn unavailable(e: BusError) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())
 }
 
 /// A query parameter that must be a whole number when present.

@@ -31,12 +31,12 @@ async fn route(state: &Arc<ServerState>, req: Request<Incoming>) -> Result<HttpR
     let method = req.method().clone();
     match (&method, segments.as_slice()) {
         (&Method::GET, ["healthz"]) => Ok(text(StatusCode::OK, "ok")),
-        (&Method::GET, ["readyz"]) => Ok(text(StatusCode::OK, "ready")),
+        (&Method::GET, ["readyz"]) => Ok(readiness(state).await),
         (&Method::GET, ["metrics"]) => Ok(metrics(state)),
         (&Method::GET, ["ws"]) => upgrade::upgrade(state, req, None),
         (&Method::GET, ["ws", room]) => upgrade::upgrade(state, req, Some(room)),
         (&Method::POST, ["rooms", room, "messages"]) => api::publish(state, req, room).await,
-        (&Method::GET, ["rooms", room, "history"]) => api::history(state, req, room),
+        (&Method::GET, ["rooms", room, "history"]) => api::history(state, req, room).await,
         (_, ["healthz" | "readyz" | "metrics" | "ws"] | ["ws", _] | ["rooms", _, "messages" | "history"]) => {
             Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "bad_request", "method not allowed"))
         }
@@ -44,8 +44,18 @@ async fn route(state: &Arc<ServerState>, req: Request<Incoming>) -> Result<HttpR
     }
 }
 
+/// 200 when every configured backend answers, else 503 naming the ones that do not.
+async fn readiness(state: &ServerState) -> HttpResponse {
+    let unready = state.bus.unready_backends().await;
+    if unready.is_empty() {
+        return text(StatusCode::OK, "ready");
+    }
+    let body = serde_json::json!({"error": "unavailable", "message": format!("not ready: {}", unready.join(", ")), "backends": unready});
+    json(StatusCode::SERVICE_UNAVAILABLE, body.to_string().into_bytes())
+}
+
 fn metrics(state: &ServerState) -> HttpResponse {
-    state.metrics.rooms.set(state.registry.room_count() as i64);
+    state.metrics.rooms.set(state.bus.registry().room_count() as i64);
     let mut response = Response::new(Full::new(Bytes::from(state.metrics.render())));
     response.headers_mut().insert(
         CONTENT_TYPE,

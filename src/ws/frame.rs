@@ -47,6 +47,14 @@ impl TextFrameBuilder {
     }
 }
 
+/// A text frame around `payload` (one copy, for payloads that arrive as
+/// bytes, such as messages from Redis).
+pub fn text_frame(payload: &[u8]) -> Bytes {
+    let mut builder = TextFrameBuilder::with_capacity(payload.len());
+    builder.buf().extend_from_slice(payload);
+    builder.finish()
+}
+
 /// The header of an unmasked frame with the given first byte and payload length.
 fn header(first: u8, len: usize) -> ([u8; MAX_HEADER], usize) {
     let mut h = [0; MAX_HEADER];

@@ -1,0 +1,74 @@
+//! The scenarios, each a plan: which connections to open, which rooms each
+//! joins, which of them send, at what schedule, and how the run is timed.
+//! The engine runs any plan the same way, so the scenarios only differ here.
+
+pub mod chat;
+pub mod connect;
+pub mod fanout;
+pub mod idle;
+
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::cli::Scenario;
+use crate::session::Spec;
+
+/// The server's default per-connection rate limit, frames per second.
+pub const SERVER_DEFAULT_RATE: f64 = 100.0;
+
+/// How the measured part of a run is timed.
+#[derive(Debug, Clone, Copy)]
+pub enum Timing {
+    /// Send for `duration`, then keep reading for `drain`.
+    Send { duration: Duration, drain: Duration },
+    /// Hold the connections for this long (nothing is sent).
+    Hold(Duration),
+}
+
+/// A scenario made concrete.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// One line saying what the run does.
+    pub description: String,
+    pub rooms: Vec<String>,
+    pub specs: Vec<Spec>,
+    pub timing: Timing,
+    pub warnings: Vec<String>,
+}
+
+impl Plan {
+    pub fn senders(&self) -> usize {
+        self.specs.iter().filter(|s| s.send.is_some()).count()
+    }
+
+    pub fn joins(&self) -> usize {
+        self.specs.iter().map(|s| s.joins.len()).sum()
+    }
+}
+
+/// Build the plan of a scenario.
+pub fn plan(s: &Scenario) -> Result<Plan> {
+    match s {
+        Scenario::Fanout(a) => fanout::plan(a),
+        Scenario::Chat(a) => chat::plan(a),
+        Scenario::Connect(a) => connect::plan(a),
+        Scenario::Idle(a) => idle::plan(a),
+    }
+}
+
+/// `<prefix>-0 .. <prefix>-(n-1)`.
+pub fn room_names(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+/// The warning for a per-connection send rate above the server default.
+pub fn rate_warning(what: &str, rate: f64) -> Option<String> {
+    (rate > SERVER_DEFAULT_RATE).then(|| {
+        format!(
+            "{what} sends {rate:.0} msg/s, above the server's default per-connection limit of \
+             {SERVER_DEFAULT_RATE:.0}/s (burst 200): run the server with a higher --rate/--burst \
+             or expect rate_limited errors"
+        )
+    })
+}

@@ -1,0 +1,501 @@
+//! One connection's life after the upgrade: a reader task that joins the
+//! connection's rooms, answers pings, and checks and times every frame it
+//! gets (deliveries, acks, joins, errors, the close); and, for connections
+//! that send, a send task that turns the pacer's due counters into `send`
+//! frames stamped with their scheduled time, batching whatever is due into
+//! one write.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use fastwebsockets::{Frame, OpCode, WebSocketError};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::task::JoinHandle;
+
+use crate::client::{Conn, Reader, SharedWriter};
+use crate::clock::Clock;
+use crate::pacer::Schedule;
+use crate::parse::{parse, ServerFrame};
+use crate::stats::{SeqCheck, SeqTrack, Stats};
+
+/// Most frames one write carries when the send task catches up.
+const MAX_BATCH: u64 = 64;
+
+/// What every connection task shares.
+pub struct Shared {
+    pub stats: Stats,
+    pub clock: Clock,
+    /// Room names, and the same as JSON string literals.
+    pub rooms: Vec<String>,
+    pub rooms_json: Vec<String>,
+    /// Start of the send phase, Unix ns (schedules count from it).
+    pub send_start_ns: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(stats: Stats, clock: Clock, rooms: Vec<String>) -> Self {
+        let rooms_json = rooms
+            .iter()
+            .map(|r| serde_json::to_string(r).unwrap_or_else(|_| format!("\"{r}\"")))
+            .collect();
+        Self {
+            stats,
+            clock,
+            rooms,
+            rooms_json,
+            send_start_ns: AtomicU64::new(0),
+        }
+    }
+}
+
+/// What one connection does.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// Connection number: picks the token's `sub`, the node, the source
+    /// address and the stats shard.
+    pub id: usize,
+    /// Rooms (indexes into the plan's rooms) it joins and receives from.
+    pub joins: Vec<usize>,
+    /// Whether and how it sends.
+    pub send: Option<SendSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SendSpec {
+    /// Rooms it sends to, message k to `rooms[k % len]`.
+    pub rooms: Vec<usize>,
+    pub schedule: Schedule,
+    /// Body size in bytes.
+    pub payload: usize,
+}
+
+/// A running connection.
+pub struct Session {
+    pub id: usize,
+    pub writer: SharedWriter,
+    pub tasks: Vec<JoinHandle<()>>,
+    /// For the pacer: the schedule and where to send due counters.
+    pub ticks: Option<(Schedule, UnboundedSender<u64>)>,
+}
+
+/// Start the tasks of an upgraded connection.
+pub fn start(conn: Conn, spec: Spec, sh: Arc<Shared>) -> Session {
+    let Conn { reader, writer, .. } = conn;
+    sh.stats.up.fetch_add(1, Ordering::Relaxed);
+    if !spec.joins.is_empty() {
+        sh.stats
+            .join_pending
+            .fetch_add(spec.joins.len() as i64, Ordering::SeqCst);
+    }
+    let send = spec.send.map(Arc::new);
+    let state = ReaderState {
+        id: spec.id,
+        tracks: spec
+            .joins
+            .iter()
+            .map(|&room| Track {
+                room,
+                seq: SeqTrack::default(),
+                join: JoinState::Pending,
+            })
+            .collect(),
+        pending: spec.joins.len(),
+        send: send.clone(),
+    };
+    let mut tasks = vec![tokio::spawn(read_loop(
+        reader,
+        writer.clone(),
+        state,
+        sh.clone(),
+    ))];
+    let mut ticks = None;
+    if let Some(send) = send {
+        let (tx, rx) = unbounded_channel();
+        ticks = Some((send.schedule, tx));
+        tasks.push(tokio::spawn(send_loop(
+            spec.id,
+            rx,
+            writer.clone(),
+            send,
+            sh,
+        )));
+    }
+    Session {
+        id: spec.id,
+        writer,
+        tasks,
+        ticks,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JoinState {
+    Pending,
+    Joined,
+    Failed,
+}
+
+struct Track {
+    room: usize,
+    seq: SeqTrack,
+    join: JoinState,
+}
+
+struct ReaderState {
+    id: usize,
+    tracks: Vec<Track>,
+    /// Joins not yet answered.
+    pending: usize,
+    send: Option<Arc<SendSpec>>,
+}
+
+async fn read_loop(mut reader: Reader, writer: SharedWriter, mut st: ReaderState, sh: Arc<Shared>) {
+    let end = match send_joins(&writer, &st, &sh).await {
+        Err(e) => format!("io: {:?}", e.kind()),
+        Ok(()) => {
+            let w = writer.clone();
+            // Pongs and the close echo go out through the shared writer.
+            let mut send_fn = move |frame: Frame<'_>| {
+                let w = w.clone();
+                let op = frame.opcode;
+                let data = frame.payload.to_vec();
+                async move {
+                    let mut g = w.lock().await;
+                    if g.is_closed() {
+                        return Ok::<(), io::Error>(());
+                    }
+                    g.push(op, &data);
+                    let r = g.flush().await;
+                    if op == OpCode::Close {
+                        g.set_closed();
+                    }
+                    r
+                }
+            };
+            loop {
+                match reader.read_frame(&mut send_fn).await {
+                    Ok(frame) => match frame.opcode {
+                        OpCode::Text => st.on_text(&frame.payload, &sh),
+                        OpCode::Close => break close_key(&frame.payload),
+                        _ => {}
+                    },
+                    Err(e) => break error_key(&e),
+                }
+            }
+        }
+    };
+    st.on_end(&end, &sh);
+}
+
+async fn send_joins(writer: &SharedWriter, st: &ReaderState, sh: &Shared) -> io::Result<()> {
+    if st.tracks.is_empty() {
+        return Ok(());
+    }
+    let mut w = writer.lock().await;
+    for t in &st.tracks {
+        let frame = format!(r#"{{"type":"join","room":{}}}"#, sh.rooms_json[t.room]);
+        w.push_text(frame.as_bytes());
+    }
+    w.flush().await
+}
+
+fn close_key(payload: &[u8]) -> String {
+    if payload.len() >= 2 {
+        let code = u16::from_be_bytes([payload[0], payload[1]]);
+        let reason = String::from_utf8_lossy(&payload[2..]);
+        if reason.is_empty() {
+            format!("close {code}")
+        } else {
+            format!("close {code} ({reason})")
+        }
+    } else {
+        "close (no code)".to_string()
+    }
+}
+
+fn error_key(e: &WebSocketError) -> String {
+    match e {
+        WebSocketError::UnexpectedEOF => "eof without close frame".to_string(),
+        WebSocketError::IoError(io) => format!("io: {:?}", io.kind()),
+        WebSocketError::ConnectionClosed => "closed".to_string(),
+        other => format!("protocol: {other}"),
+    }
+}
+
+impl ReaderState {
+    fn on_text(&mut self, payload: &[u8], sh: &Shared) {
+        let now = sh.clock.now_ns();
+        let Some(f) = parse(payload) else {
+            sh.stats.issues().errors.add("unparsable frame", || {
+                String::from_utf8_lossy(&payload[..payload.len().min(200)]).into_owned()
+            });
+            return;
+        };
+        match f.ty {
+            "message" => self.on_message(&f, now, sh),
+            "ack" => self.on_ack(&f, now, sh),
+            "joined" => self.on_joined(&f, sh),
+            "error" => self.on_error(&f, sh),
+            _ => {}
+        }
+    }
+
+    fn track(&self, room: Option<&str>, sh: &Shared) -> Option<usize> {
+        let room = room?;
+        self.tracks.iter().position(|t| sh.rooms[t.room] == room)
+    }
+
+    fn on_message(&mut self, f: &ServerFrame<'_>, now: u64, sh: &Shared) {
+        let ti = self.track(f.room, sh);
+        let check = match (ti, f.seq) {
+            (Some(i), Some(seq)) => Some(self.tracks[i].seq.check(seq)),
+            _ => None,
+        };
+        if !sh.stats.counting() {
+            return;
+        }
+        let mut s = sh.stats.shard(self.id);
+        match check {
+            Some(SeqCheck::Gap(n)) => {
+                s.gaps += 1;
+                s.gap_seqs += n;
+            }
+            Some(SeqCheck::Duplicate) => {
+                s.duplicates += 1;
+                return;
+            }
+            Some(SeqCheck::Reordered) => s.reorders += 1,
+            _ => {}
+        }
+        match (f.marker, ti) {
+            (Some(m), Some(i)) => {
+                s.delivered += 1;
+                s.delivered_room[self.tracks[i].room] += 1;
+                let lat = now.saturating_sub(m.sched_ns).max(1);
+                s.delivery.saturating_record(lat);
+                s.delivery_iv.saturating_record(lat);
+                if m.sent_ns > 0 {
+                    s.delivery_from_send
+                        .saturating_record(now.saturating_sub(m.sent_ns).max(1));
+                }
+            }
+            _ => s.foreign += 1,
+        }
+    }
+
+    fn on_ack(&mut self, f: &ServerFrame<'_>, now: u64, sh: &Shared) {
+        let Some(send) = &self.send else { return };
+        let Some(k) = f.reference.and_then(|r| r.parse::<u64>().ok()) else {
+            return;
+        };
+        if !sh.stats.counting() || send.rooms.is_empty() {
+            return;
+        }
+        let start = sh.send_start_ns.load(Ordering::Relaxed);
+        let lat = now.saturating_sub(send.schedule.due(start, k)).max(1);
+        let room = send.rooms[(k % send.rooms.len() as u64) as usize];
+        sh.stats.acked.fetch_add(1, Ordering::Relaxed);
+        sh.stats.acked_room[room].fetch_add(1, Ordering::Relaxed);
+        let mut s = sh.stats.shard(self.id);
+        s.ack.saturating_record(lat);
+        s.ack_iv.saturating_record(lat);
+    }
+
+    fn on_joined(&mut self, f: &ServerFrame<'_>, sh: &Shared) {
+        let Some(i) = self.track(f.room, sh) else {
+            return;
+        };
+        let t = &mut self.tracks[i];
+        if t.join != JoinState::Pending {
+            return;
+        }
+        t.join = JoinState::Joined;
+        if let Some(seq) = f.seq {
+            if t.seq.last.is_none_or(|l| l < seq) {
+                t.seq.last = Some(seq);
+            }
+        }
+        let room = t.room;
+        self.pending -= 1;
+        let stats = &sh.stats;
+        stats.room_members[room].fetch_add(1, Ordering::Relaxed);
+        stats.joined.fetch_add(1, Ordering::Relaxed);
+        stats.join_pending.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn on_error(&mut self, f: &ServerFrame<'_>, sh: &Shared) {
+        let code = f.code.unwrap_or("unknown");
+        let message = f.message.unwrap_or("");
+        let is_send = f.reference.is_some_and(|r| r.parse::<u64>().is_ok());
+        if self.pending > 0 && !is_send {
+            // An error while joins are outstanding answers the oldest one.
+            let i = self
+                .tracks
+                .iter()
+                .position(|t| {
+                    t.join == JoinState::Pending && Some(sh.rooms[t.room].as_str()) == f.room
+                })
+                .or_else(|| {
+                    self.tracks
+                        .iter()
+                        .position(|t| t.join == JoinState::Pending)
+                });
+            if let Some(i) = i {
+                self.tracks[i].join = JoinState::Failed;
+                self.pending -= 1;
+                sh.stats.join_failed.fetch_add(1, Ordering::Relaxed);
+                sh.stats.join_pending.fetch_sub(1, Ordering::SeqCst);
+                let room = &sh.rooms[self.tracks[i].room];
+                sh.stats
+                    .issues()
+                    .join
+                    .add(code, || format!("joining room {room:?}: {code}: {message}"));
+                return;
+            }
+        }
+        sh.stats
+            .issues()
+            .errors
+            .add(code, || format!("{code}: {message}"));
+    }
+
+    fn on_end(&mut self, end: &str, sh: &Shared) {
+        let stats = &sh.stats;
+        stats.up.fetch_sub(1, Ordering::Relaxed);
+        if self.pending > 0 {
+            let n = self.pending;
+            self.pending = 0;
+            stats.join_failed.fetch_add(n as u64, Ordering::Relaxed);
+            stats.join_pending.fetch_sub(n as i64, Ordering::SeqCst);
+            for _ in 0..n {
+                stats.issues().join.add("connection ended", || {
+                    format!("connection ended before joined: {end}")
+                });
+            }
+        }
+        if !stats.closing.load(Ordering::Relaxed) {
+            stats.issues().closes.add(end, || end.to_string());
+        }
+    }
+}
+
+async fn send_loop(
+    id: usize,
+    mut ticks: UnboundedReceiver<u64>,
+    writer: SharedWriter,
+    send: Arc<SendSpec>,
+    sh: Arc<Shared>,
+) {
+    let mut msg = Vec::with_capacity(send.payload + 160);
+    let n_rooms = send.rooms.len() as u64;
+    if n_rooms == 0 {
+        return;
+    }
+    while let Some(first) = ticks.recv().await {
+        let start = sh.send_start_ns.load(Ordering::Relaxed);
+        let mut w = writer.lock().await;
+        let mut n = 0u64;
+        let mut next = Some(first);
+        while let Some(k) = next {
+            let room = send.rooms[(k % n_rooms) as usize];
+            build_send(
+                &mut msg,
+                &sh.rooms_json[room],
+                k,
+                send.schedule.due(start, k),
+                sh.clock.now_ns(),
+                id,
+                send.payload,
+            );
+            w.push_text(&msg);
+            n += 1;
+            next = if n < MAX_BATCH {
+                ticks.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        let r = w.flush().await;
+        drop(w);
+        if r.is_err() {
+            // The reader reports how the connection ended.
+            break;
+        }
+        sh.stats.sent.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// A `send` frame whose body is `payload` bytes long (or the shortest body
+/// holding the marker): `{"t":sched,"s":sent,"p":publisher,"k":k,"pad":"xx.."}`.
+pub fn build_send(
+    out: &mut Vec<u8>,
+    room_json: &str,
+    k: u64,
+    sched_ns: u64,
+    sent_ns: u64,
+    publisher: usize,
+    payload: usize,
+) {
+    use std::io::Write;
+    out.clear();
+    out.extend_from_slice(br#"{"type":"send","room":"#);
+    out.extend_from_slice(room_json.as_bytes());
+    let _ = write!(out, r#","ref":"{k}","body":"#);
+    let body_start = out.len();
+    let _ = write!(
+        out,
+        r#"{{"t":{sched_ns},"s":{sent_ns},"p":{publisher},"k":{k},"pad":""#
+    );
+    let pad = payload.saturating_sub(out.len() - body_start + 2);
+    out.resize(out.len() + pad, b'x');
+    out.extend_from_slice(br#""}}"#);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_frames_have_the_asked_body_size() {
+        let mut out = Vec::new();
+        build_send(
+            &mut out,
+            "\"lg-1\"",
+            42,
+            1_700_000_000_000_000_000,
+            1_700_000_000_000_000_123,
+            7,
+            200,
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["type"], "send");
+        assert_eq!(v["room"], "lg-1");
+        assert_eq!(v["ref"], "42");
+        assert_eq!(serde_json::to_string(&v["body"]).unwrap().len(), 200);
+        assert_eq!(v["body"]["t"], 1_700_000_000_000_000_000u64);
+        // The server echoes the body; our parser finds the marker in it.
+        let echoed = format!(
+            r#"{{"type":"message","room":"lg-1","seq":1,"from":"lg-7","ts":1,"body":{}}}"#,
+            v["body"]
+        );
+        let f = parse(echoed.as_bytes()).unwrap();
+        let m = f.marker.unwrap();
+        assert_eq!(
+            (m.k, m.publisher, m.sent_ns),
+            (42, 7, 1_700_000_000_000_000_123)
+        );
+        // Too small a payload still gives a valid body.
+        build_send(&mut out, "\"r\"", 1, 2, 3, 4, 5);
+        assert!(serde_json::from_slice::<serde_json::Value>(&out).is_ok());
+    }
+
+    #[test]
+    fn close_keys() {
+        assert_eq!(close_key(&[0x03, 0xf5]), "close 1013");
+        let mut p = vec![0x03, 0xf0];
+        p.extend_from_slice(b"token expired");
+        assert_eq!(close_key(&p), "close 1008 (token expired)");
+        assert_eq!(close_key(&[]), "close (no code)");
+    }
+}

@@ -1,0 +1,82 @@
+//! Redis key, channel and payload names, all under `--redis-prefix`.
+//!
+//! A room's keys share a hash tag (`{room}`) so the publish script, which
+//! touches several of them, also runs on Redis Cluster.
+
+use crate::room::RoomName;
+
+#[derive(Clone)]
+pub struct Keys {
+    prefix: String,
+    channel_prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Self { prefix: prefix.to_owned(), channel_prefix: format!("{prefix}:room:") }
+    }
+
+    /// A hash with the room's `seq` and `epoch`: one key, so it is lost or
+    /// kept as a whole and a `seq` can never restart inside an epoch.
+    pub fn state(&self, room: &RoomName) -> String {
+        format!("{}:{{{room}}}:state", self.prefix)
+    }
+
+    /// A sorted set of the room's recent messages, scored by `seq`.
+    pub fn history(&self, room: &RoomName) -> String {
+        format!("{}:{{{room}}}:history", self.prefix)
+    }
+
+    pub fn channel(&self, room: &RoomName) -> String {
+        format!("{}{room}", self.channel_prefix)
+    }
+
+    pub fn room_of_channel(&self, channel: &str) -> Option<RoomName> {
+        RoomName::parse(channel.strip_prefix(&self.channel_prefix)?).ok()
+    }
+
+    /// The channel a node publishes its liveness probes to, and hears them on.
+    pub fn probe(&self, node: &str) -> String {
+        format!("{}:probe:{node}", self.prefix)
+    }
+}
+
+/// A published message as it travels on a channel: `"<seq> <epoch> <json>"`.
+pub struct Envelope<'a> {
+    pub seq: u64,
+    pub epoch: &'a str,
+    pub json: &'a [u8],
+}
+
+impl<'a> Envelope<'a> {
+    pub fn parse(payload: &'a [u8]) -> Option<Self> {
+        let mut parts = payload.splitn(3, |b| *b == b' ');
+        let seq = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+        let epoch = std::str::from_utf8(parts.next()?).ok()?;
+        let json = parts.next()?;
+        Some(Self { seq, epoch, json })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_channels_round_trip() {
+        let keys = Keys::new("t1");
+        let room = RoomName::parse("team-a:x").unwrap();
+        assert_eq!(keys.state(&room), "t1:{team-a:x}:state");
+        assert_eq!(keys.history(&room), "t1:{team-a:x}:history");
+        assert_eq!(keys.room_of_channel(&keys.channel(&room)), Some(room));
+        assert_eq!(keys.room_of_channel("other:room:x"), None);
+    }
+
+    #[test]
+    fn envelope_parses_and_refuses_garbage() {
+        let e = Envelope::parse(b"12 ab12 {\"a\": 1}").unwrap();
+        assert_eq!((e.seq, e.epoch, e.json), (12, "ab12", &b"{\"a\": 1}"[..]));
+        assert!(Envelope::parse(b"x ab {}").is_none());
+        assert!(Envelope::parse(b"12").is_none());
+    }
+}

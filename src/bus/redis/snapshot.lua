@@ -1,0 +1,13 @@
+-- A room's seq and epoch, and the messages after a seq, read atomically.
+-- KEYS[1] room state hash   KEYS[2] room history sorted set
+-- ARGV[1] a fresh epoch for a room that has none   ARGV[2] since ('' for none)
+if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 1 then
+  redis.call('DEL', KEYS[2])
+end
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+local messages = {}
+if ARGV[2] ~= '' then
+  messages = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[2], '+inf', 'WITHSCORES')
+end
+return {seq, epoch, messages}
