@@ -18,7 +18,12 @@ pub struct ServeArgs {
     #[arg(long, env = "CHORUS_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
     /// HS256 shared secret for client tokens. With no key at all, a random one is made at start.
-    #[arg(long, env = "CHORUS_JWT_SECRET", hide_env_values = true, conflicts_with = "jwt_public_key")]
+    #[arg(
+        long,
+        env = "CHORUS_JWT_SECRET",
+        hide_env_values = true,
+        conflicts_with = "jwt_public_key"
+    )]
     pub jwt_secret: Option<String>,
     /// PEM file with an RSA (RS256) or EC P-256 (ES256) public key for client tokens.
     #[arg(long, env = "CHORUS_JWT_PUBLIC_KEY")]
@@ -73,7 +78,10 @@ pub enum ConfigError {
     #[error("--listen {0:?} is not an address to listen on")]
     Listen(String),
     #[error("cannot read --jwt-public-key {path}: {source}")]
-    PublicKey { path: String, source: std::io::Error },
+    PublicKey {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error("{0}")]
@@ -119,10 +127,17 @@ impl Config {
             .ok()
             .and_then(|mut a| a.next())
             .ok_or_else(|| ConfigError::Listen(args.listen.clone()))?;
-        let expect = Expectations { issuer: args.jwt_issuer.clone(), audience: args.jwt_audience.clone() };
+        let expect = Expectations {
+            issuer: args.jwt_issuer.clone(),
+            audience: args.jwt_audience.clone(),
+        };
         let (verifier, key_source) = load_key(&args, &expect)?;
-        let allowed_origins = (!args.allowed_origins.is_empty())
-            .then(|| args.allowed_origins.iter().map(|o| o.trim().trim_end_matches('/').to_owned()).collect());
+        let allowed_origins = (!args.allowed_origins.is_empty()).then(|| {
+            args.allowed_origins
+                .iter()
+                .map(|o| o.trim().trim_end_matches('/').to_owned())
+                .collect()
+        });
         Ok(Self {
             listen,
             verifier,
@@ -163,7 +178,11 @@ fn check_limits(args: &ServeArgs) -> Result<(), ConfigError> {
     if !(args.rate.is_finite() && args.rate > 0.0) || args.burst == 0 {
         return invalid("--rate and --burst must be above zero");
     }
-    if args.redis_prefix.is_empty() || args.redis_prefix.contains(|c: char| c.is_whitespace() || c == '{') {
+    if args.redis_prefix.is_empty()
+        || args
+            .redis_prefix
+            .contains(|c: char| c.is_whitespace() || c == '{')
+    {
         return invalid("--redis-prefix must be non-empty, without spaces or braces");
     }
     Ok(())
@@ -171,8 +190,10 @@ fn check_limits(args: &ServeArgs) -> Result<(), ConfigError> {
 
 fn load_key(args: &ServeArgs, expect: &Expectations) -> Result<(Verifier, KeySource), ConfigError> {
     if let Some(path) = &args.jwt_public_key {
-        let pem = std::fs::read(path)
-            .map_err(|source| ConfigError::PublicKey { path: path.display().to_string(), source })?;
+        let pem = std::fs::read(path).map_err(|source| ConfigError::PublicKey {
+            path: path.display().to_string(),
+            source,
+        })?;
         let verifier = Verifier::from_public_key_pem(&pem, &path.display().to_string(), expect)?;
         return Ok((verifier, KeySource::PublicKey));
     }

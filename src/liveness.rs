@@ -36,7 +36,10 @@ fn sweep(state: &ServerState) {
     let now_unix = unix_now();
     let interval_ms = state.config.ping_interval.as_millis() as u64;
     let timeout_ms = state.config.ping_timeout.as_millis() as u64;
-    state.metrics.rooms.set(state.bus.registry().room_count() as i64);
+    state
+        .metrics
+        .rooms
+        .set(state.bus.registry().room_count() as i64);
     for entry in state.connections.iter() {
         let conn = entry.value();
         if now_unix > conn.expires_at() {

@@ -50,26 +50,82 @@ impl Metrics {
         let auth_failures = Family::<Reason, Counter>::default();
         // 1 µs to about 1 s.
         let fanout_seconds = Histogram::new(exponential_buckets(1e-6, 2.0, 21));
-        registry.register("connections", "Open WebSocket connections", connections.clone());
-        registry.register("rooms", "Rooms with local members or history", rooms.clone());
-        registry.register("frames_in", "WebSocket data frames received", frames_in.clone());
+        registry.register(
+            "connections",
+            "Open WebSocket connections",
+            connections.clone(),
+        );
+        registry.register(
+            "rooms",
+            "Rooms with local members or history",
+            rooms.clone(),
+        );
+        registry.register(
+            "frames_in",
+            "WebSocket data frames received",
+            frames_in.clone(),
+        );
         registry.register("frames_out", "WebSocket frames written", frames_out.clone());
-        registry.register("messages_published", "Messages given a seq", messages_published.clone());
-        registry.register("deliveries", "Message frames queued to members", deliveries.clone());
-        registry.register("slow_consumers", "Connections cut with 1013", slow_consumers.clone());
-        registry.register("rate_limited", "Frames refused by the rate limit", rate_limited.clone());
-        registry.register("auth_failures", "Requests refused for their token", auth_failures.clone());
-        registry.register("fanout_seconds", "Publish to queued at every local member", fanout_seconds.clone());
+        registry.register(
+            "messages_published",
+            "Messages given a seq",
+            messages_published.clone(),
+        );
+        registry.register(
+            "deliveries",
+            "Message frames queued to members",
+            deliveries.clone(),
+        );
+        registry.register(
+            "slow_consumers",
+            "Connections cut with 1013",
+            slow_consumers.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Frames refused by the rate limit",
+            rate_limited.clone(),
+        );
+        registry.register(
+            "auth_failures",
+            "Requests refused for their token",
+            auth_failures.clone(),
+        );
+        registry.register(
+            "fanout_seconds",
+            "Publish to queued at every local member",
+            fanout_seconds.clone(),
+        );
         let bus_publish_seconds = Histogram::new(exponential_buckets(1e-5, 2.0, 18));
         let bus_messages_received = Counter::default();
         let bus_subscriptions = Gauge::default();
         let bus_reconnects = Counter::default();
         let bus_gap_fills = Counter::default();
-        registry.register("bus_publish_seconds", "Redis publish script round trip", bus_publish_seconds.clone());
-        registry.register("bus_messages_received", "Messages received from Redis pub/sub", bus_messages_received.clone());
-        registry.register("bus_subscriptions", "Redis channels this node subscribes", bus_subscriptions.clone());
-        registry.register("bus_reconnects", "Redis pub/sub reconnects", bus_reconnects.clone());
-        registry.register("bus_gap_fills", "Gaps filled from Redis history", bus_gap_fills.clone());
+        registry.register(
+            "bus_publish_seconds",
+            "Redis publish script round trip",
+            bus_publish_seconds.clone(),
+        );
+        registry.register(
+            "bus_messages_received",
+            "Messages received from Redis pub/sub",
+            bus_messages_received.clone(),
+        );
+        registry.register(
+            "bus_subscriptions",
+            "Redis channels this node subscribes",
+            bus_subscriptions.clone(),
+        );
+        registry.register(
+            "bus_reconnects",
+            "Redis pub/sub reconnects",
+            bus_reconnects.clone(),
+        );
+        registry.register(
+            "bus_gap_fills",
+            "Gaps filled from Redis history",
+            bus_gap_fills.clone(),
+        );
         Self {
             registry,
             connections,
@@ -98,7 +154,9 @@ impl Metrics {
     }
 
     pub fn auth_failure(&self, reason: &'static str) {
-        self.auth_failures.get_or_create(&[("reason", reason)]).inc();
+        self.auth_failures
+            .get_or_create(&[("reason", reason)])
+            .inc();
     }
 
     /// The Prometheus text exposition of every metric.

@@ -67,7 +67,10 @@ pub struct Delivery {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Delivered {
     /// Queued to the members.
-    Fanout { recipients: usize, slow_consumers: usize },
+    Fanout {
+        recipients: usize,
+        slow_consumers: usize,
+    },
     /// Already delivered (a gap fill got there first).
     Duplicate,
     /// Messages between the last delivered one and this one are missing:
@@ -110,7 +113,11 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(history_size: usize, epoch: Arc<str>) -> Self {
-        Self { rooms: DashMap::new(), history_size, epoch }
+        Self {
+            rooms: DashMap::new(),
+            history_size,
+            epoch,
+        }
     }
 
     pub fn epoch(&self) -> &str {
@@ -125,7 +132,11 @@ impl Registry {
     fn with_room<R>(&self, name: &RoomName, f: impl FnOnce(&mut RoomState) -> R) -> R {
         let mut f = Some(f);
         loop {
-            let room = self.rooms.entry(name.clone()).or_insert_with(|| self.new_room()).clone();
+            let room = self
+                .rooms
+                .entry(name.clone())
+                .or_insert_with(|| self.new_room())
+                .clone();
             let mut state = room.state.lock();
             if state.removed {
                 continue;
@@ -137,7 +148,11 @@ impl Registry {
     }
 
     /// Runs `f` under the lock of an existing room.
-    fn with_existing_room<R>(&self, name: &RoomName, f: impl FnOnce(&mut RoomState) -> R) -> Option<R> {
+    fn with_existing_room<R>(
+        &self,
+        name: &RoomName,
+        f: impl FnOnce(&mut RoomState) -> R,
+    ) -> Option<R> {
         let room = self.rooms.get(name).map(|r| r.clone())?;
         let mut state = room.state.lock();
         (!state.removed).then(|| f(&mut state))
@@ -161,9 +176,16 @@ impl Registry {
     pub fn publish(&self, room: &RoomName, from: &str, ts_millis: u64, body: &[u8]) -> Delivery {
         self.with_room(room, |state| {
             let seq = state.seq.unwrap_or(0) + 1;
-            let message = StoredMessage { seq, frame: outbound::message(room, seq, from, ts_millis, body) };
+            let message = StoredMessage {
+                seq,
+                frame: outbound::message(room, seq, from, ts_millis, body),
+            };
             let (recipients, slow_consumers) = self.fan_out(state, message);
-            Delivery { seq, recipients, slow_consumers }
+            Delivery {
+                seq,
+                recipients,
+                slow_consumers,
+            }
         })
     }
 
@@ -171,7 +193,11 @@ impl Registry {
     fn fan_out(&self, state: &mut RoomState, message: StoredMessage) -> (usize, usize) {
         let mut recipients = 0;
         let mut slow_consumers = 0;
-        for member in state.members.iter().filter(|m| m.skip_through < message.seq) {
+        for member in state
+            .members
+            .iter()
+            .filter(|m| m.skip_through < message.seq)
+        {
             recipients += 1;
             if member.conn.send(message.frame.clone()) == Err(PushError::Full) {
                 slow_consumers += 1;
@@ -192,7 +218,11 @@ impl Registry {
     pub fn join_local(&self, room: &RoomName, member: &Arc<Connection>, since: Option<Since<'_>>) {
         self.with_room(room, |state| {
             upsert_member(state, member, 0);
-            let snapshot = Snapshot { seq: state.seq.unwrap_or(0), epoch: state.epoch.clone(), messages: Vec::new() };
+            let snapshot = Snapshot {
+                seq: state.seq.unwrap_or(0),
+                epoch: state.epoch.clone(),
+                messages: Vec::new(),
+            };
             finish_join(state, room, member, since, snapshot);
         });
     }
@@ -200,7 +230,12 @@ impl Registry {
     /// Cluster: adds `member` as syncing (it gets no live message yet). Runs
     /// `subscribe` under the room's lock when the node was not subscribed,
     /// so subscribe and unsubscribe commands leave in the order decided.
-    pub fn add_syncing_member(&self, room: &RoomName, member: &Arc<Connection>, subscribe: impl FnOnce()) {
+    pub fn add_syncing_member(
+        &self,
+        room: &RoomName,
+        member: &Arc<Connection>,
+        subscribe: impl FnOnce(),
+    ) {
         self.with_room(room, |state| {
             upsert_member(state, member, u64::MAX);
             if !state.subscribed {
@@ -213,7 +248,13 @@ impl Registry {
     /// Cluster: replays to a syncing member what it missed, from the bus's
     /// `snapshot` and from what was delivered here since, then `joined`;
     /// live messages after that reach it.
-    pub fn complete_join(&self, room: &RoomName, member: &Arc<Connection>, since: Option<Since<'_>>, snapshot: Snapshot) {
+    pub fn complete_join(
+        &self,
+        room: &RoomName,
+        member: &Arc<Connection>,
+        since: Option<Since<'_>>,
+        snapshot: Snapshot,
+    ) {
         self.with_existing_room(room, |state| {
             if state.seq.is_some() && *state.epoch != *snapshot.epoch {
                 restart_epoch(state, room, &snapshot.epoch, snapshot.seq);
@@ -229,15 +270,25 @@ impl Registry {
     /// Cluster: hands a message from the bus to the members, in `seq` order.
     /// With `accept_gap`, a message past a gap is delivered anyway (history
     /// no longer held what was missing).
-    pub fn deliver(&self, room: &RoomName, epoch: &str, message: StoredMessage, accept_gap: bool) -> Delivered {
+    pub fn deliver(
+        &self,
+        room: &RoomName,
+        epoch: &str,
+        message: StoredMessage,
+        accept_gap: bool,
+    ) -> Delivered {
         self.with_existing_room(room, |state| {
             if !state.subscribed {
                 return Delivered::Unwanted;
             }
             match state.seq {
-                Some(_) if *state.epoch != *epoch => restart_epoch(state, room, epoch, message.seq.saturating_sub(1)),
+                Some(_) if *state.epoch != *epoch => {
+                    restart_epoch(state, room, epoch, message.seq.saturating_sub(1))
+                }
                 Some(seq) if message.seq <= seq => return Delivered::Duplicate,
-                Some(seq) if message.seq > seq + 1 && !accept_gap => return Delivered::Gap { from: seq + 1 },
+                Some(seq) if message.seq > seq + 1 && !accept_gap => {
+                    return Delivered::Gap { from: seq + 1 }
+                }
                 Some(_) => {}
                 None => {
                     state.seq = Some(message.seq.saturating_sub(1));
@@ -245,7 +296,10 @@ impl Registry {
                 }
             }
             let (recipients, slow_consumers) = self.fan_out(state, message);
-            Delivered::Fanout { recipients, slow_consumers }
+            Delivered::Fanout {
+                recipients,
+                slow_consumers,
+            }
         })
         .unwrap_or(Delivered::Unwanted)
     }
@@ -278,7 +332,12 @@ impl Registry {
     }
 
     /// Up to `limit` messages held here before `before` (exclusive), oldest first.
-    pub fn history(&self, room: &RoomName, before: Option<u64>, limit: usize) -> Vec<StoredMessage> {
+    pub fn history(
+        &self,
+        room: &RoomName,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Vec<StoredMessage> {
         self.with_existing_room(room, |state| {
             let end = match before {
                 Some(before) => state.recent.partition_point(|m| m.seq < before),
@@ -306,13 +365,22 @@ impl Registry {
 fn upsert_member(state: &mut RoomState, conn: &Arc<Connection>, skip_through: u64) {
     match state.members.iter_mut().find(|m| m.conn.id == conn.id) {
         Some(member) => member.skip_through = member.skip_through.min(skip_through),
-        None => state.members.push(Member { conn: conn.clone(), skip_through }),
+        None => state.members.push(Member {
+            conn: conn.clone(),
+            skip_through,
+        }),
     }
 }
 
 /// Queues the replay and `joined` to `member`, and lets live messages after
 /// the room's current seq reach it.
-fn finish_join(state: &mut RoomState, room: &RoomName, member: &Arc<Connection>, since: Option<Since<'_>>, snapshot: Snapshot) {
+fn finish_join(
+    state: &mut RoomState,
+    room: &RoomName,
+    member: &Arc<Connection>,
+    since: Option<Since<'_>>,
+    snapshot: Snapshot,
+) {
     let latest = state.seq.unwrap_or(0).max(snapshot.seq);
     let (replay, recovered) = match since {
         Some(since) => {
@@ -335,7 +403,11 @@ fn restart_epoch(state: &mut RoomState, room: &RoomName, epoch: &str, seq: u64) 
     state.seq = Some(seq);
     state.recent.clear();
     let joined = outbound::joined(room, seq, epoch, Some(false));
-    for member in state.members.iter_mut().filter(|m| m.skip_through != u64::MAX) {
+    for member in state
+        .members
+        .iter_mut()
+        .filter(|m| m.skip_through != u64::MAX)
+    {
         member.skip_through = seq;
         let _ = member.conn.send(joined.clone());
     }
@@ -344,7 +416,12 @@ fn restart_epoch(state: &mut RoomState, room: &RoomName, epoch: &str, seq: u64) 
 /// The frames to replay for a client that saw everything up to `since`:
 /// from the snapshot, then from `recent` past the snapshot, up to `latest`;
 /// and whether that is everything it missed.
-fn replay_after(snapshot: &Snapshot, recent: &VecDeque<StoredMessage>, latest: u64, since: Since<'_>) -> (Vec<Bytes>, bool) {
+fn replay_after(
+    snapshot: &Snapshot,
+    recent: &VecDeque<StoredMessage>,
+    latest: u64,
+    since: Since<'_>,
+) -> (Vec<Bytes>, bool) {
     if since.epoch.is_some_and(|e| e != &*snapshot.epoch) || since.seq > latest {
         return (Vec::new(), false);
     }
@@ -370,22 +447,39 @@ mod tests {
     use super::*;
 
     fn messages(seqs: std::ops::RangeInclusive<u64>) -> Vec<StoredMessage> {
-        seqs.map(|seq| StoredMessage { seq, frame: Bytes::from(seq.to_string()) }).collect()
+        seqs.map(|seq| StoredMessage {
+            seq,
+            frame: Bytes::from(seq.to_string()),
+        })
+        .collect()
     }
 
     fn snapshot(seq: u64, held: std::ops::RangeInclusive<u64>) -> Snapshot {
-        Snapshot { seq, epoch: "e".into(), messages: messages(held) }
+        Snapshot {
+            seq,
+            epoch: "e".into(),
+            messages: messages(held),
+        }
     }
 
     fn empty_snapshot(seq: u64) -> Snapshot {
-        Snapshot { seq, epoch: "e".into(), messages: Vec::new() }
+        Snapshot {
+            seq,
+            epoch: "e".into(),
+            messages: Vec::new(),
+        }
     }
 
     fn since(seq: u64, epoch: Option<&str>) -> Since<'_> {
         Since { seq, epoch }
     }
 
-    fn replay(snap: &Snapshot, recent: &[StoredMessage], latest: u64, s: Since<'_>) -> (Vec<Bytes>, bool) {
+    fn replay(
+        snap: &Snapshot,
+        recent: &[StoredMessage],
+        latest: u64,
+        s: Since<'_>,
+    ) -> (Vec<Bytes>, bool) {
         replay_after(snap, &recent.iter().cloned().collect(), latest, s)
     }
 
@@ -411,7 +505,12 @@ mod tests {
     #[test]
     fn snapshot_and_recent_meet_without_duplicates() {
         // Redis held up to 12; this node delivered 11..=14 meanwhile.
-        let (frames, recovered) = replay(&snapshot(12, 6..=12), &messages(11..=14), 14, since(8, Some("e")));
+        let (frames, recovered) = replay(
+            &snapshot(12, 6..=12),
+            &messages(11..=14),
+            14,
+            since(8, Some("e")),
+        );
         assert_eq!(frames, ["9", "10", "11", "12", "13", "14"]);
         assert!(recovered);
     }
@@ -428,13 +527,25 @@ mod tests {
 
     #[test]
     fn other_epoch_or_future_seq_replays_nothing() {
-        assert_eq!(replay(&snapshot(3, 1..=3), &[], 3, since(1, Some("old"))), (vec![], false));
-        assert_eq!(replay(&snapshot(3, 1..=3), &[], 3, since(9, Some("e"))), (vec![], false));
+        assert_eq!(
+            replay(&snapshot(3, 1..=3), &[], 3, since(1, Some("old"))),
+            (vec![], false)
+        );
+        assert_eq!(
+            replay(&snapshot(3, 1..=3), &[], 3, since(9, Some("e"))),
+            (vec![], false)
+        );
     }
 
     #[test]
     fn empty_history_recovers_only_when_nothing_was_missed() {
-        assert_eq!(replay(&empty_snapshot(0), &[], 0, since(0, None)), (vec![], true));
-        assert_eq!(replay(&empty_snapshot(4), &[], 4, since(2, None)), (vec![], false));
+        assert_eq!(
+            replay(&empty_snapshot(0), &[], 0, since(0, None)),
+            (vec![], true)
+        );
+        assert_eq!(
+            replay(&empty_snapshot(4), &[], 4, since(2, None)),
+            (vec![], false)
+        );
     }
 }

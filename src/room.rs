@@ -135,7 +135,10 @@ mod tests {
         assert!(RoomName::parse("a.b:c@d_e-F9").is_ok());
         assert_eq!(RoomName::parse(""), Err(RoomNameError::Length));
         assert!(RoomName::parse(&"x".repeat(128)).is_ok());
-        assert_eq!(RoomName::parse(&"x".repeat(129)), Err(RoomNameError::Length));
+        assert_eq!(
+            RoomName::parse(&"x".repeat(129)),
+            Err(RoomNameError::Length)
+        );
         for bad in ["a b", "a/b", "é", "a\"b", "a*", "a\\b"] {
             assert_eq!(RoomName::parse(bad), Err(RoomNameError::Character), "{bad}");
         }

@@ -40,7 +40,12 @@ impl Server {
         let state = Arc::new(build_state(config)?);
         let accept = tokio::spawn(accept_loop(state.clone(), listener));
         let sweep = tokio::spawn(liveness::run(state.clone()));
-        Ok(Self { state, local_addr, accept, sweep })
+        Ok(Self {
+            state,
+            local_addr,
+            accept,
+            sweep,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -62,8 +67,14 @@ impl Server {
             conn.close(1001, "going away");
         }
         state.tasks.close();
-        if tokio::time::timeout(grace, state.tasks.wait()).await.is_err() {
-            tracing::warn!("{} connections still open after {grace:?}", state.connections.len());
+        if tokio::time::timeout(grace, state.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "{} connections still open after {grace:?}",
+                state.connections.len()
+            );
         }
     }
 }
@@ -87,9 +98,18 @@ fn build_state(config: Config) -> std::io::Result<ServerState> {
     let bus = match &config.redis_url {
         None => Bus::local(registry, metrics.clone()),
         Some(url) => {
-            let settings = RedisSettings { url, prefix: &config.redis_prefix, history_size: config.history_size };
-            let redis = RedisBus::start(settings, registry.clone(), metrics.clone(), shutdown.clone())
-                .map_err(std::io::Error::other)?;
+            let settings = RedisSettings {
+                url,
+                prefix: &config.redis_prefix,
+                history_size: config.history_size,
+            };
+            let redis = RedisBus::start(
+                settings,
+                registry.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            )
+            .map_err(std::io::Error::other)?;
             Bus::redis(registry, metrics.clone(), redis)
         }
     };
@@ -120,8 +140,12 @@ async fn serve_http(state: Arc<ServerState>, stream: TcpStream) {
     let service_state = state.clone();
     let service = service_fn(move |req| http::handle(service_state.clone(), req));
     let mut builder = http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
-    let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
+    let conn = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}

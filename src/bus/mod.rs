@@ -12,23 +12,29 @@ use std::time::Instant;
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
+use self::redis::RedisBus;
 use crate::conn::Connection;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, Since};
 use crate::room::RoomName;
 use crate::state::unix_millis;
-use self::redis::RedisBus;
 
 /// A backend could not do its part; nothing was half-done.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     #[error("{backend} is unavailable: {reason}")]
-    Unavailable { backend: &'static str, reason: String },
+    Unavailable {
+        backend: &'static str,
+        reason: String,
+    },
 }
 
 impl BusError {
     pub fn redis(reason: impl std::fmt::Display) -> Self {
-        BusError::Unavailable { backend: "redis", reason: reason.to_string() }
+        BusError::Unavailable {
+            backend: "redis",
+            reason: reason.to_string(),
+        }
     }
 }
 
@@ -51,12 +57,20 @@ pub struct Bus {
 impl Bus {
     /// The in-process bus of a single node.
     pub fn local(registry: Arc<Registry>, metrics: Arc<Metrics>) -> Self {
-        Self { registry, metrics, backend: Backend::Local }
+        Self {
+            registry,
+            metrics,
+            backend: Backend::Local,
+        }
     }
 
     /// A node of a cluster joined by Redis.
     pub fn redis(registry: Arc<Registry>, metrics: Arc<Metrics>, redis: RedisBus) -> Self {
-        Self { registry, metrics, backend: Backend::Redis(redis) }
+        Self {
+            registry,
+            metrics,
+            backend: Backend::Redis(redis),
+        }
     }
 
     pub fn registry(&self) -> &Registry {
@@ -65,13 +79,19 @@ impl Bus {
 
     /// Publishes `body` from `from` to `room`; returns its `seq` once every
     /// current member is sure to receive it.
-    pub async fn publish(&self, room: &RoomName, from: &str, body: &RawValue) -> Result<u64, BusError> {
+    pub async fn publish(
+        &self,
+        room: &RoomName,
+        from: &str,
+        body: &RawValue,
+    ) -> Result<u64, BusError> {
         let ts = unix_millis();
         match &self.backend {
             Backend::Local => {
                 let started = Instant::now();
                 let delivery = self.registry.publish(room, from, ts, body.get().as_bytes());
-                self.metrics.record_fanout(started, delivery.recipients, delivery.slow_consumers);
+                self.metrics
+                    .record_fanout(started, delivery.recipients, delivery.slow_consumers);
                 self.metrics.messages_published.inc();
                 Ok(delivery.seq)
             }
@@ -81,12 +101,18 @@ impl Bus {
 
     /// Adds `member` to `room` and queues, in order, the replay of what it
     /// missed since `since` and `joined`.
-    pub async fn join(&self, room: &RoomName, member: &Arc<Connection>, since: Option<Since<'_>>) -> Result<(), BusError> {
+    pub async fn join(
+        &self,
+        room: &RoomName,
+        member: &Arc<Connection>,
+        since: Option<Since<'_>>,
+    ) -> Result<(), BusError> {
         let Backend::Redis(redis) = &self.backend else {
             self.registry.join_local(room, member, since);
             return Ok(());
         };
-        self.registry.add_syncing_member(room, member, || redis.subscribe(room));
+        self.registry
+            .add_syncing_member(room, member, || redis.subscribe(room));
         let synced = async {
             redis.subscription_settled().await?;
             redis.snapshot(room, since.map(|s| s.seq)).await
@@ -113,9 +139,19 @@ impl Bus {
     }
 
     /// Up to `limit` messages before `before`, oldest first, as JSON texts.
-    pub async fn history(&self, room: &RoomName, before: Option<u64>, limit: usize) -> Result<Vec<Bytes>, BusError> {
+    pub async fn history(
+        &self,
+        room: &RoomName,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Bytes>, BusError> {
         match &self.backend {
-            Backend::Local => Ok(self.registry.history(room, before, limit).iter().map(|m| m.json()).collect()),
+            Backend::Local => Ok(self
+                .registry
+                .history(room, before, limit)
+                .iter()
+                .map(|m| m.json())
+                .collect()),
             Backend::Redis(redis) => redis.history(room, before, limit).await,
         }
     }

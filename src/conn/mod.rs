@@ -59,7 +59,8 @@ impl Connection {
 
     /// Closes with 1013 at once, dropping what the peer did not read.
     pub fn cut_slow_consumer(&self) -> bool {
-        self.outbox.close(ws::close_frame(1013, "slow consumer"), true)
+        self.outbox
+            .close(ws::close_frame(1013, "slow consumer"), true)
     }
 
     pub fn touch(&self, now_ms: u64) {

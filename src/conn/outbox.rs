@@ -44,7 +44,10 @@ pub struct Outbox {
 impl Outbox {
     pub fn new(capacity: usize) -> Self {
         Self {
-            state: Mutex::new(State { frames: VecDeque::new(), phase: Phase::Open }),
+            state: Mutex::new(State {
+                frames: VecDeque::new(),
+                phase: Phase::Open,
+            }),
             wake: Notify::new(),
             capacity,
         }
@@ -176,6 +179,9 @@ mod tests {
             async move { q.changed().await }
         });
         q.push(frame(1)).unwrap();
-        tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.unwrap().unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

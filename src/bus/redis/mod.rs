@@ -8,14 +8,14 @@
 //! pipelined: none waits for another to come back.
 
 mod keys;
+mod link;
 mod subscriber;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
@@ -28,14 +28,11 @@ use crate::registry::{Registry, Snapshot, StoredMessage};
 use crate::room::RoomName;
 use crate::ws::frame::text_frame;
 use keys::Keys;
+use link::{CommandLink, CONNECT_TIMEOUT};
 use subscriber::{Command, Subscriber};
 
-/// A command that takes longer than this counts as Redis being unavailable.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-
 pub struct RedisBus {
-    conn: ConnectionManager,
+    link: Arc<CommandLink>,
     keys: Keys,
     history_size: usize,
     publish_script: Script,
@@ -62,19 +59,14 @@ impl RedisBus {
         shutdown: CancellationToken,
     ) -> Result<Self, BusError> {
         let client = redis::Client::open(settings.url).map_err(BusError::redis)?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(BusError::redis)?;
+        let link = Arc::new(CommandLink::new(client.clone()).map_err(BusError::redis)?);
         let keys = Keys::new(settings.prefix);
         let snapshot_script = Script::new(include_str!("snapshot.lua"));
         let (commands, command_rx) = mpsc::unbounded_channel();
         let link_up = Arc::new(AtomicBool::new(false));
         let subscriber = Subscriber {
             client,
-            conn: conn.clone(),
+            link: link.clone(),
             keys: keys.clone(),
             snapshot_script: snapshot_script.clone(),
             registry,
@@ -85,7 +77,7 @@ impl RedisBus {
         };
         tokio::spawn(subscriber.run(command_rx));
         Ok(Self {
-            conn,
+            link,
             keys,
             history_size: settings.history_size,
             publish_script: Script::new(include_str!("publish.lua")),
@@ -96,7 +88,13 @@ impl RedisBus {
         })
     }
 
-    pub async fn publish(&self, room: &RoomName, from: &str, ts: u64, body: &RawValue) -> Result<u64, BusError> {
+    pub async fn publish(
+        &self,
+        room: &RoomName,
+        from: &str,
+        ts: u64,
+        body: &RawValue,
+    ) -> Result<u64, BusError> {
         let started = Instant::now();
         let mut from_json = Vec::with_capacity(from.len() + 2);
         write_json_string(&mut from_json, from);
@@ -109,32 +107,53 @@ impl RedisBus {
             .arg(ts)
             .arg(body.get())
             .arg(super::fresh_epoch());
-        let (seq, _epoch): (u64, String) = call.invoke_async(&mut self.conn.clone()).await.map_err(BusError::redis)?;
-        self.metrics.bus_publish_seconds.observe(started.elapsed().as_secs_f64());
+        let (seq, _epoch): (u64, String) = self
+            .link
+            .run(|mut conn| async move { call.invoke_async(&mut conn).await })
+            .await
+            .map_err(BusError::redis)?;
+        self.metrics
+            .bus_publish_seconds
+            .observe(started.elapsed().as_secs_f64());
         self.metrics.messages_published.inc();
         Ok(seq)
     }
 
     /// The room's seq and epoch, and the messages after `since`, atomically.
-    pub async fn snapshot(&self, room: &RoomName, since: Option<u64>) -> Result<Snapshot, BusError> {
-        snapshot(&self.snapshot_script, &self.keys, &mut self.conn.clone(), room, since).await
+    pub async fn snapshot(
+        &self,
+        room: &RoomName,
+        since: Option<u64>,
+    ) -> Result<Snapshot, BusError> {
+        snapshot(&self.snapshot_script, &self.keys, &self.link, room, since).await
     }
 
     /// Up to `limit` messages before `before`, oldest first.
-    pub async fn history(&self, room: &RoomName, before: Option<u64>, limit: usize) -> Result<Vec<Bytes>, BusError> {
+    pub async fn history(
+        &self,
+        room: &RoomName,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Bytes>, BusError> {
         let max = before.map_or_else(|| "+inf".to_owned(), |b| format!("({b}"));
-        let flat: Vec<Vec<u8>> = redis::cmd("ZREVRANGEBYSCORE")
+        let mut query = redis::cmd("ZREVRANGEBYSCORE");
+        query
             .arg(self.keys.history(room))
             .arg(max)
             .arg("-inf")
             .arg("WITHSCORES")
             .arg("LIMIT")
             .arg(0)
-            .arg(limit)
-            .query_async(&mut self.conn.clone())
+            .arg(limit);
+        let flat: Vec<Vec<u8>> = self
+            .link
+            .run(|mut conn| async move { query.query_async(&mut conn).await })
             .await
             .map_err(BusError::redis)?;
-        let mut messages: Vec<Bytes> = flat.chunks_exact(2).map(|pair| Bytes::from(pair[0].clone())).collect();
+        let mut messages: Vec<Bytes> = flat
+            .chunks_exact(2)
+            .map(|pair| Bytes::from(pair[0].clone()))
+            .collect();
         messages.reverse();
         Ok(messages)
     }
@@ -162,7 +181,9 @@ impl RedisBus {
     /// `Some("redis")` when Redis does not answer or this node's pub/sub
     /// connection is down.
     pub async fn unready(&self) -> Option<&'static str> {
-        let ping = async { redis::cmd("PING").query_async::<String>(&mut self.conn.clone()).await };
+        let ping = self.link.run(|mut conn| async move {
+            redis::cmd("PING").query_async::<String>(&mut conn).await
+        });
         let answered = matches!(tokio::time::timeout(CONNECT_TIMEOUT, ping).await, Ok(Ok(_)));
         (!answered || !self.link_up.load(Ordering::Relaxed)).then_some("redis")
     }
@@ -172,14 +193,23 @@ impl RedisBus {
 async fn snapshot(
     script: &Script,
     keys: &Keys,
-    conn: &mut ConnectionManager,
+    link: &CommandLink,
     room: &RoomName,
     since: Option<u64>,
 ) -> Result<Snapshot, BusError> {
     let mut call = script.key(keys.state(room));
-    call.key(keys.history(room)).arg(super::fresh_epoch()).arg(since.map(|s| s.to_string()).unwrap_or_default());
-    let (seq, epoch, flat): (u64, String, Vec<Vec<u8>>) = call.invoke_async(conn).await.map_err(BusError::redis)?;
-    Ok(Snapshot { seq, epoch: epoch.into(), messages: stored_messages(&flat) })
+    call.key(keys.history(room))
+        .arg(super::fresh_epoch())
+        .arg(since.map(|s| s.to_string()).unwrap_or_default());
+    let (seq, epoch, flat): (u64, String, Vec<Vec<u8>>) = link
+        .run(|mut conn| async move { call.invoke_async(&mut conn).await })
+        .await
+        .map_err(BusError::redis)?;
+    Ok(Snapshot {
+        seq,
+        epoch: epoch.into(),
+        messages: stored_messages(&flat),
+    })
 }
 
 /// Messages from a `WITHSCORES` reply: member (the JSON), then score (the seq).
@@ -187,7 +217,10 @@ fn stored_messages(flat: &[Vec<u8>]) -> Vec<StoredMessage> {
     flat.chunks_exact(2)
         .filter_map(|pair| {
             let seq = std::str::from_utf8(&pair[1]).ok()?.parse().ok()?;
-            Some(StoredMessage { seq, frame: text_frame(&pair[0]) })
+            Some(StoredMessage {
+                seq,
+                frame: text_frame(&pair[0]),
+            })
         })
         .collect()
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, PubSubSink};
+use redis::aio::PubSubSink;
 use redis::{AsyncCommands, Script};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -42,7 +42,7 @@ pub enum Command {
 pub struct Subscriber {
     pub client: redis::Client,
     /// The shared command connection, for gap fills and probes.
-    pub conn: ConnectionManager,
+    pub link: Arc<super::link::CommandLink>,
     pub keys: Keys,
     pub snapshot_script: Script,
     pub registry: Arc<Registry>,
@@ -76,7 +76,11 @@ impl Subscriber {
     }
 
     /// Sleeps for `backoff`, answering barriers with "down"; false on shutdown.
-    async fn wait_refusing(&self, commands: &mut mpsc::UnboundedReceiver<Command>, backoff: Duration) -> bool {
+    async fn wait_refusing(
+        &self,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+        backoff: Duration,
+    ) -> bool {
         let sleep = tokio::time::sleep(backoff);
         tokio::pin!(sleep);
         loop {
@@ -101,9 +105,14 @@ impl Subscriber {
             .map_err(BusError::redis)?;
         let (mut sink, mut stream) = pubsub.split();
         let probe_channel = self.keys.probe(&self.node);
-        sink.subscribe(&probe_channel).await.map_err(BusError::redis)?;
+        sink.subscribe(&probe_channel)
+            .await
+            .map_err(BusError::redis)?;
         let rooms = self.registry.subscribed_rooms();
-        let channels: Vec<String> = rooms.iter().map(|(room, _)| self.keys.channel(room)).collect();
+        let channels: Vec<String> = rooms
+            .iter()
+            .map(|(room, _)| self.keys.channel(room))
+            .collect();
         for batch in channels.chunks(SUBSCRIBE_BATCH) {
             sink.subscribe(batch).await.map_err(BusError::redis)?;
         }
@@ -144,11 +153,15 @@ impl Subscriber {
     async fn execute(&self, command: Command, sink: &mut PubSubSink) -> Result<(), BusError> {
         match command {
             Command::Subscribe(room) => {
-                sink.subscribe(self.keys.channel(&room)).await.map_err(BusError::redis)?;
+                sink.subscribe(self.keys.channel(&room))
+                    .await
+                    .map_err(BusError::redis)?;
                 self.metrics.bus_subscriptions.inc();
             }
             Command::Unsubscribe(room) => {
-                sink.unsubscribe(self.keys.channel(&room)).await.map_err(BusError::redis)?;
+                sink.unsubscribe(self.keys.channel(&room))
+                    .await
+                    .map_err(BusError::redis)?;
                 self.metrics.bus_subscriptions.dec();
             }
             Command::Barrier(done) => {
@@ -160,10 +173,12 @@ impl Subscriber {
 
     /// Publishes a probe without waiting: the loop hears it come back.
     fn send_probe(&self, channel: &str) {
-        let mut conn = self.conn.clone();
+        let link = self.link.clone();
         let channel = channel.to_owned();
         tokio::spawn(async move {
-            let _: Result<(), _> = conn.publish(channel, "probe").await;
+            let _: Result<(), _> = link
+                .run(|mut conn| async move { conn.publish(channel, "probe").await })
+                .await;
         });
     }
 
@@ -176,13 +191,21 @@ impl Subscriber {
             return Ok(());
         };
         self.metrics.bus_messages_received.inc();
-        let message = StoredMessage { seq: envelope.seq, frame: text_frame(envelope.json) };
+        let message = StoredMessage {
+            seq: envelope.seq,
+            frame: text_frame(envelope.json),
+        };
         self.deliver(&room, envelope.epoch, message).await
     }
 
     /// Delivers in order: when messages before this one are missing, they
     /// come from Redis history first.
-    async fn deliver(&self, room: &RoomName, epoch: &str, message: StoredMessage) -> Result<(), BusError> {
+    async fn deliver(
+        &self,
+        room: &RoomName,
+        epoch: &str,
+        message: StoredMessage,
+    ) -> Result<(), BusError> {
         let started = Instant::now();
         let mut outcome = self.registry.deliver(room, epoch, message.clone(), false);
         if let Delivered::Gap { from } = outcome {
@@ -190,15 +213,27 @@ impl Subscriber {
             self.fill_from(room, from - 1).await?;
             outcome = self.registry.deliver(room, epoch, message, true);
         }
-        if let Delivered::Fanout { recipients, slow_consumers } = outcome {
-            self.metrics.record_fanout(started, recipients, slow_consumers);
+        if let Delivered::Fanout {
+            recipients,
+            slow_consumers,
+        } = outcome
+        {
+            self.metrics
+                .record_fanout(started, recipients, slow_consumers);
         }
         Ok(())
     }
 
     /// Delivers what Redis history holds after `seq`.
     async fn fill_from(&self, room: &RoomName, seq: u64) -> Result<(), BusError> {
-        let snapshot = super::snapshot(&self.snapshot_script, &self.keys, &mut self.conn.clone(), room, Some(seq)).await?;
+        let snapshot = super::snapshot(
+            &self.snapshot_script,
+            &self.keys,
+            &self.link,
+            room,
+            Some(seq),
+        )
+        .await?;
         for message in snapshot.messages {
             self.registry.deliver(room, &snapshot.epoch, message, true);
         }
