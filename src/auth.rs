@@ -91,11 +91,7 @@ impl Verifier {
 
     /// Loads an RSA (RS256) or EC P-256 (ES256) public key; the key's type
     /// decides the algorithm, so a token signed with anything else is refused.
-    pub fn from_public_key_pem(
-        pem: &[u8],
-        name: &str,
-        expect: &Expectations,
-    ) -> Result<Self, KeyError> {
+    pub fn from_public_key_pem(pem: &[u8], name: &str, expect: &Expectations) -> Result<Self, KeyError> {
         if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
             return Ok(Self::new(key, Algorithm::RS256, expect));
         }
@@ -112,11 +108,16 @@ impl Verifier {
         validation.leeway = 0;
         validation.validate_nbf = true;
         validation.required_spec_claims = HashSet::from(["exp".to_owned(), "sub".to_owned()]);
+        // A configured issuer or audience is required, not only checked when present.
         if let Some(issuer) = &expect.issuer {
             validation.set_issuer(&[issuer]);
+            validation.required_spec_claims.insert("iss".to_owned());
         }
         match &expect.audience {
-            Some(audience) => validation.set_audience(&[audience]),
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                validation.required_spec_claims.insert("aud".to_owned());
+            }
             None => validation.validate_aud = false,
         }
         Self { key, validation }
@@ -134,15 +135,9 @@ impl Verifier {
         }
         let rooms = match raw.rooms {
             None => RoomPatterns::any(),
-            Some(list) => {
-                RoomPatterns::parse(&list).map_err(|e| AuthError::Invalid(e.to_string()))?
-            }
+            Some(list) => RoomPatterns::parse(&list).map_err(|e| AuthError::Invalid(e.to_string()))?,
         };
-        Ok(Claims {
-            sub: sub.into(),
-            exp,
-            rooms,
-        })
+        Ok(Claims { sub: sub.into(), exp, rooms })
     }
 }
 
@@ -163,9 +158,7 @@ fn describe(e: &jsonwebtoken::errors::Error) -> String {
 
 /// Seconds since the Unix epoch, as JWT counts time.
 pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// What `chorus token` and the start-up banner put in a token.
@@ -185,14 +178,7 @@ pub struct NewToken {
 impl NewToken {
     pub fn new(sub: &str, ttl: Duration) -> Self {
         let now = unix_now();
-        Self {
-            sub: sub.to_owned(),
-            exp: now + ttl.as_secs(),
-            iat: now,
-            rooms: None,
-            iss: None,
-            aud: None,
-        }
+        Self { sub: sub.to_owned(), exp: now + ttl.as_secs(), iat: now, rooms: None, iss: None, aud: None }
     }
 
     /// Signs with an HS256 shared secret.
@@ -226,9 +212,7 @@ mod tests {
     fn minted_token_round_trips() {
         let mut t = NewToken::new("alice", Duration::from_secs(60));
         t.rooms = Some(vec!["lobby".into(), "team-*".into()]);
-        let claims = verifier(Expectations::default())
-            .verify(&t.sign_hs256(SECRET).unwrap())
-            .unwrap();
+        let claims = verifier(Expectations::default()).verify(&t.sign_hs256(SECRET).unwrap()).unwrap();
         assert_eq!(&*claims.sub, "alice");
         assert!(claims.rooms.allows(&RoomName::parse("team-x").unwrap()));
         assert!(!claims.rooms.allows(&RoomName::parse("other").unwrap()));
@@ -240,13 +224,7 @@ mod tests {
         let now = unix_now();
         let ok = serde_json::json!({"sub": "a", "exp": now + 60});
         assert_eq!(err(&v, &sign(&ok, b"other")), "bad signature");
-        assert_eq!(
-            err(
-                &v,
-                &sign(&serde_json::json!({"sub": "a", "exp": now - 1}), SECRET)
-            ),
-            "token expired"
-        );
+        assert_eq!(err(&v, &sign(&serde_json::json!({"sub": "a", "exp": now - 1}), SECRET)), "token expired");
         let early = serde_json::json!({"sub": "a", "exp": now + 60, "nbf": now + 30});
         assert_eq!(err(&v, &sign(&early, SECRET)), "token not yet valid (nbf)");
         assert_eq!(err(&v, "not.a.token"), "malformed token");
@@ -257,32 +235,17 @@ mod tests {
         let v = verifier(Expectations::default());
         let now = unix_now();
         assert!(err(&v, &sign(&serde_json::json!({"sub": "a"}), SECRET)).contains("exp"));
-        assert!(v
-            .verify(&sign(&serde_json::json!({"exp": now + 60}), SECRET))
-            .is_err());
-        assert!(v
-            .verify(&sign(
-                &serde_json::json!({"sub": "", "exp": now + 60}),
-                SECRET
-            ))
-            .is_err());
+        assert!(v.verify(&sign(&serde_json::json!({"exp": now + 60}), SECRET)).is_err());
+        assert!(v.verify(&sign(&serde_json::json!({"sub": "", "exp": now + 60}), SECRET)).is_err());
         let long = "x".repeat(129);
-        assert!(v
-            .verify(&sign(
-                &serde_json::json!({"sub": long, "exp": now + 60}),
-                SECRET
-            ))
-            .is_err());
+        assert!(v.verify(&sign(&serde_json::json!({"sub": long, "exp": now + 60}), SECRET)).is_err());
         let bad_rooms = serde_json::json!({"sub": "a", "exp": now + 60, "rooms": ["a b"]});
         assert!(v.verify(&sign(&bad_rooms, SECRET)).is_err());
     }
 
     #[test]
     fn checks_issuer_and_audience_when_configured() {
-        let v = verifier(Expectations {
-            issuer: Some("me".into()),
-            audience: Some("chat".into()),
-        });
+        let v = verifier(Expectations { issuer: Some("me".into()), audience: Some("chat".into()) });
         let now = unix_now();
         let good = serde_json::json!({"sub": "a", "exp": now + 60, "iss": "me", "aud": "chat"});
         assert!(v.verify(&sign(&good, SECRET)).is_ok());

@@ -18,12 +18,7 @@ pub struct ServeArgs {
     #[arg(long, env = "CHORUS_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
     /// HS256 shared secret for client tokens. With no key at all, a random one is made at start.
-    #[arg(
-        long,
-        env = "CHORUS_JWT_SECRET",
-        hide_env_values = true,
-        conflicts_with = "jwt_public_key"
-    )]
+    #[arg(long, env = "CHORUS_JWT_SECRET", hide_env_values = true, conflicts_with = "jwt_public_key")]
     pub jwt_secret: Option<String>,
     /// PEM file with an RSA (RS256) or EC P-256 (ES256) public key for client tokens.
     #[arg(long, env = "CHORUS_JWT_PUBLIC_KEY")]
@@ -70,6 +65,9 @@ pub struct ServeArgs {
     /// Deliver and ack a message only once the database holds it.
     #[arg(long, env = "CHORUS_DURABLE_ACKS")]
     pub durable_acks: bool,
+    /// Messages waiting to be written to the database before publishing answers `unavailable`.
+    #[arg(long, env = "CHORUS_PERSIST_QUEUE", default_value_t = 100_000)]
+    pub persist_queue: usize,
 }
 
 /// Why the configuration cannot be used.
@@ -78,10 +76,7 @@ pub enum ConfigError {
     #[error("--listen {0:?} is not an address to listen on")]
     Listen(String),
     #[error("cannot read --jwt-public-key {path}: {source}")]
-    PublicKey {
-        path: String,
-        source: std::io::Error,
-    },
+    PublicKey { path: String, source: std::io::Error },
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error("{0}")]
@@ -115,6 +110,9 @@ pub struct Config {
     pub send_queue: usize,
     pub redis_url: Option<String>,
     pub redis_prefix: String,
+    pub database_url: Option<String>,
+    pub durable_acks: bool,
+    pub persist_queue: usize,
 }
 
 impl Config {
@@ -127,17 +125,10 @@ impl Config {
             .ok()
             .and_then(|mut a| a.next())
             .ok_or_else(|| ConfigError::Listen(args.listen.clone()))?;
-        let expect = Expectations {
-            issuer: args.jwt_issuer.clone(),
-            audience: args.jwt_audience.clone(),
-        };
+        let expect = Expectations { issuer: args.jwt_issuer.clone(), audience: args.jwt_audience.clone() };
         let (verifier, key_source) = load_key(&args, &expect)?;
-        let allowed_origins = (!args.allowed_origins.is_empty()).then(|| {
-            args.allowed_origins
-                .iter()
-                .map(|o| o.trim().trim_end_matches('/').to_owned())
-                .collect()
-        });
+        let allowed_origins = (!args.allowed_origins.is_empty())
+            .then(|| args.allowed_origins.iter().map(|o| o.trim().trim_end_matches('/').to_owned()).collect());
         Ok(Self {
             listen,
             verifier,
@@ -154,14 +145,20 @@ impl Config {
             send_queue: args.send_queue,
             redis_url: args.redis_url,
             redis_prefix: args.redis_prefix,
+            database_url: args.database_url,
+            durable_acks: args.durable_acks,
+            persist_queue: args.persist_queue,
         })
     }
 }
 
 fn reject_unbuilt_backends(args: &ServeArgs) -> Result<(), ConfigError> {
-    if args.database_url.is_some() || args.durable_acks {
+    if args.durable_acks && args.database_url.is_none() {
+        return Err(ConfigError::Invalid("--durable-acks needs --database-url".into()));
+    }
+    if args.redis_url.is_some() && args.database_url.is_some() {
         return Err(ConfigError::Invalid(
-            "--database-url / --durable-acks: PostgreSQL history is not available in this build yet".into(),
+            "--database-url together with --redis-url is not available in this build yet".into(),
         ));
     }
     Ok(())
@@ -172,17 +169,13 @@ fn check_limits(args: &ServeArgs) -> Result<(), ConfigError> {
     if args.ping_interval.is_zero() || args.ping_timeout.is_zero() {
         return invalid("--ping-interval and --ping-timeout must be above zero");
     }
-    if args.max_message_bytes == 0 || args.send_queue == 0 {
-        return invalid("--max-message-bytes and --send-queue must be above zero");
+    if args.max_message_bytes == 0 || args.send_queue == 0 || args.persist_queue == 0 {
+        return invalid("--max-message-bytes, --send-queue and --persist-queue must be above zero");
     }
     if !(args.rate.is_finite() && args.rate > 0.0) || args.burst == 0 {
         return invalid("--rate and --burst must be above zero");
     }
-    if args.redis_prefix.is_empty()
-        || args
-            .redis_prefix
-            .contains(|c: char| c.is_whitespace() || c == '{')
-    {
+    if args.redis_prefix.is_empty() || args.redis_prefix.contains(|c: char| c.is_whitespace() || c == '{') {
         return invalid("--redis-prefix must be non-empty, without spaces or braces");
     }
     Ok(())
@@ -190,10 +183,8 @@ fn check_limits(args: &ServeArgs) -> Result<(), ConfigError> {
 
 fn load_key(args: &ServeArgs, expect: &Expectations) -> Result<(Verifier, KeySource), ConfigError> {
     if let Some(path) = &args.jwt_public_key {
-        let pem = std::fs::read(path).map_err(|source| ConfigError::PublicKey {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let pem = std::fs::read(path)
+            .map_err(|source| ConfigError::PublicKey { path: path.display().to_string(), source })?;
         let verifier = Verifier::from_public_key_pem(&pem, &path.display().to_string(), expect)?;
         return Ok((verifier, KeySource::PublicKey));
     }

@@ -36,15 +36,19 @@ fn sweep(state: &ServerState) {
     let now_unix = unix_now();
     let interval_ms = state.config.ping_interval.as_millis() as u64;
     let timeout_ms = state.config.ping_timeout.as_millis() as u64;
-    state
-        .metrics
-        .rooms
-        .set(state.bus.registry().room_count() as i64);
+    state.metrics.rooms.set(state.bus.registry().room_count() as i64);
     for entry in state.connections.iter() {
         let conn = entry.value();
+        let silent_ms = now_ms.saturating_sub(conn.last_seen());
+        if silent_ms > timeout_ms.saturating_mul(2) {
+            // Closed a ping timeout ago (below), yet the peer still neither
+            // talks nor reads: its close frame is stuck behind a full
+            // socket (a slow consumer, say). Drop it.
+            conn.abort_writer();
+        }
         if now_unix > conn.expires_at() {
             conn.close(1008, "token expired");
-        } else if now_ms.saturating_sub(conn.last_seen()) > timeout_ms {
+        } else if silent_ms > timeout_ms {
             conn.close(1008, "ping timeout");
         } else {
             conn.ping_if_due(now_ms, interval_ms);

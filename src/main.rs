@@ -11,11 +11,7 @@ use chorus::config::KeySource;
 use chorus::{Config, ServeArgs, Server};
 
 #[derive(Parser)]
-#[command(
-    name = "chorus",
-    version,
-    about = "A real-time chat and fanout WebSocket server"
-)]
+#[command(name = "chorus", version, about = "A real-time chat and fanout WebSocket server")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -72,20 +68,13 @@ fn print_token(args: TokenArgs) -> anyhow::Result<()> {
     token.rooms = args.rooms;
     token.iss = args.issuer;
     token.aud = args.audience;
-    println!(
-        "{}",
-        token
-            .sign_hs256(args.secret.as_bytes())
-            .context("cannot sign the token")?
-    );
+    println!("{}", token.sign_hs256(args.secret.as_bytes()).context("cannot sign the token")?);
     Ok(())
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let banner = Banner::from_config(&config);
-    let server = Server::start(config)
-        .await
-        .context("cannot start the server")?;
+    let server = Server::start(config).await.context("cannot start the server")?;
     banner.print(server.local_addr())?;
     wait_for_signal().await?;
     tracing::info!("shutting down");
@@ -116,9 +105,7 @@ impl Banner {
     fn print(&self, addr: std::net::SocketAddr) -> anyhow::Result<()> {
         println!("chorus listening on {addr}");
         if let Some((secret, token)) = &self.generated {
-            let jwt = token
-                .sign_hs256(secret.as_bytes())
-                .context("cannot sign the demo token")?;
+            let jwt = token.sign_hs256(secret.as_bytes()).context("cannot sign the demo token")?;
             println!("no JWT key configured: made a random secret for this run");
             println!("  secret:  {secret}");
             println!("  token:   {jwt}   (sub \"demo\", valid 24h)");
@@ -141,8 +128,5 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }

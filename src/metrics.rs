@@ -34,6 +34,11 @@ pub struct Metrics {
     pub bus_subscriptions: Gauge,
     pub bus_reconnects: Counter,
     pub bus_gap_fills: Counter,
+    pub persist_rows: Counter,
+    pub persist_retries: Counter,
+    pub persist_queue_depth: Gauge,
+    pub persist_batch_rows: Histogram,
+    pub persist_batch_seconds: Histogram,
 }
 
 impl Metrics {
@@ -50,82 +55,40 @@ impl Metrics {
         let auth_failures = Family::<Reason, Counter>::default();
         // 1 µs to about 1 s.
         let fanout_seconds = Histogram::new(exponential_buckets(1e-6, 2.0, 21));
-        registry.register(
-            "connections",
-            "Open WebSocket connections",
-            connections.clone(),
-        );
-        registry.register(
-            "rooms",
-            "Rooms with local members or history",
-            rooms.clone(),
-        );
-        registry.register(
-            "frames_in",
-            "WebSocket data frames received",
-            frames_in.clone(),
-        );
+        registry.register("connections", "Open WebSocket connections", connections.clone());
+        registry.register("rooms", "Rooms with local members or history", rooms.clone());
+        registry.register("frames_in", "WebSocket data frames received", frames_in.clone());
         registry.register("frames_out", "WebSocket frames written", frames_out.clone());
-        registry.register(
-            "messages_published",
-            "Messages given a seq",
-            messages_published.clone(),
-        );
-        registry.register(
-            "deliveries",
-            "Message frames queued to members",
-            deliveries.clone(),
-        );
-        registry.register(
-            "slow_consumers",
-            "Connections cut with 1013",
-            slow_consumers.clone(),
-        );
-        registry.register(
-            "rate_limited",
-            "Frames refused by the rate limit",
-            rate_limited.clone(),
-        );
-        registry.register(
-            "auth_failures",
-            "Requests refused for their token",
-            auth_failures.clone(),
-        );
-        registry.register(
-            "fanout_seconds",
-            "Publish to queued at every local member",
-            fanout_seconds.clone(),
-        );
+        registry.register("messages_published", "Messages given a seq", messages_published.clone());
+        registry.register("deliveries", "Message frames queued to members", deliveries.clone());
+        registry.register("slow_consumers", "Connections cut with 1013", slow_consumers.clone());
+        registry.register("rate_limited", "Frames refused by the rate limit", rate_limited.clone());
+        registry.register("auth_failures", "Requests refused for their token", auth_failures.clone());
+        registry.register("fanout_seconds", "Publish to queued at every local member", fanout_seconds.clone());
         let bus_publish_seconds = Histogram::new(exponential_buckets(1e-5, 2.0, 18));
         let bus_messages_received = Counter::default();
         let bus_subscriptions = Gauge::default();
         let bus_reconnects = Counter::default();
         let bus_gap_fills = Counter::default();
-        registry.register(
-            "bus_publish_seconds",
-            "Redis publish script round trip",
-            bus_publish_seconds.clone(),
-        );
+        registry.register("bus_publish_seconds", "Redis publish script round trip", bus_publish_seconds.clone());
         registry.register(
             "bus_messages_received",
             "Messages received from Redis pub/sub",
             bus_messages_received.clone(),
         );
-        registry.register(
-            "bus_subscriptions",
-            "Redis channels this node subscribes",
-            bus_subscriptions.clone(),
-        );
-        registry.register(
-            "bus_reconnects",
-            "Redis pub/sub reconnects",
-            bus_reconnects.clone(),
-        );
-        registry.register(
-            "bus_gap_fills",
-            "Gaps filled from Redis history",
-            bus_gap_fills.clone(),
-        );
+        registry.register("bus_subscriptions", "Redis channels this node subscribes", bus_subscriptions.clone());
+        registry.register("bus_reconnects", "Redis pub/sub reconnects", bus_reconnects.clone());
+        registry.register("bus_gap_fills", "Gaps filled from Redis history", bus_gap_fills.clone());
+        let persist_rows = Counter::default();
+        let persist_retries = Counter::default();
+        let persist_queue_depth = Gauge::default();
+        let persist_batch_rows = Histogram::new(exponential_buckets(1.0, 2.0, 11));
+        let persist_batch_seconds = Histogram::new(exponential_buckets(1e-4, 2.0, 16));
+        registry.register("persist_rows", "Messages written to the database", persist_rows.clone());
+        registry.register("persist_retries", "Database batch writes retried", persist_retries.clone());
+        registry.register("persist_queue_depth", "Messages waiting to be written", persist_queue_depth.clone());
+        registry.register("persist_batch_rows", "Rows per database batch", persist_batch_rows.clone());
+        registry.register("persist_batch_seconds", "Database batch write latency", persist_batch_seconds.clone());
         Self {
             registry,
             connections,
@@ -143,6 +106,11 @@ impl Metrics {
             bus_subscriptions,
             bus_reconnects,
             bus_gap_fills,
+            persist_rows,
+            persist_retries,
+            persist_queue_depth,
+            persist_batch_rows,
+            persist_batch_seconds,
         }
     }
 
@@ -154,9 +122,7 @@ impl Metrics {
     }
 
     pub fn auth_failure(&self, reason: &'static str) {
-        self.auth_failures
-            .get_or_create(&[("reason", reason)])
-            .inc();
+        self.auth_failures.get_or_create(&[("reason", reason)]).inc();
     }
 
     /// The Prometheus text exposition of every metric.

@@ -59,6 +59,7 @@ pub struct Snapshot {
 /// What a publish did, for the caller's ack and metrics.
 pub struct Delivery {
     pub seq: u64,
+    pub epoch: Arc<str>,
     pub recipients: usize,
     pub slow_consumers: usize,
 }
@@ -67,10 +68,7 @@ pub struct Delivery {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Delivered {
     /// Queued to the members.
-    Fanout {
-        recipients: usize,
-        slow_consumers: usize,
-    },
+    Fanout { recipients: usize, slow_consumers: usize },
     /// Already delivered (a gap fill got there first).
     Duplicate,
     /// Messages between the last delivered one and this one are missing:
@@ -91,6 +89,11 @@ struct RoomState {
     members: Vec<Member>,
     /// The last seq delivered here; `None` until a cluster room is synced.
     seq: Option<u64>,
+    /// Single node: the last seq given out. Ahead of `seq` while messages
+    /// wait for the database (`--durable-acks`).
+    assigned: u64,
+    /// Single node with a database: the room's seq and epoch were read from it.
+    loaded: bool,
     epoch: Arc<str>,
     recent: VecDeque<StoredMessage>,
     /// Whether this node wants the room's bus messages (cluster mode).
@@ -113,11 +116,7 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(history_size: usize, epoch: Arc<str>) -> Self {
-        Self {
-            rooms: DashMap::new(),
-            history_size,
-            epoch,
-        }
+        Self { rooms: DashMap::new(), history_size, epoch }
     }
 
     pub fn epoch(&self) -> &str {
@@ -132,11 +131,7 @@ impl Registry {
     fn with_room<R>(&self, name: &RoomName, f: impl FnOnce(&mut RoomState) -> R) -> R {
         let mut f = Some(f);
         loop {
-            let room = self
-                .rooms
-                .entry(name.clone())
-                .or_insert_with(|| self.new_room())
-                .clone();
+            let room = self.rooms.entry(name.clone()).or_insert_with(|| self.new_room()).clone();
             let mut state = room.state.lock();
             if state.removed {
                 continue;
@@ -148,11 +143,7 @@ impl Registry {
     }
 
     /// Runs `f` under the lock of an existing room.
-    fn with_existing_room<R>(
-        &self,
-        name: &RoomName,
-        f: impl FnOnce(&mut RoomState) -> R,
-    ) -> Option<R> {
+    fn with_existing_room<R>(&self, name: &RoomName, f: impl FnOnce(&mut RoomState) -> R) -> Option<R> {
         let room = self.rooms.get(name).map(|r| r.clone())?;
         let mut state = room.state.lock();
         (!state.removed).then(|| f(&mut state))
@@ -163,6 +154,8 @@ impl Registry {
             state: Mutex::new(RoomState {
                 members: Vec::new(),
                 seq: None,
+                assigned: 0,
+                loaded: false,
                 epoch: self.epoch.clone(),
                 recent: VecDeque::new(),
                 subscribed: false,
@@ -175,35 +168,70 @@ impl Registry {
     /// queues it to every member.
     pub fn publish(&self, room: &RoomName, from: &str, ts_millis: u64, body: &[u8]) -> Delivery {
         self.with_room(room, |state| {
-            let seq = state.seq.unwrap_or(0) + 1;
-            let message = StoredMessage {
-                seq,
-                frame: outbound::message(room, seq, from, ts_millis, body),
-            };
+            state.assigned += 1;
+            let seq = state.assigned;
+            let message = StoredMessage { seq, frame: outbound::message(room, seq, from, ts_millis, body) };
             let (recipients, slow_consumers) = self.fan_out(state, message);
-            Delivery {
-                seq,
-                recipients,
-                slow_consumers,
-            }
+            Delivery { seq, epoch: state.epoch.clone(), recipients, slow_consumers }
         })
+    }
+
+    /// Single node, `--durable-acks`: gives out the room's next `seq` and
+    /// hands it to `queue` under the room's lock (so the write queue holds
+    /// each room's messages in `seq` order); delivery waits for
+    /// [`deliver_committed`](Self::deliver_committed).
+    pub fn assign_seq(&self, room: &RoomName, queue: impl FnOnce(u64, &Arc<str>)) {
+        self.with_room(room, |state| {
+            state.assigned += 1;
+            queue(state.assigned, &state.epoch);
+        });
+    }
+
+    /// Single node, `--durable-acks`: delivers a message its batch committed.
+    pub fn deliver_committed(&self, room: &RoomName, message: StoredMessage) -> (usize, usize) {
+        self.with_room(room, |state| self.fan_out(state, message))
+    }
+
+    /// Single node with a database: whether the room's state was read from it.
+    pub fn is_loaded(&self, room: &RoomName) -> bool {
+        self.with_existing_room(room, |state| state.loaded).unwrap_or(false)
+    }
+
+    /// Single node with a database: starts the room where the database says.
+    pub fn load(&self, room: &RoomName, seq: u64, epoch: Arc<str>) {
+        self.with_room(room, |state| {
+            if !state.loaded {
+                state.loaded = true;
+                state.seq = Some(seq);
+                state.assigned = seq;
+                state.epoch = epoch;
+            }
+        });
+    }
+
+    /// Whether the messages held here reach back to `since` (or nothing was missed).
+    pub fn recent_covers(&self, room: &RoomName, since: u64) -> bool {
+        self.with_existing_room(room, |state| {
+            since >= state.seq.unwrap_or(0) || state.recent.front().is_some_and(|m| m.seq <= since + 1)
+        })
+        .unwrap_or(false)
+    }
+
+    pub fn room_epoch(&self, room: &RoomName) -> Arc<str> {
+        self.with_existing_room(room, |state| state.epoch.clone()).unwrap_or_else(|| self.epoch.clone())
     }
 
     /// Queues `message` to the members, keeps it in `recent`, moves `seq`.
     fn fan_out(&self, state: &mut RoomState, message: StoredMessage) -> (usize, usize) {
         let mut recipients = 0;
         let mut slow_consumers = 0;
-        for member in state
-            .members
-            .iter()
-            .filter(|m| m.skip_through < message.seq)
-        {
+        for member in state.members.iter().filter(|m| m.skip_through < message.seq) {
             recipients += 1;
             if member.conn.send(message.frame.clone()) == Err(PushError::Full) {
                 slow_consumers += 1;
             }
         }
-        state.seq = Some(message.seq);
+        state.seq = Some(state.seq.unwrap_or(0).max(message.seq));
         if self.history_size > 0 {
             if state.recent.len() >= self.history_size {
                 state.recent.pop_front();
@@ -214,15 +242,20 @@ impl Registry {
     }
 
     /// Single node: adds `member` (once) and queues the replay of what it
-    /// missed, then `joined`, all under the room's lock.
-    pub fn join_local(&self, room: &RoomName, member: &Arc<Connection>, since: Option<Since<'_>>) {
+    /// missed (from `older`, read from the database, and from what is held
+    /// here), then `joined`, all under the room's lock.
+    pub fn join_local(
+        &self,
+        room: &RoomName,
+        member: &Arc<Connection>,
+        since: Option<Since<'_>>,
+        older: Option<Snapshot>,
+    ) {
         self.with_room(room, |state| {
             upsert_member(state, member, 0);
-            let snapshot = Snapshot {
-                seq: state.seq.unwrap_or(0),
-                epoch: state.epoch.clone(),
-                messages: Vec::new(),
-            };
+            // Without `older`, everything to replay is held here.
+            let snapshot =
+                older.unwrap_or_else(|| Snapshot { seq: 0, epoch: state.epoch.clone(), messages: Vec::new() });
             finish_join(state, room, member, since, snapshot);
         });
     }
@@ -230,12 +263,7 @@ impl Registry {
     /// Cluster: adds `member` as syncing (it gets no live message yet). Runs
     /// `subscribe` under the room's lock when the node was not subscribed,
     /// so subscribe and unsubscribe commands leave in the order decided.
-    pub fn add_syncing_member(
-        &self,
-        room: &RoomName,
-        member: &Arc<Connection>,
-        subscribe: impl FnOnce(),
-    ) {
+    pub fn add_syncing_member(&self, room: &RoomName, member: &Arc<Connection>, subscribe: impl FnOnce()) {
         self.with_room(room, |state| {
             upsert_member(state, member, u64::MAX);
             if !state.subscribed {
@@ -270,25 +298,15 @@ impl Registry {
     /// Cluster: hands a message from the bus to the members, in `seq` order.
     /// With `accept_gap`, a message past a gap is delivered anyway (history
     /// no longer held what was missing).
-    pub fn deliver(
-        &self,
-        room: &RoomName,
-        epoch: &str,
-        message: StoredMessage,
-        accept_gap: bool,
-    ) -> Delivered {
+    pub fn deliver(&self, room: &RoomName, epoch: &str, message: StoredMessage, accept_gap: bool) -> Delivered {
         self.with_existing_room(room, |state| {
             if !state.subscribed {
                 return Delivered::Unwanted;
             }
             match state.seq {
-                Some(_) if *state.epoch != *epoch => {
-                    restart_epoch(state, room, epoch, message.seq.saturating_sub(1))
-                }
+                Some(_) if *state.epoch != *epoch => restart_epoch(state, room, epoch, message.seq.saturating_sub(1)),
                 Some(seq) if message.seq <= seq => return Delivered::Duplicate,
-                Some(seq) if message.seq > seq + 1 && !accept_gap => {
-                    return Delivered::Gap { from: seq + 1 }
-                }
+                Some(seq) if message.seq > seq + 1 && !accept_gap => return Delivered::Gap { from: seq + 1 },
                 Some(_) => {}
                 None => {
                     state.seq = Some(message.seq.saturating_sub(1));
@@ -296,10 +314,7 @@ impl Registry {
                 }
             }
             let (recipients, slow_consumers) = self.fan_out(state, message);
-            Delivered::Fanout {
-                recipients,
-                slow_consumers,
-            }
+            Delivered::Fanout { recipients, slow_consumers }
         })
         .unwrap_or(Delivered::Unwanted)
     }
@@ -324,7 +339,8 @@ impl Registry {
             .unwrap_or(false);
         self.rooms.remove_if(room, |_, r| {
             let mut state = r.state.lock();
-            let idle = state.members.is_empty() && state.recent.is_empty() && !state.subscribed;
+            // A single node's room keeps its seq for as long as the process runs.
+            let idle = state.members.is_empty() && state.recent.is_empty() && !state.subscribed && state.assigned == 0;
             state.removed |= idle;
             idle
         });
@@ -332,12 +348,7 @@ impl Registry {
     }
 
     /// Up to `limit` messages held here before `before` (exclusive), oldest first.
-    pub fn history(
-        &self,
-        room: &RoomName,
-        before: Option<u64>,
-        limit: usize,
-    ) -> Vec<StoredMessage> {
+    pub fn history(&self, room: &RoomName, before: Option<u64>, limit: usize) -> Vec<StoredMessage> {
         self.with_existing_room(room, |state| {
             let end = match before {
                 Some(before) => state.recent.partition_point(|m| m.seq < before),
@@ -365,10 +376,7 @@ impl Registry {
 fn upsert_member(state: &mut RoomState, conn: &Arc<Connection>, skip_through: u64) {
     match state.members.iter_mut().find(|m| m.conn.id == conn.id) {
         Some(member) => member.skip_through = member.skip_through.min(skip_through),
-        None => state.members.push(Member {
-            conn: conn.clone(),
-            skip_through,
-        }),
+        None => state.members.push(Member { conn: conn.clone(), skip_through }),
     }
 }
 
@@ -403,11 +411,7 @@ fn restart_epoch(state: &mut RoomState, room: &RoomName, epoch: &str, seq: u64) 
     state.seq = Some(seq);
     state.recent.clear();
     let joined = outbound::joined(room, seq, epoch, Some(false));
-    for member in state
-        .members
-        .iter_mut()
-        .filter(|m| m.skip_through != u64::MAX)
-    {
+    for member in state.members.iter_mut().filter(|m| m.skip_through != u64::MAX) {
         member.skip_through = seq;
         let _ = member.conn.send(joined.clone());
     }
@@ -447,39 +451,22 @@ mod tests {
     use super::*;
 
     fn messages(seqs: std::ops::RangeInclusive<u64>) -> Vec<StoredMessage> {
-        seqs.map(|seq| StoredMessage {
-            seq,
-            frame: Bytes::from(seq.to_string()),
-        })
-        .collect()
+        seqs.map(|seq| StoredMessage { seq, frame: Bytes::from(seq.to_string()) }).collect()
     }
 
     fn snapshot(seq: u64, held: std::ops::RangeInclusive<u64>) -> Snapshot {
-        Snapshot {
-            seq,
-            epoch: "e".into(),
-            messages: messages(held),
-        }
+        Snapshot { seq, epoch: "e".into(), messages: messages(held) }
     }
 
     fn empty_snapshot(seq: u64) -> Snapshot {
-        Snapshot {
-            seq,
-            epoch: "e".into(),
-            messages: Vec::new(),
-        }
+        Snapshot { seq, epoch: "e".into(), messages: Vec::new() }
     }
 
     fn since(seq: u64, epoch: Option<&str>) -> Since<'_> {
         Since { seq, epoch }
     }
 
-    fn replay(
-        snap: &Snapshot,
-        recent: &[StoredMessage],
-        latest: u64,
-        s: Since<'_>,
-    ) -> (Vec<Bytes>, bool) {
+    fn replay(snap: &Snapshot, recent: &[StoredMessage], latest: u64, s: Since<'_>) -> (Vec<Bytes>, bool) {
         replay_after(snap, &recent.iter().cloned().collect(), latest, s)
     }
 
@@ -505,12 +492,7 @@ mod tests {
     #[test]
     fn snapshot_and_recent_meet_without_duplicates() {
         // Redis held up to 12; this node delivered 11..=14 meanwhile.
-        let (frames, recovered) = replay(
-            &snapshot(12, 6..=12),
-            &messages(11..=14),
-            14,
-            since(8, Some("e")),
-        );
+        let (frames, recovered) = replay(&snapshot(12, 6..=12), &messages(11..=14), 14, since(8, Some("e")));
         assert_eq!(frames, ["9", "10", "11", "12", "13", "14"]);
         assert!(recovered);
     }
@@ -527,25 +509,13 @@ mod tests {
 
     #[test]
     fn other_epoch_or_future_seq_replays_nothing() {
-        assert_eq!(
-            replay(&snapshot(3, 1..=3), &[], 3, since(1, Some("old"))),
-            (vec![], false)
-        );
-        assert_eq!(
-            replay(&snapshot(3, 1..=3), &[], 3, since(9, Some("e"))),
-            (vec![], false)
-        );
+        assert_eq!(replay(&snapshot(3, 1..=3), &[], 3, since(1, Some("old"))), (vec![], false));
+        assert_eq!(replay(&snapshot(3, 1..=3), &[], 3, since(9, Some("e"))), (vec![], false));
     }
 
     #[test]
     fn empty_history_recovers_only_when_nothing_was_missed() {
-        assert_eq!(
-            replay(&empty_snapshot(0), &[], 0, since(0, None)),
-            (vec![], true)
-        );
-        assert_eq!(
-            replay(&empty_snapshot(4), &[], 4, since(2, None)),
-            (vec![], false)
-        );
+        assert_eq!(replay(&empty_snapshot(0), &[], 0, since(0, None)), (vec![], true));
+        assert_eq!(replay(&empty_snapshot(4), &[], 4, since(2, None)), (vec![], false));
     }
 }

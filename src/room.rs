@@ -87,10 +87,7 @@ impl RoomPatterns {
     /// the prefix before it follows the room-name alphabet and may be empty
     /// (`"*"` allows every room).
     pub fn parse<S: AsRef<str>>(patterns: &[S]) -> Result<Self, RoomPatternError> {
-        let parsed = patterns
-            .iter()
-            .map(|p| parse_pattern(p.as_ref()))
-            .collect::<Result<Vec<_>, _>>()?;
+        let parsed = patterns.iter().map(|p| parse_pattern(p.as_ref())).collect::<Result<Vec<_>, _>>()?;
         Ok(Self(Some(parsed.into_boxed_slice())))
     }
 
@@ -115,9 +112,7 @@ fn parse_pattern(pattern: &str) -> Result<RoomPattern, RoomPatternError> {
             }
             Ok(RoomPattern::Prefix(prefix.into()))
         }
-        None => RoomName::parse(pattern)
-            .map(|_| RoomPattern::Exact(pattern.into()))
-            .map_err(|_| invalid()),
+        None => RoomName::parse(pattern).map(|_| RoomPattern::Exact(pattern.into())).map_err(|_| invalid()),
     }
 }
 
@@ -135,10 +130,7 @@ mod tests {
         assert!(RoomName::parse("a.b:c@d_e-F9").is_ok());
         assert_eq!(RoomName::parse(""), Err(RoomNameError::Length));
         assert!(RoomName::parse(&"x".repeat(128)).is_ok());
-        assert_eq!(
-            RoomName::parse(&"x".repeat(129)),
-            Err(RoomNameError::Length)
-        );
+        assert_eq!(RoomName::parse(&"x".repeat(129)), Err(RoomNameError::Length));
         for bad in ["a b", "a/b", "é", "a\"b", "a*", "a\\b"] {
             assert_eq!(RoomName::parse(bad), Err(RoomNameError::Character), "{bad}");
         }

@@ -14,8 +14,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::redis::{RedisBus, RedisSettings};
-use crate::bus::{fresh_epoch, Bus};
+use crate::bus::{fresh_epoch, local, Bus, Persistence};
 use crate::config::Config;
+use crate::history::writer::WriteBehind;
+use crate::history::Database;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::state::ServerState;
@@ -37,15 +39,10 @@ impl Server {
     pub async fn start(config: Config) -> std::io::Result<Self> {
         let listener = bind(config.listen)?;
         let local_addr = listener.local_addr()?;
-        let state = Arc::new(build_state(config)?);
+        let state = Arc::new(build_state(config).await?);
         let accept = tokio::spawn(accept_loop(state.clone(), listener));
         let sweep = tokio::spawn(liveness::run(state.clone()));
-        Ok(Self {
-            state,
-            local_addr,
-            accept,
-            sweep,
-        })
+        Ok(Self { state, local_addr, accept, sweep })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -67,14 +64,11 @@ impl Server {
             conn.close(1001, "going away");
         }
         state.tasks.close();
-        if tokio::time::timeout(grace, state.tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "{} connections still open after {grace:?}",
-                state.connections.len()
-            );
+        if tokio::time::timeout(grace, state.tasks.wait()).await.is_err() {
+            tracing::warn!("{} connections still open after {grace:?}", state.connections.len());
+        }
+        if !state.bus.flush(grace).await {
+            tracing::error!("history not fully written to the database; the next start begins new epochs");
         }
     }
 }
@@ -89,31 +83,39 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// The shared state, with the bus that `--redis-url` asks for. A single
-/// node's epoch is new at every start: its sequences live in memory only.
-fn build_state(config: Config) -> std::io::Result<ServerState> {
+/// The shared state, with the bus that `--redis-url` and `--database-url`
+/// ask for. Without a database a single node's epoch is new at every start:
+/// its sequences live in memory only.
+async fn build_state(config: Config) -> std::io::Result<ServerState> {
     let metrics = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
     let registry = Arc::new(Registry::new(config.history_size, fresh_epoch().into()));
     let bus = match &config.redis_url {
-        None => Bus::local(registry, metrics.clone()),
-        Some(url) => {
-            let settings = RedisSettings {
-                url,
-                prefix: &config.redis_prefix,
-                history_size: config.history_size,
+        None => {
+            let persistence = match &config.database_url {
+                Some(url) => Some(open_persistence(url, &config, metrics.clone()).await?),
+                None => None,
             };
-            let redis = RedisBus::start(
-                settings,
-                registry.clone(),
-                metrics.clone(),
-                shutdown.clone(),
-            )
-            .map_err(std::io::Error::other)?;
+            Bus::local(registry, metrics.clone(), persistence)
+        }
+        Some(url) => {
+            let settings = RedisSettings { url, prefix: &config.redis_prefix, history_size: config.history_size };
+            let redis = RedisBus::start(settings, registry.clone(), metrics.clone(), shutdown.clone())
+                .map_err(std::io::Error::other)?;
             Bus::redis(registry, metrics.clone(), redis)
         }
     };
     Ok(ServerState::new(config, bus, metrics, shutdown))
+}
+
+/// Opens the database, runs its migrations and starts the write queue.
+async fn open_persistence(url: &str, config: &Config, metrics: Arc<Metrics>) -> std::io::Result<Persistence> {
+    let db = Arc::new(Database::open(url).await.map_err(std::io::Error::other)?);
+    if !db.begin_run(local::NODE).await.map_err(std::io::Error::other)? {
+        tracing::warn!("the last run did not stop cleanly: every room starts a new epoch");
+    }
+    let writer = WriteBehind::start(db.clone(), config.persist_queue, metrics);
+    Ok(Persistence { db, writer, durable_acks: config.durable_acks })
 }
 
 async fn accept_loop(state: Arc<ServerState>, listener: TcpListener) {
@@ -140,12 +142,8 @@ async fn serve_http(state: Arc<ServerState>, stream: TcpStream) {
     let service_state = state.clone();
     let service = service_fn(move |req| http::handle(service_state.clone(), req));
     let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10));
-    let conn = builder
-        .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades();
+    builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
+    let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}

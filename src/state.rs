@@ -30,12 +30,7 @@ pub struct ServerState {
 }
 
 impl ServerState {
-    pub fn new(
-        config: Config,
-        bus: Bus,
-        metrics: Arc<Metrics>,
-        shutdown: CancellationToken,
-    ) -> Self {
+    pub fn new(config: Config, bus: Bus, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Self {
         Self {
             config,
             bus,
@@ -60,7 +55,5 @@ impl ServerState {
 
 /// Server time for a message's `ts`.
 pub fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

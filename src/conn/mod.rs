@@ -28,6 +28,9 @@ pub struct Connection {
     /// Tells the session to stop reading (the writer stopped, or someone
     /// closed the connection).
     stop_reading: Notify,
+    /// Tells the writer to give up, even in the middle of a write: the peer
+    /// neither reads (the socket is full) nor sends anything.
+    abort_writer: Notify,
 }
 
 impl Connection {
@@ -39,6 +42,7 @@ impl Connection {
             last_ping: AtomicU64::new(now_ms),
             expires_at: AtomicU64::new(expires_at),
             stop_reading: Notify::new(),
+            abort_writer: Notify::new(),
         }
     }
 
@@ -59,8 +63,7 @@ impl Connection {
 
     /// Closes with 1013 at once, dropping what the peer did not read.
     pub fn cut_slow_consumer(&self) -> bool {
-        self.outbox
-            .close(ws::close_frame(1013, "slow consumer"), true)
+        self.outbox.close(ws::close_frame(1013, "slow consumer"), true)
     }
 
     pub fn touch(&self, now_ms: u64) {
@@ -93,5 +96,14 @@ impl Connection {
 
     pub async fn reader_stopped(&self) {
         self.stop_reading.notified().await;
+    }
+
+    /// Makes the writer stop at once, dropping what it could not write.
+    pub fn abort_writer(&self) {
+        self.abort_writer.notify_one();
+    }
+
+    pub async fn writer_aborted(&self) {
+        self.abort_writer.notified().await;
     }
 }

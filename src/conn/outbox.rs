@@ -43,14 +43,7 @@ pub struct Outbox {
 
 impl Outbox {
     pub fn new(capacity: usize) -> Self {
-        Self {
-            state: Mutex::new(State {
-                frames: VecDeque::new(),
-                phase: Phase::Open,
-            }),
-            wake: Notify::new(),
-            capacity,
-        }
+        Self { state: Mutex::new(State { frames: VecDeque::new(), phase: Phase::Open }), wake: Notify::new(), capacity }
     }
 
     /// Queues a frame unless the queue is full or closed.
@@ -179,9 +172,6 @@ mod tests {
             async move { q.changed().await }
         });
         q.push(frame(1)).unwrap();
-        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.unwrap().unwrap();
     }
 }

@@ -13,12 +13,7 @@ pub struct TokenBucket {
 impl TokenBucket {
     pub fn new(rate: f64, burst: u32, now: Instant) -> Self {
         let burst = f64::from(burst.max(1));
-        Self {
-            rate,
-            burst,
-            tokens: burst,
-            refilled: now,
-        }
+        Self { rate, burst, tokens: burst, refilled: now }
     }
 
     /// Takes one token if there is one.

@@ -39,41 +39,29 @@ struct Session {
 
 /// Serves an upgraded connection until it closes. `early` holds bytes the
 /// client sent right behind its upgrade request.
-pub async fn run(
-    state: Arc<ServerState>,
-    stream: TcpStream,
-    early: Bytes,
-    claims: Claims,
-    room: Option<RoomName>,
-) {
+pub async fn run(state: Arc<ServerState>, stream: TcpStream, early: Bytes, claims: Claims, room: Option<RoomName>) {
     let (mut read_half, write_half) = stream.into_split();
     let id = state.next_connection_id();
-    let conn = Arc::new(Connection::new(
-        id,
-        state.config.send_queue,
-        claims.exp,
-        state.now_ms(),
-    ));
+    let conn = Arc::new(Connection::new(id, state.config.send_queue, claims.exp, state.now_ms()));
     state.connections.insert(id, conn.clone());
     state.metrics.connections.inc();
     let writer = tokio::spawn(writer::run(conn.clone(), write_half, state.metrics.clone()));
 
     let bucket = TokenBucket::new(state.config.rate, state.config.burst, Instant::now());
-    let mut session = Session {
-        state,
-        conn,
-        claims,
-        rooms: Vec::new(),
-        bucket,
-        refused_in_a_row: 0,
-    };
+    let mut session = Session { state, conn, claims, rooms: Vec::new(), bucket, refused_in_a_row: 0 };
     if let Some(room) = room {
         session.join(room, None, None).await;
     }
     let mut reader = FrameReader::new(&early, session.state.config.max_message_bytes);
     session.read_until_closed(&mut reader, &mut read_half).await;
     session.end();
-    let _ = writer.await;
+    // The writer may be stuck on a peer that does not read; it had the
+    // linger time already.
+    let mut writer = writer;
+    if tokio::time::timeout(CLOSE_LINGER, &mut writer).await.is_err() {
+        session.conn.abort_writer();
+        let _ = writer.await;
+    }
 }
 
 impl Session {
@@ -89,11 +77,7 @@ impl Session {
                 Ok(Incoming::Text(text)) => self.on_text(&text).await,
                 Ok(Incoming::Binary) => {
                     if self.admit(None) {
-                        self.error(
-                            ErrorCode::BadRequest,
-                            "binary frames are not supported",
-                            None,
-                        );
+                        self.error(ErrorCode::BadRequest, "binary frames are not supported", None);
                     }
                 }
                 Ok(Incoming::Ping(payload)) => self.send(ws::pong_frame(&payload)),
@@ -130,11 +114,7 @@ impl Session {
             }
             Err(bad) => {
                 if self.admit(bad.reference.as_deref()) {
-                    self.error(
-                        ErrorCode::BadRequest,
-                        &bad.message,
-                        bad.reference.as_deref(),
-                    );
+                    self.error(ErrorCode::BadRequest, &bad.message, bad.reference.as_deref());
                 }
             }
         }
@@ -152,11 +132,7 @@ impl Session {
         if self.refused_in_a_row > self.state.config.burst {
             self.conn.close(1008, "flooding");
         } else {
-            self.error(
-                ErrorCode::RateLimited,
-                "too many frames, slow down",
-                reference,
-            );
+            self.error(ErrorCode::RateLimited, "too many frames, slow down", reference);
         }
         false
     }
@@ -166,10 +142,7 @@ impl Session {
         match request.kind {
             RequestKind::Join { room, since, epoch } => {
                 if self.allowed(&room, reference) {
-                    let since = since.map(|seq| Since {
-                        seq,
-                        epoch: epoch.as_deref(),
-                    });
+                    let since = since.map(|seq| Since { seq, epoch: epoch.as_deref() });
                     self.join(room, since, reference).await;
                 }
             }
@@ -179,11 +152,7 @@ impl Session {
                     self.publish(&room, body, reference).await;
                 }
             }
-            RequestKind::History {
-                room,
-                before,
-                limit,
-            } => {
+            RequestKind::History { room, before, limit } => {
                 if self.allowed(&room, reference) {
                     self.history(&room, before, limit, reference).await;
                 }
@@ -204,13 +173,7 @@ impl Session {
         }
     }
 
-    async fn history(
-        &self,
-        room: &RoomName,
-        before: Option<u64>,
-        limit: usize,
-        reference: Option<&str>,
-    ) {
+    async fn history(&self, room: &RoomName, before: Option<u64>, limit: usize, reference: Option<&str>) {
         match self.state.bus.history(room, before, limit).await {
             Ok(messages) => self.send(outbound::history(room, messages.iter().map(|m| &m[..]))),
             Err(e) => self.error(ErrorCode::Unavailable, &e.to_string(), reference),
@@ -221,11 +184,7 @@ impl Session {
     fn allowed(&self, room: &RoomName, reference: Option<&str>) -> bool {
         let allowed = self.claims.rooms.allows(room);
         if !allowed {
-            self.error(
-                ErrorCode::Forbidden,
-                &format!("token does not allow room {room}"),
-                reference,
-            );
+            self.error(ErrorCode::Forbidden, &format!("token does not allow room {room}"), reference);
         }
         allowed
     }
@@ -243,11 +202,7 @@ impl Session {
 
     fn leave(&mut self, room: &RoomName, reference: Option<&str>) {
         let Some(index) = self.rooms.iter().position(|r| r == room) else {
-            self.error(
-                ErrorCode::NotJoined,
-                &format!("not joined to {room}"),
-                reference,
-            );
+            self.error(ErrorCode::NotJoined, &format!("not joined to {room}"), reference);
             return;
         };
         self.rooms.swap_remove(index);
@@ -259,20 +214,10 @@ impl Session {
     fn refresh(&mut self, token: &str, reference: Option<&str>) {
         let claims = match self.state.config.verifier.verify(token) {
             Ok(claims) => claims,
-            Err(e) => {
-                return self.error(
-                    ErrorCode::Forbidden,
-                    &format!("refresh refused: {e}"),
-                    reference,
-                )
-            }
+            Err(e) => return self.error(ErrorCode::Forbidden, &format!("refresh refused: {e}"), reference),
         };
         if claims.sub != self.claims.sub {
-            return self.error(
-                ErrorCode::Forbidden,
-                "refresh token is for another sub",
-                reference,
-            );
+            return self.error(ErrorCode::Forbidden, "refresh token is for another sub", reference);
         }
         self.conn.set_expires_at(claims.exp);
         self.send(outbound::refreshed(claims.exp));

@@ -28,7 +28,12 @@ pub async fn run(conn: Arc<Connection>, mut socket: OwnedWriteHalf, metrics: Arc
             break;
         }
         if !frames.is_empty() {
-            if write_all(&mut socket, &frames).await.is_err() {
+            // A peer that stopped reading blocks the write until it is aborted.
+            let written = tokio::select! {
+                written = write_all(&mut socket, &frames) => written,
+                () = conn.writer_aborted() => Err(io::ErrorKind::TimedOut.into()),
+            };
+            if written.is_err() {
                 break;
             }
             metrics.frames_out.inc_by(frames.len() as u64);

@@ -22,11 +22,7 @@ struct PublishBody {
 }
 
 /// `POST /rooms/{room}/messages` with `{"body": ...}`.
-pub async fn publish(
-    state: &Arc<ServerState>,
-    req: Request<Incoming>,
-    room: &str,
-) -> Result<HttpResponse, ApiError> {
+pub async fn publish(state: &Arc<ServerState>, req: Request<Incoming>, room: &str) -> Result<HttpResponse, ApiError> {
     let (claims, room) = authorize(state, &req, Some(room))?;
     let room = room.ok_or_else(|| ApiError::bad_request("missing room"))?;
     let limit = state.config.max_message_bytes;
@@ -34,21 +30,17 @@ pub async fn publish(
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             let message = format!("body larger than {limit} bytes");
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                message,
-            ));
+            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message));
         }
         Err(e) => return Err(ApiError::bad_request(format!("could not read body: {e}"))),
     };
+    // serde would also read a JSON array positionally into the struct.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::bad_request("body must be {\"body\": <json>}"));
+    }
     let parsed: PublishBody = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("body must be {{\"body\": <json>}}: {e}")))?;
-    let seq = state
-        .bus
-        .publish(&room, &claims.sub, &parsed.body)
-        .await
-        .map_err(unavailable)?;
+    let seq = state.bus.publish(&room, &claims.sub, &parsed.body).await.map_err(unavailable)?;
     let mut out = Vec::with_capacity(64);
     out.extend_from_slice(b"{\"room\":");
     write_json_string(&mut out, room.as_str());
@@ -57,20 +49,12 @@ pub async fn publish(
 }
 
 /// `GET /rooms/{room}/history?before=&limit=`.
-pub async fn history(
-    state: &Arc<ServerState>,
-    req: Request<Incoming>,
-    room: &str,
-) -> Result<HttpResponse, ApiError> {
+pub async fn history(state: &Arc<ServerState>, req: Request<Incoming>, room: &str) -> Result<HttpResponse, ApiError> {
     let (_, room) = authorize(state, &req, Some(room))?;
     let room: RoomName = room.ok_or_else(|| ApiError::bad_request("missing room"))?;
     let before = number_param(&req, "before")?;
     let limit = inbound::limit(number_param(&req, "limit")?).map_err(ApiError::bad_request)?;
-    let messages = state
-        .bus
-        .history(&room, before, limit)
-        .await
-        .map_err(unavailable)?;
+    let messages = state.bus.history(&room, before, limit).await.map_err(unavailable)?;
     let mut out = Vec::with_capacity(messages.iter().map(|m| m.len() + 1).sum::<usize>() + 48);
     out.extend_from_slice(b"{\"room\":");
     write_json_string(&mut out, room.as_str());
@@ -81,11 +65,7 @@ pub async fn history(
 }
 
 fn unavailable(e: BusError) -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
-        e.to_string(),
-    )
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())
 }
 
 /// A query parameter that must be a whole number when present.
@@ -93,9 +73,6 @@ fn number_param(req: &Request<Incoming>, name: &str) -> Result<Option<u64>, ApiE
     match query_param(req, name) {
         None => Ok(None),
         Some(v) if v.is_empty() => Ok(None),
-        Some(v) => v
-            .parse()
-            .map(Some)
-            .map_err(|_| ApiError::bad_request(format!("{name} must be a whole number"))),
+        Some(v) => v.parse().map(Some).map_err(|_| ApiError::bad_request(format!("{name} must be a whole number"))),
     }
 }

@@ -21,13 +21,8 @@ use crate::state::ServerState;
 pub type HttpResponse = Response<Full<Bytes>>;
 
 /// The hyper service function.
-pub async fn handle(
-    state: Arc<ServerState>,
-    req: Request<Incoming>,
-) -> Result<HttpResponse, Infallible> {
-    Ok(route(&state, req)
-        .await
-        .unwrap_or_else(ApiError::into_response))
+pub async fn handle(state: Arc<ServerState>, req: Request<Incoming>) -> Result<HttpResponse, Infallible> {
+    Ok(route(&state, req).await.unwrap_or_else(ApiError::into_response))
 }
 
 async fn route(state: &Arc<ServerState>, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
@@ -42,21 +37,10 @@ async fn route(state: &Arc<ServerState>, req: Request<Incoming>) -> Result<HttpR
         (&Method::GET, ["ws", room]) => upgrade::upgrade(state, req, Some(room)),
         (&Method::POST, ["rooms", room, "messages"]) => api::publish(state, req, room).await,
         (&Method::GET, ["rooms", room, "history"]) => api::history(state, req, room).await,
-        (
-            _,
-            ["healthz" | "readyz" | "metrics" | "ws"]
-            | ["ws", _]
-            | ["rooms", _, "messages" | "history"],
-        ) => Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "bad_request",
-            "method not allowed",
-        )),
-        _ => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no such route",
-        )),
+        (_, ["healthz" | "readyz" | "metrics" | "ws"] | ["ws", _] | ["rooms", _, "messages" | "history"]) => {
+            Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "bad_request", "method not allowed"))
+        }
+        _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")),
     }
 }
 
@@ -67,22 +51,15 @@ async fn readiness(state: &ServerState) -> HttpResponse {
         return text(StatusCode::OK, "ready");
     }
     let body = serde_json::json!({"error": "unavailable", "message": format!("not ready: {}", unready.join(", ")), "backends": unready});
-    json(
-        StatusCode::SERVICE_UNAVAILABLE,
-        body.to_string().into_bytes(),
-    )
+    json(StatusCode::SERVICE_UNAVAILABLE, body.to_string().into_bytes())
 }
 
 fn metrics(state: &ServerState) -> HttpResponse {
-    state
-        .metrics
-        .rooms
-        .set(state.bus.registry().room_count() as i64);
+    state.metrics.rooms.set(state.bus.registry().room_count() as i64);
     let mut response = Response::new(Full::new(Bytes::from(state.metrics.render())));
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-    );
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"));
     response
 }
 
@@ -96,11 +73,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-        }
+        Self { status, code, message: message.into() }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -120,19 +93,14 @@ impl ApiError {
 pub fn json(status: StatusCode, body: Vec<u8>) -> HttpResponse {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 
 fn text(status: StatusCode, body: &'static str) -> HttpResponse {
     let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     response
 }
 
@@ -151,16 +119,13 @@ fn authorize<B>(
     let room = RoomName::parse(room).map_err(|e| ApiError::bad_request(e.to_string()))?;
     if !claims.rooms.allows(&room) {
         state.metrics.auth_failure("room");
-        return Err(ApiError::forbidden(format!(
-            "token does not allow room {room}"
-        )));
+        return Err(ApiError::forbidden(format!("token does not allow room {room}")));
     }
     Ok((claims, Some(room)))
 }
 
 fn check_origin<B>(state: &ServerState, req: &Request<B>) -> Result<(), ApiError> {
-    let (Some(allowed), Some(origin)) = (&state.config.allowed_origins, req.headers().get(ORIGIN))
-    else {
+    let (Some(allowed), Some(origin)) = (&state.config.allowed_origins, req.headers().get(ORIGIN)) else {
         return Ok(());
     };
     let origin = origin.to_str().unwrap_or_default().trim_end_matches('/');
@@ -168,9 +133,7 @@ fn check_origin<B>(state: &ServerState, req: &Request<B>) -> Result<(), ApiError
         return Ok(());
     }
     state.metrics.auth_failure("origin");
-    Err(ApiError::forbidden(format!(
-        "origin {origin:?} is not allowed"
-    )))
+    Err(ApiError::forbidden(format!("origin {origin:?} is not allowed")))
 }
 
 fn authenticate<B>(state: &ServerState, req: &Request<B>) -> Result<Claims, ApiError> {
@@ -186,10 +149,7 @@ fn authenticate<B>(state: &ServerState, req: &Request<B>) -> Result<Claims, ApiE
 
 /// The token from `Authorization: Bearer`, else from `?token=`.
 fn bearer_token<B>(req: &Request<B>) -> Option<Cow<'_, str>> {
-    let header = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|h| h.to_str().ok());
+    let header = req.headers().get(AUTHORIZATION).and_then(|h| h.to_str().ok());
     if let Some(token) = header.and_then(|h| h.strip_prefix("Bearer ")) {
         return Some(Cow::Borrowed(token.trim()));
     }
@@ -198,7 +158,5 @@ fn bearer_token<B>(req: &Request<B>) -> Option<Cow<'_, str>> {
 
 pub fn query_param<'r, B>(req: &'r Request<B>, name: &str) -> Option<Cow<'r, str>> {
     let query = req.uri().query()?;
-    form_urlencoded::parse(query.as_bytes())
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v)
+    form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v)
 }

@@ -21,21 +21,13 @@ pub fn upgrade(
 ) -> Result<HttpResponse, ApiError> {
     let (claims, room) = authorize(state, &req, room)?;
     if state.shutdown.is_cancelled() {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "shutting down",
-        ));
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "shutting down"));
     }
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
-        return Err(ApiError::new(
-            StatusCode::UPGRADE_REQUIRED,
-            "bad_request",
-            "expected a WebSocket upgrade",
-        ));
+        return Err(ApiError::new(StatusCode::UPGRADE_REQUIRED, "bad_request", "expected a WebSocket upgrade"));
     }
-    let (response, upgrading) = fastwebsockets::upgrade::upgrade(&mut req)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let (response, upgrading) =
+        fastwebsockets::upgrade::upgrade(&mut req).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let session_state = state.clone();
     state.tasks.spawn(async move {
         let upgraded = match upgrading.await {
@@ -44,16 +36,7 @@ pub fn upgrade(
         };
         // We gave hyper a TcpStream, so that is what comes back.
         match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => {
-                session::run(
-                    session_state,
-                    parts.io.into_inner(),
-                    parts.read_buf,
-                    claims,
-                    room,
-                )
-                .await
-            }
+            Ok(parts) => session::run(session_state, parts.io.into_inner(), parts.read_buf, claims, room).await,
             Err(_) => tracing::error!("upgraded connection is not a TcpStream"),
         }
     });

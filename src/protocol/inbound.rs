@@ -26,26 +26,11 @@ pub struct Request<'a> {
 
 #[derive(Debug)]
 pub enum RequestKind<'a> {
-    Join {
-        room: RoomName,
-        since: Option<u64>,
-        epoch: Option<Cow<'a, str>>,
-    },
-    Leave {
-        room: RoomName,
-    },
-    Send {
-        room: RoomName,
-        body: &'a RawValue,
-    },
-    History {
-        room: RoomName,
-        before: Option<u64>,
-        limit: usize,
-    },
-    Refresh {
-        token: Cow<'a, str>,
-    },
+    Join { room: RoomName, since: Option<u64>, epoch: Option<Cow<'a, str>> },
+    Leave { room: RoomName },
+    Send { room: RoomName, body: &'a RawValue },
+    History { room: RoomName, before: Option<u64>, limit: usize },
+    Refresh { token: Cow<'a, str> },
     Ping,
 }
 
@@ -87,40 +72,25 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, BadRequest> {
     if !text.trim_start().starts_with('{') {
         return Err(bad("frame must be a JSON object", None));
     }
-    let fields: Fields =
-        serde_json::from_str(text).map_err(|e| bad(&format!("invalid frame: {e}"), None))?;
+    let fields: Fields = serde_json::from_str(text).map_err(|e| bad(&format!("invalid frame: {e}"), None))?;
     let reference = fields.reference.clone();
-    let kind = request_kind(fields).map_err(|message| BadRequest {
-        message,
-        reference: reference.as_deref().map(str::to_owned),
-    })?;
+    let kind = request_kind(fields)
+        .map_err(|message| BadRequest { message, reference: reference.as_deref().map(str::to_owned) })?;
     Ok(Request { reference, kind })
 }
 
 fn request_kind(f: Fields<'_>) -> Result<RequestKind<'_>, String> {
     let kind = f.kind.as_deref().ok_or("missing \"type\"")?;
     Ok(match kind {
-        "join" => RequestKind::Join {
-            room: room(f.room)?,
-            since: f.since,
-            epoch: f.epoch,
-        },
-        "leave" => RequestKind::Leave {
-            room: room(f.room)?,
-        },
+        "join" => RequestKind::Join { room: room(f.room)?, since: f.since, epoch: f.epoch },
+        "leave" => RequestKind::Leave { room: room(f.room)? },
         "send" => {
             let room = room(f.room)?;
             let body = f.body.ok_or("send needs a \"body\"")?;
             RequestKind::Send { room, body }
         }
-        "history" => RequestKind::History {
-            room: room(f.room)?,
-            before: f.before,
-            limit: limit(f.limit)?,
-        },
-        "refresh" => RequestKind::Refresh {
-            token: f.token.ok_or("refresh needs a \"token\"")?,
-        },
+        "history" => RequestKind::History { room: room(f.room)?, before: f.before, limit: limit(f.limit)? },
+        "refresh" => RequestKind::Refresh { token: f.token.ok_or("refresh needs a \"token\"")? },
         "ping" => RequestKind::Ping,
         other => return Err(format!("unknown type {other:?}")),
     })
@@ -141,10 +111,7 @@ pub fn limit(limit: Option<u64>) -> Result<usize, String> {
 }
 
 fn bad(message: &str, reference: Option<String>) -> BadRequest {
-    BadRequest {
-        message: message.to_owned(),
-        reference,
-    }
+    BadRequest { message: message.to_owned(), reference }
 }
 
 #[cfg(test)]
@@ -161,10 +128,7 @@ mod tests {
 
     #[test]
     fn parses_every_request_type() {
-        assert!(matches!(
-            kind(r#"{"type":"join","room":"a"}"#),
-            RequestKind::Join { since: None, .. }
-        ));
+        assert!(matches!(kind(r#"{"type":"join","room":"a"}"#), RequestKind::Join { since: None, .. }));
         match kind(r#"{"type":"join","room":"a","since":5,"epoch":"e1"}"#) {
             RequestKind::Join { room, since, epoch } => {
                 assert_eq!(room.as_str(), "a");
@@ -173,30 +137,16 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(
-            kind(r#"{"type":"leave","room":"a"}"#),
-            RequestKind::Leave { .. }
-        ));
+        assert!(matches!(kind(r#"{"type":"leave","room":"a"}"#), RequestKind::Leave { .. }));
         assert!(matches!(
             kind(r#"{"type":"history","room":"a"}"#),
-            RequestKind::History {
-                before: None,
-                limit: 50,
-                ..
-            }
+            RequestKind::History { before: None, limit: 50, .. }
         ));
         assert!(matches!(
             kind(r#"{"type":"history","room":"a","before":9,"limit":100}"#),
-            RequestKind::History {
-                before: Some(9),
-                limit: 100,
-                ..
-            }
+            RequestKind::History { before: Some(9), limit: 100, .. }
         ));
-        assert!(matches!(
-            kind(r#"{"type":"refresh","token":"t"}"#),
-            RequestKind::Refresh { .. }
-        ));
+        assert!(matches!(kind(r#"{"type":"refresh","token":"t"}"#), RequestKind::Refresh { .. }));
         let ping = parse_request(r#"{"type":"ping","ref":"r1"}"#).unwrap();
         assert!(matches!(ping.kind, RequestKind::Ping));
         assert_eq!(ping.reference.as_deref(), Some("r1"));
@@ -227,36 +177,19 @@ mod tests {
             assert!(parse_request(text).is_err(), "{text}");
         }
         assert_eq!(error(r#"{"room":"a"}"#).message, "missing \"type\"");
-        assert!(error(r#"{"type":"fly","ref":"z"}"#)
-            .message
-            .contains("unknown type"));
-        assert_eq!(
-            error(r#"{"type":"fly","ref":"z"}"#).reference.as_deref(),
-            Some("z")
-        );
+        assert!(error(r#"{"type":"fly","ref":"z"}"#).message.contains("unknown type"));
+        assert_eq!(error(r#"{"type":"fly","ref":"z"}"#).reference.as_deref(), Some("z"));
     }
 
     #[test]
     fn rejects_missing_or_invalid_fields() {
         assert!(error(r#"{"type":"join"}"#).message.contains("room"));
-        assert!(error(r#"{"type":"join","room":"a b"}"#)
-            .message
-            .contains("room name"));
-        assert!(error(r#"{"type":"send","room":"a"}"#)
-            .message
-            .contains("body"));
-        assert!(error(r#"{"type":"history","room":"a","limit":0}"#)
-            .message
-            .contains("limit"));
-        assert!(error(r#"{"type":"history","room":"a","limit":101}"#)
-            .message
-            .contains("limit"));
+        assert!(error(r#"{"type":"join","room":"a b"}"#).message.contains("room name"));
+        assert!(error(r#"{"type":"send","room":"a"}"#).message.contains("body"));
+        assert!(error(r#"{"type":"history","room":"a","limit":0}"#).message.contains("limit"));
+        assert!(error(r#"{"type":"history","room":"a","limit":101}"#).message.contains("limit"));
         assert!(error(r#"{"type":"refresh"}"#).message.contains("token"));
-        assert!(error(r#"{"type":"join","room":"a","since":-1}"#)
-            .message
-            .contains("invalid"));
-        assert!(error(r#"{"type":"ping","ref":5}"#)
-            .message
-            .contains("invalid"));
+        assert!(error(r#"{"type":"join","room":"a","since":-1}"#).message.contains("invalid"));
+        assert!(error(r#"{"type":"ping","ref":5}"#).message.contains("invalid"));
     }
 }

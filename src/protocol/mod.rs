@@ -4,7 +4,5 @@
 pub mod inbound;
 pub mod outbound;
 
-pub use inbound::{
-    parse_request, BadRequest, Request, RequestKind, DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT,
-};
+pub use inbound::{parse_request, BadRequest, Request, RequestKind, DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT};
 pub use outbound::ErrorCode;

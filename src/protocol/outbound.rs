@@ -82,14 +82,12 @@ impl Object {
 
     fn number(mut self, key: &str, value: u64) -> Self {
         let mut digits = itoa::Buffer::new();
-        self.key(key)
-            .extend_from_slice(digits.format(value).as_bytes());
+        self.key(key).extend_from_slice(digits.format(value).as_bytes());
         self
     }
 
     fn bool(mut self, key: &str, value: bool) -> Self {
-        self.key(key)
-            .extend_from_slice(if value { b"true" } else { b"false" });
+        self.key(key).extend_from_slice(if value { b"true" } else { b"false" });
         self
     }
 
@@ -112,23 +110,17 @@ pub fn write_json_string(buf: &mut Vec<u8>, s: &str) {
 
 /// A published message, as every member and history receive it.
 pub fn message(room: &RoomName, seq: u64, from: &str, ts_millis: u64, body: &[u8]) -> Bytes {
-    Object::new(
-        "message",
-        room.as_str().len() + from.len() + body.len() + 64,
-    )
-    .room(room)
-    .number("seq", seq)
-    .string("from", from)
-    .number("ts", ts_millis)
-    .raw("body", body)
-    .finish()
+    Object::new("message", room.as_str().len() + from.len() + body.len() + 64)
+        .room(room)
+        .number("seq", seq)
+        .string("from", from)
+        .number("ts", ts_millis)
+        .raw("body", body)
+        .finish()
 }
 
 pub fn joined(room: &RoomName, seq: u64, epoch: &str, recovered: Option<bool>) -> Bytes {
-    let frame = Object::new("joined", 64)
-        .room(room)
-        .number("seq", seq)
-        .string("epoch", epoch);
+    let frame = Object::new("joined", 64).room(room).number("seq", seq).string("epoch", epoch);
     match recovered {
         Some(r) => frame.bool("recovered", r),
         None => frame,
@@ -141,11 +133,7 @@ pub fn left(room: &RoomName) -> Bytes {
 }
 
 pub fn ack(reference: &str, room: &RoomName, seq: u64) -> Bytes {
-    Object::new("ack", 64)
-        .string("ref", reference)
-        .room(room)
-        .number("seq", seq)
-        .finish()
+    Object::new("ack", 64).string("ref", reference).room(room).number("seq", seq).finish()
 }
 
 /// A `history` reply from the JSON texts of stored messages, oldest first.
@@ -174,9 +162,7 @@ pub fn refreshed(exp: u64) -> Bytes {
 }
 
 pub fn pong(reference: Option<&str>) -> Bytes {
-    Object::new("pong", 32)
-        .opt_string("ref", reference)
-        .finish()
+    Object::new("pong", 32).opt_string("ref", reference).finish()
 }
 
 pub fn error(code: ErrorCode, message: &str, reference: Option<&str>) -> Bytes {
@@ -209,9 +195,7 @@ mod tests {
             parsed(&f),
             json!({"type":"message","room":"lobby","seq":7,"from":"al\"ice","ts":1_700_000_000_000u64,"body":{"t":"hi"}})
         );
-        assert!(std::str::from_utf8(payload(&f))
-            .unwrap()
-            .ends_with(r#""body":{"t": "hi" }}"#));
+        assert!(std::str::from_utf8(payload(&f)).unwrap().ends_with(r#""body":{"t": "hi" }}"#));
     }
 
     #[test]
@@ -224,14 +208,8 @@ mod tests {
             parsed(&joined(&room(), 0, "ep", None)),
             json!({"type":"joined","room":"lobby","seq":0,"epoch":"ep"})
         );
-        assert_eq!(
-            parsed(&left(&room())),
-            json!({"type":"left","room":"lobby"})
-        );
-        assert_eq!(
-            parsed(&ack("r", &room(), 9)),
-            json!({"type":"ack","ref":"r","room":"lobby","seq":9})
-        );
+        assert_eq!(parsed(&left(&room())), json!({"type":"left","room":"lobby"}));
+        assert_eq!(parsed(&ack("r", &room(), 9)), json!({"type":"ack","ref":"r","room":"lobby","seq":9}));
         assert_eq!(parsed(&refreshed(99)), json!({"type":"refreshed","exp":99}));
         assert_eq!(parsed(&pong(None)), json!({"type":"pong"}));
         assert_eq!(parsed(&pong(Some("p"))), json!({"type":"pong","ref":"p"}));

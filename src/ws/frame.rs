@@ -154,10 +154,7 @@ mod tests {
 
     #[test]
     fn control_frames() {
-        assert_eq!(
-            &close_frame(1013, "slow consumer")[..4],
-            &[0x88, 15, 0x03, 0xF5]
-        );
+        assert_eq!(&close_frame(1013, "slow consumer")[..4], &[0x88, 15, 0x03, 0xF5]);
         assert_eq!(&ping_frame()[..], &[0x89, 0]);
         assert_eq!(&pong_frame(b"hi")[..], &[0x8A, 2, b'h', b'i']);
         let long_reason = "é".repeat(100);

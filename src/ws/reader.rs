@@ -75,11 +75,7 @@ pub struct FrameReader {
 impl FrameReader {
     /// `initial` holds bytes already read past the HTTP upgrade request.
     pub fn new(initial: &[u8], max_message: usize) -> Self {
-        Self {
-            buf: BytesMut::from(initial),
-            max_message,
-            partial: None,
-        }
+        Self { buf: BytesMut::from(initial), max_message, partial: None }
     }
 
     /// Reads until a whole frame is there.
@@ -149,12 +145,7 @@ impl FrameReader {
     }
 
     /// Interprets one unmasked frame; `None` while a fragmented message is incomplete.
-    fn accept(
-        &mut self,
-        fin: bool,
-        opcode: u8,
-        payload: BytesMut,
-    ) -> Result<Option<Incoming>, ReadError> {
+    fn accept(&mut self, fin: bool, opcode: u8, payload: BytesMut) -> Result<Option<Incoming>, ReadError> {
         match opcode {
             OP_TEXT | OP_BINARY => {
                 if self.partial.is_some() {
@@ -164,10 +155,7 @@ impl FrameReader {
                 if fin {
                     return complete(text, payload).map(Some);
                 }
-                self.partial = Some(Partial {
-                    text,
-                    data: payload,
-                });
+                self.partial = Some(Partial { text, data: payload });
                 Ok(None)
             }
             OP_CONTINUATION => {
@@ -259,19 +247,11 @@ impl FrameHead {
             }
         };
         if opcode & 0x8 != 0 && (!fin || payload_len > 125) {
-            return Err(ReadError::Protocol(
-                "control frames must be whole and at most 125 bytes",
-            ));
+            return Err(ReadError::Protocol("control frames must be whole and at most 125 bytes"));
         }
         let mut mask = [0; 4];
         mask.copy_from_slice(&buf[header_len - 4..header_len]);
-        Ok(Some(Self {
-            fin,
-            opcode,
-            mask,
-            header_len,
-            payload_len,
-        }))
+        Ok(Some(Self { fin, opcode, mask, header_len, payload_len }))
     }
 }
 
@@ -306,10 +286,7 @@ mod tests {
     #[test]
     fn text_frame_is_unmasked() {
         let mut r = reader_with(&client_frame(true, OP_TEXT, b"{\"type\":\"ping\"}"), 1024);
-        assert_eq!(
-            r.parse().unwrap(),
-            Some(Incoming::Text(Bytes::from_static(b"{\"type\":\"ping\"}")))
-        );
+        assert_eq!(r.parse().unwrap(), Some(Incoming::Text(Bytes::from_static(b"{\"type\":\"ping\"}"))));
         assert_eq!(r.parse().unwrap(), None);
     }
 
@@ -328,14 +305,8 @@ mod tests {
         bytes.extend(client_frame(true, OP_PING, b"p"));
         bytes.extend(client_frame(true, OP_CONTINUATION, b"lo"));
         let mut r = reader_with(&bytes, 1024);
-        assert_eq!(
-            r.parse().unwrap(),
-            Some(Incoming::Ping(Bytes::from_static(b"p")))
-        );
-        assert_eq!(
-            r.parse().unwrap(),
-            Some(Incoming::Text(Bytes::from_static(b"hello")))
-        );
+        assert_eq!(r.parse().unwrap(), Some(Incoming::Ping(Bytes::from_static(b"p"))));
+        assert_eq!(r.parse().unwrap(), Some(Incoming::Text(Bytes::from_static(b"hello"))));
     }
 
     #[test]
@@ -370,10 +341,7 @@ mod tests {
             (client_frame(true, OP_CONTINUATION, b"x"), "continuation"),
             (client_frame(true, 0x3, b""), "opcode"),
             (client_frame(true, OP_CLOSE, &[3]), "one-byte"),
-            (
-                client_frame(true, OP_CLOSE, &1005u16.to_be_bytes()),
-                "close code",
-            ),
+            (client_frame(true, OP_CLOSE, &1005u16.to_be_bytes()), "close code"),
         ];
         for (bytes, why) in cases {
             match reader_with(&bytes, 1024).parse() {

@@ -13,10 +13,7 @@ pub struct Keys {
 
 impl Keys {
     pub fn new(prefix: &str) -> Self {
-        Self {
-            prefix: prefix.to_owned(),
-            channel_prefix: format!("{prefix}:room:"),
-        }
+        Self { prefix: prefix.to_owned(), channel_prefix: format!("{prefix}:room:") }
     }
 
     /// A hash with the room's `seq` and `epoch`: one key, so it is lost or

@@ -88,13 +88,7 @@ impl RedisBus {
         })
     }
 
-    pub async fn publish(
-        &self,
-        room: &RoomName,
-        from: &str,
-        ts: u64,
-        body: &RawValue,
-    ) -> Result<u64, BusError> {
+    pub async fn publish(&self, room: &RoomName, from: &str, ts: u64, body: &RawValue) -> Result<u64, BusError> {
         let started = Instant::now();
         let mut from_json = Vec::with_capacity(from.len() + 2);
         write_json_string(&mut from_json, from);
@@ -112,48 +106,27 @@ impl RedisBus {
             .run(|mut conn| async move { call.invoke_async(&mut conn).await })
             .await
             .map_err(BusError::redis)?;
-        self.metrics
-            .bus_publish_seconds
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics.bus_publish_seconds.observe(started.elapsed().as_secs_f64());
         self.metrics.messages_published.inc();
         Ok(seq)
     }
 
     /// The room's seq and epoch, and the messages after `since`, atomically.
-    pub async fn snapshot(
-        &self,
-        room: &RoomName,
-        since: Option<u64>,
-    ) -> Result<Snapshot, BusError> {
+    pub async fn snapshot(&self, room: &RoomName, since: Option<u64>) -> Result<Snapshot, BusError> {
         snapshot(&self.snapshot_script, &self.keys, &self.link, room, since).await
     }
 
     /// Up to `limit` messages before `before`, oldest first.
-    pub async fn history(
-        &self,
-        room: &RoomName,
-        before: Option<u64>,
-        limit: usize,
-    ) -> Result<Vec<Bytes>, BusError> {
+    pub async fn history(&self, room: &RoomName, before: Option<u64>, limit: usize) -> Result<Vec<Bytes>, BusError> {
         let max = before.map_or_else(|| "+inf".to_owned(), |b| format!("({b}"));
         let mut query = redis::cmd("ZREVRANGEBYSCORE");
-        query
-            .arg(self.keys.history(room))
-            .arg(max)
-            .arg("-inf")
-            .arg("WITHSCORES")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit);
+        query.arg(self.keys.history(room)).arg(max).arg("-inf").arg("WITHSCORES").arg("LIMIT").arg(0).arg(limit);
         let flat: Vec<Vec<u8>> = self
             .link
             .run(|mut conn| async move { query.query_async(&mut conn).await })
             .await
             .map_err(BusError::redis)?;
-        let mut messages: Vec<Bytes> = flat
-            .chunks_exact(2)
-            .map(|pair| Bytes::from(pair[0].clone()))
-            .collect();
+        let mut messages: Vec<Bytes> = flat.chunks_exact(2).map(|pair| Bytes::from(pair[0].clone())).collect();
         messages.reverse();
         Ok(messages)
     }
@@ -181,9 +154,7 @@ impl RedisBus {
     /// `Some("redis")` when Redis does not answer or this node's pub/sub
     /// connection is down.
     pub async fn unready(&self) -> Option<&'static str> {
-        let ping = self.link.run(|mut conn| async move {
-            redis::cmd("PING").query_async::<String>(&mut conn).await
-        });
+        let ping = self.link.run(|mut conn| async move { redis::cmd("PING").query_async::<String>(&mut conn).await });
         let answered = matches!(tokio::time::timeout(CONNECT_TIMEOUT, ping).await, Ok(Ok(_)));
         (!answered || !self.link_up.load(Ordering::Relaxed)).then_some("redis")
     }
@@ -198,18 +169,10 @@ async fn snapshot(
     since: Option<u64>,
 ) -> Result<Snapshot, BusError> {
     let mut call = script.key(keys.state(room));
-    call.key(keys.history(room))
-        .arg(super::fresh_epoch())
-        .arg(since.map(|s| s.to_string()).unwrap_or_default());
-    let (seq, epoch, flat): (u64, String, Vec<Vec<u8>>) = link
-        .run(|mut conn| async move { call.invoke_async(&mut conn).await })
-        .await
-        .map_err(BusError::redis)?;
-    Ok(Snapshot {
-        seq,
-        epoch: epoch.into(),
-        messages: stored_messages(&flat),
-    })
+    call.key(keys.history(room)).arg(super::fresh_epoch()).arg(since.map(|s| s.to_string()).unwrap_or_default());
+    let (seq, epoch, flat): (u64, String, Vec<Vec<u8>>) =
+        link.run(|mut conn| async move { call.invoke_async(&mut conn).await }).await.map_err(BusError::redis)?;
+    Ok(Snapshot { seq, epoch: epoch.into(), messages: stored_messages(&flat) })
 }
 
 /// Messages from a `WITHSCORES` reply: member (the JSON), then score (the seq).
@@ -217,10 +180,7 @@ fn stored_messages(flat: &[Vec<u8>]) -> Vec<StoredMessage> {
     flat.chunks_exact(2)
         .filter_map(|pair| {
             let seq = std::str::from_utf8(&pair[1]).ok()?.parse().ok()?;
-            Some(StoredMessage {
-                seq,
-                frame: text_frame(&pair[0]),
-            })
+            Some(StoredMessage { seq, frame: text_frame(&pair[0]) })
         })
         .collect()
 }

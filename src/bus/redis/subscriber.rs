@@ -76,11 +76,7 @@ impl Subscriber {
     }
 
     /// Sleeps for `backoff`, answering barriers with "down"; false on shutdown.
-    async fn wait_refusing(
-        &self,
-        commands: &mut mpsc::UnboundedReceiver<Command>,
-        backoff: Duration,
-    ) -> bool {
+    async fn wait_refusing(&self, commands: &mut mpsc::UnboundedReceiver<Command>, backoff: Duration) -> bool {
         let sleep = tokio::time::sleep(backoff);
         tokio::pin!(sleep);
         loop {
@@ -105,14 +101,9 @@ impl Subscriber {
             .map_err(BusError::redis)?;
         let (mut sink, mut stream) = pubsub.split();
         let probe_channel = self.keys.probe(&self.node);
-        sink.subscribe(&probe_channel)
-            .await
-            .map_err(BusError::redis)?;
+        sink.subscribe(&probe_channel).await.map_err(BusError::redis)?;
         let rooms = self.registry.subscribed_rooms();
-        let channels: Vec<String> = rooms
-            .iter()
-            .map(|(room, _)| self.keys.channel(room))
-            .collect();
+        let channels: Vec<String> = rooms.iter().map(|(room, _)| self.keys.channel(room)).collect();
         for batch in channels.chunks(SUBSCRIBE_BATCH) {
             sink.subscribe(batch).await.map_err(BusError::redis)?;
         }
@@ -153,15 +144,11 @@ impl Subscriber {
     async fn execute(&self, command: Command, sink: &mut PubSubSink) -> Result<(), BusError> {
         match command {
             Command::Subscribe(room) => {
-                sink.subscribe(self.keys.channel(&room))
-                    .await
-                    .map_err(BusError::redis)?;
+                sink.subscribe(self.keys.channel(&room)).await.map_err(BusError::redis)?;
                 self.metrics.bus_subscriptions.inc();
             }
             Command::Unsubscribe(room) => {
-                sink.unsubscribe(self.keys.channel(&room))
-                    .await
-                    .map_err(BusError::redis)?;
+                sink.unsubscribe(self.keys.channel(&room)).await.map_err(BusError::redis)?;
                 self.metrics.bus_subscriptions.dec();
             }
             Command::Barrier(done) => {
@@ -176,9 +163,7 @@ impl Subscriber {
         let link = self.link.clone();
         let channel = channel.to_owned();
         tokio::spawn(async move {
-            let _: Result<(), _> = link
-                .run(|mut conn| async move { conn.publish(channel, "probe").await })
-                .await;
+            let _: Result<(), _> = link.run(|mut conn| async move { conn.publish(channel, "probe").await }).await;
         });
     }
 
@@ -191,21 +176,13 @@ impl Subscriber {
             return Ok(());
         };
         self.metrics.bus_messages_received.inc();
-        let message = StoredMessage {
-            seq: envelope.seq,
-            frame: text_frame(envelope.json),
-        };
+        let message = StoredMessage { seq: envelope.seq, frame: text_frame(envelope.json) };
         self.deliver(&room, envelope.epoch, message).await
     }
 
     /// Delivers in order: when messages before this one are missing, they
     /// come from Redis history first.
-    async fn deliver(
-        &self,
-        room: &RoomName,
-        epoch: &str,
-        message: StoredMessage,
-    ) -> Result<(), BusError> {
+    async fn deliver(&self, room: &RoomName, epoch: &str, message: StoredMessage) -> Result<(), BusError> {
         let started = Instant::now();
         let mut outcome = self.registry.deliver(room, epoch, message.clone(), false);
         if let Delivered::Gap { from } = outcome {
@@ -213,27 +190,15 @@ impl Subscriber {
             self.fill_from(room, from - 1).await?;
             outcome = self.registry.deliver(room, epoch, message, true);
         }
-        if let Delivered::Fanout {
-            recipients,
-            slow_consumers,
-        } = outcome
-        {
-            self.metrics
-                .record_fanout(started, recipients, slow_consumers);
+        if let Delivered::Fanout { recipients, slow_consumers } = outcome {
+            self.metrics.record_fanout(started, recipients, slow_consumers);
         }
         Ok(())
     }
 
     /// Delivers what Redis history holds after `seq`.
     async fn fill_from(&self, room: &RoomName, seq: u64) -> Result<(), BusError> {
-        let snapshot = super::snapshot(
-            &self.snapshot_script,
-            &self.keys,
-            &self.link,
-            room,
-            Some(seq),
-        )
-        .await?;
+        let snapshot = super::snapshot(&self.snapshot_script, &self.keys, &self.link, room, Some(seq)).await?;
         for message in snapshot.messages {
             self.registry.deliver(room, &snapshot.epoch, message, true);
         }
