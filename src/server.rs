@@ -111,7 +111,8 @@ async fn build_state(config: Config) -> std::io::Result<ServerState> {
 /// Opens the database, runs its migrations and starts the write queue.
 async fn open_persistence(url: &str, config: &Config, metrics: Arc<Metrics>) -> std::io::Result<Persistence> {
     let db = Arc::new(Database::open(url).await.map_err(std::io::Error::other)?);
-    if !db.begin_run(local::NODE).await.map_err(std::io::Error::other)? {
+    let clean = db.begin_run(local::NODE, config.durable_acks).await.map_err(std::io::Error::other)?;
+    if !clean && !config.durable_acks {
         tracing::warn!("the last run did not stop cleanly: every room starts a new epoch");
     }
     let writer = WriteBehind::start(db.clone(), config.persist_queue, metrics);

@@ -183,15 +183,16 @@ impl Database {
 
     /// Marks a single node as running; returns whether its last run ended
     /// cleanly. After an unclean end every room starts a new epoch, since
-    /// messages members saw may not have reached the database.
-    pub async fn begin_run(&self, node: &str) -> Result<bool, DbError> {
+    /// messages members saw may not have reached the database, unless
+    /// `delivered_only_when_written` (`--durable-acks`) says they all did.
+    pub async fn begin_run(&self, node: &str, delivered_only_when_written: bool) -> Result<bool, DbError> {
         let client = self.client().await?;
         let row = client.query_opt("SELECT clean FROM nodes WHERE name = $1", &[&node]).await?;
         let clean = match row {
             Some(row) => row.try_get(0)?,
             None => true,
         };
-        if !clean {
+        if !clean && !delivered_only_when_written {
             client.execute("UPDATE rooms SET epoch = md5(random()::text || room)", &[]).await?;
         }
         client

@@ -1,0 +1,369 @@
+//! Durable history in PostgreSQL, single node: each test on a database of
+//! its own, created on the machine's PostgreSQL and dropped at the end.
+//! Database outages go through a TCP proxy in the test.
+
+mod common;
+#[path = "common/proxy.rs"]
+mod proxy;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{token, Client, TestServer, GUARD};
+use proxy::Proxy;
+use serde_json::{json, Value};
+use tokio_postgres::NoTls;
+
+fn base_url() -> String {
+    std::env::var("CHORUS_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// `url` with its database name replaced.
+fn with_database(url: &str, name: &str) -> String {
+    let (head, query) = url.split_once('?').map_or((url, None), |(h, q)| (h, Some(q)));
+    let base = head.rsplit_once('/').map_or(head, |(b, _)| b);
+    match query {
+        Some(q) => format!("{base}/{name}?{q}"),
+        None => format!("{base}/{name}"),
+    }
+}
+
+/// A database of the test's own.
+struct TestDb {
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    async fn create() -> Self {
+        let name = format!("chorus_test_{}_{:08x}", std::process::id(), rand::random::<u32>());
+        admin().await.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+        let url = with_database(&base_url(), &name);
+        Self { name, url }
+    }
+
+    async fn client(&self) -> tokio_postgres::Client {
+        connect(&self.url).await
+    }
+
+    /// The stored seqs of `room`, in order.
+    async fn seqs(&self, room: &str) -> Vec<u64> {
+        let rows =
+            self.client().await.query("SELECT seq FROM messages WHERE room = $1 ORDER BY seq", &[&room]).await.unwrap();
+        rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect()
+    }
+
+    /// Waits until `room` has `count` rows (write-behind may lag a moment).
+    async fn wait_rows(&self, room: &str, count: usize) -> Vec<u64> {
+        let deadline = tokio::time::Instant::now() + GUARD * 3;
+        loop {
+            let seqs = self.seqs(room).await;
+            if seqs.len() >= count || tokio::time::Instant::now() > deadline {
+                return seqs;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn drop(self) {
+        let _ = admin().await.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).await;
+    }
+}
+
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+async fn admin() -> tokio_postgres::Client {
+    connect(&base_url()).await
+}
+
+fn postgres_addr() -> SocketAddr {
+    let url = base_url();
+    let after_at = url.rsplit_once('@').map_or(url.as_str(), |(_, rest)| rest);
+    let host_port = after_at.trim_start_matches("postgres://").split('/').next().unwrap_or("127.0.0.1:5432");
+    let host_port = if host_port.contains(':') { host_port.to_owned() } else { format!("{host_port}:5432") };
+    std::net::ToSocketAddrs::to_socket_addrs(&host_port).unwrap().next().unwrap()
+}
+
+async fn server(url: &str, extra: &[&str]) -> TestServer {
+    let mut args = vec!["--database-url", url, "--rate", "100000", "--burst", "100000"];
+    args.extend_from_slice(extra);
+    TestServer::start(&args).await
+}
+
+async fn publisher(server: &TestServer) -> Client {
+    Client::connect(server.addr, "/ws", &token("writer", None, 3600)).await
+}
+
+/// Sends `count` messages to `room` and returns the acked seqs, reading acks
+/// as it goes (a client that does not read is cut as a slow consumer).
+async fn publish_many(client: &mut Client, room: &str, count: usize) -> Vec<u64> {
+    const WINDOW: usize = 256;
+    let mut acked = Vec::with_capacity(count);
+    let mut sent = 0;
+    while acked.len() < count {
+        while sent < count && sent - acked.len() < WINDOW {
+            client
+                .send_json(&json!({"type": "send", "room": room, "body": {"i": sent}, "ref": sent.to_string()}))
+                .await;
+            sent += 1;
+        }
+        let frame = client.recv_json().await;
+        assert_eq!(frame["type"], "ack", "{frame}");
+        acked.push(frame["seq"].as_u64().unwrap());
+    }
+    acked
+}
+
+async fn stop(mut server: TestServer) {
+    server.sigterm();
+    assert!(server.wait_exit().await.success(), "graceful stop exits 0");
+}
+
+async fn history(server: &TestServer, room: &str, query: &str) -> Vec<u64> {
+    let response = reqwest::Client::new()
+        .get(server.url(&format!("/rooms/{room}/history{query}")))
+        .bearer_auth(token("reader", None, 3600))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    body["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_u64().unwrap()).collect()
+}
+
+async fn joined(server: &TestServer, room: &str) -> Value {
+    let mut client = Client::connect(server.addr, &format!("/ws/{room}"), &token("look", None, 3600)).await;
+    client.recv_type("joined").await
+}
+
+fn range(from: u64, to: u64) -> Vec<u64> {
+    (from..=to).collect()
+}
+
+#[tokio::test]
+async fn messages_survive_a_restart_and_the_sequence_continues_in_the_same_epoch() {
+    let db = TestDb::create().await;
+    let first = server(&db.url, &[]).await;
+    let epoch = joined(&first, "keep").await["epoch"].clone();
+    assert_eq!(publish_many(&mut publisher(&first).await, "keep", 20).await, range(1, 20));
+    stop(first).await;
+
+    let second = server(&db.url, &[]).await;
+    assert_eq!(history(&second, "keep", "?limit=100").await, range(1, 20));
+    let again = joined(&second, "keep").await;
+    assert_eq!((again["seq"].as_u64(), &again["epoch"]), (Some(20), &epoch), "same epoch, same seq");
+    assert_eq!(publish_many(&mut publisher(&second).await, "keep", 1).await, vec![21]);
+    stop(second).await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_burst_of_10000_messages_is_stored_exactly_once() {
+    let db = TestDb::create().await;
+    let server = server(&db.url, &[]).await;
+    let acked = publish_many(&mut publisher(&server).await, "burst", 10_000).await;
+    assert_eq!(acked, range(1, 10_000));
+    stop(server).await;
+    assert_eq!(db.seqs("burst").await, range(1, 10_000), "every message once");
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn history_pages_across_the_memory_and_database_boundary() {
+    let db = TestDb::create().await;
+    let server = server(&db.url, &["--history-size", "10"]).await;
+    publish_many(&mut publisher(&server).await, "pages", 50).await;
+    assert_eq!(db.wait_rows("pages", 50).await.len(), 50);
+    // Memory holds 41..=50; older pages come from the database.
+    assert_eq!(history(&server, "pages", "?before=45&limit=20").await, range(25, 44));
+    assert_eq!(history(&server, "pages", "?limit=100").await, range(1, 50));
+    assert_eq!(history(&server, "pages", "?before=30&limit=5").await, range(25, 29));
+    let mut client = publisher(&server).await;
+    client.send_json(&json!({"type": "history", "room": "pages", "before": 12, "limit": 3})).await;
+    let page = client.recv_type("history").await;
+    let seqs: Vec<u64> = page["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, range(9, 11));
+    stop(server).await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn recovery_reaches_further_back_than_memory() {
+    let db = TestDb::create().await;
+    let server = server(&db.url, &["--history-size", "10"]).await;
+    let epoch = joined(&server, "deep").await["epoch"].clone();
+    publish_many(&mut publisher(&server).await, "deep", 50).await;
+    db.wait_rows("deep", 50).await;
+    let mut client = Client::connect(server.addr, "/ws", &token("back", None, 3600)).await;
+    client.send_json(&json!({"type": "join", "room": "deep", "since": 5, "epoch": epoch})).await;
+    let mut replayed = Vec::new();
+    let joined = loop {
+        let frame = client.recv_json().await;
+        if frame["type"] == "joined" {
+            break frame;
+        }
+        replayed.push(frame["seq"].as_u64().unwrap());
+    };
+    assert_eq!(replayed, range(6, 50));
+    assert_eq!((joined["seq"].as_u64(), joined["recovered"].as_bool()), (Some(50), Some(true)));
+    stop(server).await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_database_outage_loses_nothing_acked_and_a_full_queue_answers_unavailable() {
+    let db = TestDb::create().await;
+    let proxy = Proxy::start(postgres_addr()).await;
+    let proxied = with_database(&format!("postgres://postgres@{}/x", proxy.addr), &db.name);
+    let server = server(&proxied, &["--persist-queue", "30"]).await;
+    let mut client = publisher(&server).await;
+    let mut acked = publish_many(&mut client, "out", 10).await;
+    db.wait_rows("out", 10).await;
+
+    proxy.cut();
+    acked.extend(publish_many(&mut client, "out", 20).await);
+    let ready = reqwest::get(server.url("/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    assert!(ready.text().await.unwrap().contains("database"));
+    // Send until the queue is full: then `unavailable`, and no ack.
+    let mut refused = 0;
+    for i in 0..40 {
+        let reference = format!("q{i}");
+        client.send_json(&json!({"type": "send", "room": "out", "body": i, "ref": reference})).await;
+        let frame = client.recv_json().await;
+        match frame["type"].as_str() {
+            Some("ack") => acked.push(frame["seq"].as_u64().unwrap()),
+            Some("error") => {
+                assert_eq!(frame["code"], "unavailable", "{frame}");
+                assert_eq!(frame["ref"], reference.as_str());
+                refused += 1;
+            }
+            _ => panic!("unexpected {frame}"),
+        }
+    }
+    assert!(refused > 0, "a full write queue refuses sends");
+
+    proxy.restore();
+    // Once the backlog is written, the queue takes messages again.
+    assert_eq!(db.wait_rows("out", acked.len()).await.len(), acked.len());
+    acked.extend(publish_many(&mut client, "out", 5).await);
+    stop(server).await;
+    let stored: BTreeSet<u64> = db.seqs("out").await.into_iter().collect();
+    let acked: BTreeSet<u64> = acked.into_iter().collect();
+    assert!(acked.is_subset(&stored), "acked but not stored: {:?}", acked.difference(&stored).collect::<Vec<_>>());
+    assert_eq!(stored.len(), acked.len(), "nothing refused was stored");
+    db.drop().await;
+}
+
+/// Publishes until the connection ends; returns the acked seqs.
+async fn publish_until_closed(mut client: Client, room: &str) -> Vec<u64> {
+    let mut acked = Vec::new();
+    for i in 0.. {
+        let send = json!({"type": "send", "room": room, "body": i, "ref": i.to_string()}).to_string();
+        if futures_util::SinkExt::send(&mut client.ws, tokio_tungstenite::tungstenite::Message::text(send))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        match tokio::time::timeout(GUARD, futures_util::StreamExt::next(&mut client.ws)).await {
+            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text)))) => {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                if frame["type"] == "ack" {
+                    acked.push(frame["seq"].as_u64().unwrap());
+                }
+            }
+            _ => break,
+        }
+    }
+    acked
+}
+
+/// Collects the seqs a member receives until its connection ends.
+async fn receive_until_closed(mut client: Client) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    while let Ok(Some(Ok(message))) = tokio::time::timeout(GUARD, futures_util::StreamExt::next(&mut client.ws)).await {
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
+            let frame: Value = serde_json::from_str(&text).unwrap();
+            if frame["type"] == "message" {
+                seqs.push(frame["seq"].as_u64().unwrap());
+            }
+        }
+    }
+    seqs
+}
+
+#[tokio::test]
+async fn sigterm_while_messages_flow_keeps_every_acked_message() {
+    let db = TestDb::create().await;
+    let first = server(&db.url, &[]).await;
+    let sender = tokio::spawn(publish_until_closed(publisher(&first).await, "flow"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop(first).await;
+    let acked = sender.await.unwrap();
+    assert!(!acked.is_empty());
+    let second = server(&db.url, &[]).await;
+    let stored: BTreeSet<u64> = db.seqs("flow").await.into_iter().collect();
+    assert!(acked.iter().all(|s| stored.contains(s)), "an acked message is missing");
+    stop(second).await;
+    db.drop().await;
+}
+
+/// SIGKILLs a node while one client publishes and another receives; returns
+/// (acked, delivered, epoch before the kill).
+async fn kill_while_flowing(db: &TestDb, extra: &[&str]) -> (Vec<u64>, Vec<u64>, Value) {
+    let mut node = server(&db.url, extra).await;
+    let mut member = Client::connect(node.addr, "/ws/crash", &token("member", None, 3600)).await;
+    let epoch = member.recv_type("joined").await["epoch"].clone();
+    let receiver = tokio::spawn(receive_until_closed(member));
+    let sender = tokio::spawn(publish_until_closed(publisher(&node).await, "crash"));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    node.signal(libc::SIGKILL);
+    node.wait_exit().await;
+    (sender.await.unwrap(), receiver.await.unwrap(), epoch)
+}
+
+#[tokio::test]
+async fn with_durable_acks_a_sigkill_loses_nothing_acked_or_delivered_and_keeps_the_epoch() {
+    let db = TestDb::create().await;
+    let (acked, delivered, epoch) = kill_while_flowing(&db, &["--durable-acks"]).await;
+    assert!(!acked.is_empty() && !delivered.is_empty());
+    let node = server(&db.url, &["--durable-acks"]).await;
+    let stored: BTreeSet<u64> = db.seqs("crash").await.into_iter().collect();
+    for seq in acked.iter().chain(&delivered) {
+        assert!(stored.contains(seq), "seq {seq} was acked or delivered but is not stored");
+    }
+    let after = joined(&node, "crash").await;
+    assert_eq!(after["epoch"], epoch, "durable acks never change the epoch");
+    let next = publish_many(&mut publisher(&node).await, "crash", 1).await[0];
+    let seen = acked.iter().chain(&delivered).max().copied().unwrap_or(0);
+    assert!(next > seen, "seq {next} reused after the crash (saw up to {seen})");
+    stop(node).await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn without_durable_acks_a_sigkill_never_reuses_a_seq_within_an_epoch() {
+    let db = TestDb::create().await;
+    let (acked, delivered, epoch) = kill_while_flowing(&db, &[]).await;
+    let seen = acked.iter().chain(&delivered).max().copied().unwrap_or(0);
+    assert!(seen > 0);
+    let node = server(&db.url, &[]).await;
+    let after = joined(&node, "crash").await;
+    let next = publish_many(&mut publisher(&node).await, "crash", 1).await[0];
+    assert!(after["epoch"] != epoch || next > seen, "seq {next} reused within epoch {epoch}");
+    // A client recovering across the crash is told it did not recover.
+    let mut late = Client::connect(node.addr, "/ws", &token("late", None, 3600)).await;
+    late.send_json(&json!({"type": "join", "room": "crash", "since": seen, "epoch": epoch})).await;
+    let joined = late.recv_type("joined").await;
+    if joined["epoch"] != epoch {
+        assert_eq!(joined["recovered"], false);
+    }
+    stop(node).await;
+    db.drop().await;
+}
