@@ -63,7 +63,7 @@ fn fanout(c: &mut Criterion) {
             .map(|id| Arc::new(Connection::new(id, DRAIN_EVERY as usize + 1, u64::MAX, 0)))
             .collect();
         for conn in &conns {
-            registry.join_local(&lobby, conn, None);
+            registry.join_local(&lobby, conn, None, None);
         }
         let drain = || conns.iter().for_each(|c| drop(c.outbox.take()));
         drain();

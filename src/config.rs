@@ -156,9 +156,9 @@ fn reject_unbuilt_backends(args: &ServeArgs) -> Result<(), ConfigError> {
     if args.durable_acks && args.database_url.is_none() {
         return Err(ConfigError::Invalid("--durable-acks needs --database-url".into()));
     }
-    if args.redis_url.is_some() && args.database_url.is_some() {
+    if args.redis_url.is_some() && args.durable_acks {
         return Err(ConfigError::Invalid(
-            "--database-url together with --redis-url is not available in this build yet".into(),
+            "--durable-acks together with --redis-url is not available in this build yet".into(),
         ));
     }
     Ok(())

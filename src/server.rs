@@ -99,7 +99,12 @@ async fn build_state(config: Config) -> std::io::Result<ServerState> {
             Bus::local(registry, metrics.clone(), persistence)
         }
         Some(url) => {
-            let settings = RedisSettings { url, prefix: &config.redis_prefix, history_size: config.history_size };
+            let database = match &config.database_url {
+                Some(db_url) => Some((open_database(db_url).await?, config.persist_queue)),
+                None => None,
+            };
+            let settings =
+                RedisSettings { url, prefix: &config.redis_prefix, history_size: config.history_size, database };
             let redis = RedisBus::start(settings, registry.clone(), metrics.clone(), shutdown.clone())
                 .map_err(std::io::Error::other)?;
             Bus::redis(registry, metrics.clone(), redis)
@@ -108,9 +113,15 @@ async fn build_state(config: Config) -> std::io::Result<ServerState> {
     Ok(ServerState::new(config, bus, metrics, shutdown))
 }
 
-/// Opens the database, runs its migrations and starts the write queue.
+/// Connects to the database and brings its schema up to date.
+async fn open_database(url: &str) -> std::io::Result<Arc<Database>> {
+    Ok(Arc::new(Database::open(url).await.map_err(std::io::Error::other)?))
+}
+
+/// A single node's durable history: the database, a record of whether the
+/// last run stopped cleanly, and the write queue.
 async fn open_persistence(url: &str, config: &Config, metrics: Arc<Metrics>) -> std::io::Result<Persistence> {
-    let db = Arc::new(Database::open(url).await.map_err(std::io::Error::other)?);
+    let db = open_database(url).await?;
     let clean = db.begin_run(local::NODE, config.durable_acks).await.map_err(std::io::Error::other)?;
     if !clean && !config.durable_acks {
         tracing::warn!("the last run did not stop cleanly: every room starts a new epoch");

@@ -367,3 +367,66 @@ async fn without_durable_acks_a_sigkill_never_reuses_a_seq_within_an_epoch() {
     stop(node).await;
     db.drop().await;
 }
+
+fn redis_url() -> String {
+    std::env::var("CHORUS_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+async fn cluster_node(db: &TestDb, prefix: &str) -> TestServer {
+    server(&db.url, &["--redis-url", &redis_url(), "--redis-prefix", prefix]).await
+}
+
+#[tokio::test]
+async fn in_a_cluster_every_acked_message_reaches_the_database_when_a_node_is_killed() {
+    let db = TestDb::create().await;
+    let prefix = format!("chorus-test-kill-{}-{:08x}", std::process::id(), rand::random::<u32>());
+    // The doomed node reaches the database through a proxy that is then cut,
+    // so it dies holding messages it read from the stream but never wrote.
+    let proxy = Proxy::start(postgres_addr()).await;
+    let proxied = with_database(&format!("postgres://postgres@{}/x", proxy.addr), &db.name);
+    let mut doomed = server(&proxied, &["--redis-url", &redis_url(), "--redis-prefix", &prefix]).await;
+    // A room's first message needs the database (where does its seq stand?).
+    let mut acked = publish_many(&mut publisher(&doomed).await, "split", 1).await;
+    db.wait_rows("split", 1).await;
+    proxy.cut();
+    acked.extend(publish_many(&mut publisher(&doomed).await, "split", 200).await);
+    let on_doomed = tokio::spawn(publish_until_closed(publisher(&doomed).await, "split"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    doomed.signal(libc::SIGKILL);
+    doomed.wait_exit().await;
+    acked.extend(on_doomed.await.unwrap());
+    assert_eq!(db.seqs("split").await, vec![1], "the doomed node could not write after the cut");
+
+    let survivor = cluster_node(&db, &prefix).await;
+    acked.extend(publish_many(&mut publisher(&survivor).await, "split", 100).await);
+    // The survivor writes its own messages and claims what the dead node had read.
+    let stored: BTreeSet<u64> = db.wait_rows("split", acked.len()).await.into_iter().collect();
+    let missing: Vec<_> = acked.iter().filter(|s| !stored.contains(s)).collect();
+    assert!(missing.is_empty(), "acked but never stored: {} of {}", missing.len(), acked.len());
+    stop(survivor).await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn in_a_cluster_redis_losing_a_room_continues_from_the_database_in_a_new_epoch() {
+    let db = TestDb::create().await;
+    let prefix = format!("chorus-test-restore-{}-{:08x}", std::process::id(), rand::random::<u32>());
+    let node = cluster_node(&db, &prefix).await;
+    let epoch = joined(&node, "again").await["epoch"].clone();
+    assert_eq!(publish_many(&mut publisher(&node).await, "again", 20).await, range(1, 20));
+    db.wait_rows("again", 20).await;
+    // Redis forgets the room (its state, history and pending stream).
+    let redis = redis::Client::open(redis_url()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::AsyncCommands::keys(&mut conn, format!("{prefix}:*")).await.unwrap();
+    let _: () = redis::AsyncCommands::del(&mut conn, keys).await.unwrap();
+
+    let after = publish_many(&mut publisher(&node).await, "again", 5).await;
+    assert_eq!(after, range(21, 25), "the sequence continues past what the database holds");
+    let now = joined(&node, "again").await;
+    assert_ne!(now["epoch"], epoch, "without durable acks the epoch changes");
+    assert_eq!(db.wait_rows("again", 25).await, range(1, 25), "no row collided");
+    assert_eq!(history(&node, "again", "?limit=100").await, range(1, 25), "history reaches into the database");
+    stop(node).await;
+    db.drop().await;
+}

@@ -149,7 +149,7 @@ impl Bus {
         match &self.backend {
             Backend::Local(None) => Vec::new(),
             Backend::Local(Some(p)) => p.db.ping().await.err().map(|_| "database").into_iter().collect(),
-            Backend::Redis(redis) => redis.unready().await.into_iter().collect(),
+            Backend::Redis(redis) => redis.unready().await,
         }
     }
 
@@ -165,7 +165,7 @@ impl Bus {
 
 /// The messages before `recent` (or before `before`) that only the database
 /// still holds, to make up `limit`.
-async fn older_history(
+pub(crate) async fn older_history(
     db: Option<&Arc<Database>>,
     room: &RoomName,
     before: Option<u64>,

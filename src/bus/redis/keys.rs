@@ -35,6 +35,12 @@ impl Keys {
         RoomName::parse(channel.strip_prefix(&self.channel_prefix)?).ok()
     }
 
+    /// The stream of messages still to be written to the database, read by
+    /// a consumer group that every node of the cluster belongs to.
+    pub fn pending(&self) -> String {
+        format!("{}:persist", self.prefix)
+    }
+
     /// The channel a node publishes its liveness probes to, and hears them on.
     pub fn probe(&self, node: &str) -> String {
         format!("{}:probe:{node}", self.prefix)

@@ -1,16 +1,25 @@
 -- Gives a message its seq, keeps it in the room's capped history and
 -- publishes it, atomically, so every node sees messages in seq order.
 -- KEYS[1] room state hash (seq, epoch)   KEYS[2] room history sorted set
+-- KEYS[3] the stream of messages still to be written to the database
 -- ARGV: channel, history size, room, from (JSON string), ts, body (JSON),
---       a fresh epoch to start if the room's state is gone
-local state, history = KEYS[1], KEYS[2]
-local channel, size = ARGV[1], tonumber(ARGV[2])
+--       a fresh epoch for a room that has no state, whether a database
+--       keeps history ('1' or '0'), the most messages the stream may hold
+local state, history, pending = KEYS[1], KEYS[2], KEYS[3]
+local channel, size, persist = ARGV[1], tonumber(ARGV[2]), ARGV[8] == '1'
 local epoch = redis.call('HGET', state, 'epoch')
 if not epoch then
+  if persist then
+    -- The database knows where the room's sequence stands: ask the node.
+    return redis.error_reply('NOSTATE room state is gone')
+  end
   -- New room, or Redis lost it: a new epoch, and no history from the old one.
   epoch = ARGV[7]
   redis.call('HSET', state, 'epoch', epoch)
   redis.call('DEL', history)
+end
+if persist and redis.call('XLEN', pending) >= tonumber(ARGV[9]) then
+  return redis.error_reply('QUEUEFULL the database write queue is full')
 end
 local seq = redis.call('HINCRBY', state, 'seq', 1)
 local message = '{"type":"message","room":"' .. ARGV[3] .. '","seq":' .. seq ..
@@ -18,6 +27,9 @@ local message = '{"type":"message","room":"' .. ARGV[3] .. '","seq":' .. seq ..
 if size > 0 then
   redis.call('ZADD', history, seq, message)
   redis.call('ZREMRANGEBYRANK', history, 0, -(size + 1))
+end
+if persist then
+  redis.call('XADD', pending, '*', 'r', ARGV[3], 'e', epoch, 'm', message)
 end
 redis.call('PUBLISH', channel, seq .. ' ' .. epoch .. ' ' .. message)
 return {seq, epoch}

@@ -1,7 +1,12 @@
 -- A room's seq and epoch, and the messages after a seq, read atomically.
 -- KEYS[1] room state hash   KEYS[2] room history sorted set
 -- ARGV[1] a fresh epoch for a room that has none   ARGV[2] since ('' for none)
-if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 1 then
+-- ARGV[3] whether a database keeps history ('1' or '0')
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if ARGV[3] == '1' then
+    return redis.error_reply('NOSTATE room state is gone')
+  end
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[1])
   redis.call('DEL', KEYS[2])
 end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')

@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use redis::aio::PubSubSink;
-use redis::{AsyncCommands, Script};
+use redis::AsyncCommands;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::keys::{Envelope, Keys};
+use super::keys::Envelope;
+use super::scripts::Scripts;
 use super::BusError;
 use crate::metrics::Metrics;
 use crate::registry::{Delivered, Registry, StoredMessage};
@@ -41,10 +42,8 @@ pub enum Command {
 
 pub struct Subscriber {
     pub client: redis::Client,
-    /// The shared command connection, for gap fills and probes.
-    pub link: Arc<super::link::CommandLink>,
-    pub keys: Keys,
-    pub snapshot_script: Script,
+    /// The scripts and command connection, for gap fills and probes.
+    pub scripts: Arc<Scripts>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     /// A name for this node's probe channel.
@@ -100,10 +99,10 @@ impl Subscriber {
             .map_err(|_| BusError::redis("connect timed out"))?
             .map_err(BusError::redis)?;
         let (mut sink, mut stream) = pubsub.split();
-        let probe_channel = self.keys.probe(&self.node);
+        let probe_channel = self.scripts.keys.probe(&self.node);
         sink.subscribe(&probe_channel).await.map_err(BusError::redis)?;
         let rooms = self.registry.subscribed_rooms();
-        let channels: Vec<String> = rooms.iter().map(|(room, _)| self.keys.channel(room)).collect();
+        let channels: Vec<String> = rooms.iter().map(|(room, _)| self.scripts.keys.channel(room)).collect();
         for batch in channels.chunks(SUBSCRIBE_BATCH) {
             sink.subscribe(batch).await.map_err(BusError::redis)?;
         }
@@ -144,11 +143,11 @@ impl Subscriber {
     async fn execute(&self, command: Command, sink: &mut PubSubSink) -> Result<(), BusError> {
         match command {
             Command::Subscribe(room) => {
-                sink.subscribe(self.keys.channel(&room)).await.map_err(BusError::redis)?;
+                sink.subscribe(self.scripts.keys.channel(&room)).await.map_err(BusError::redis)?;
                 self.metrics.bus_subscriptions.inc();
             }
             Command::Unsubscribe(room) => {
-                sink.unsubscribe(self.keys.channel(&room)).await.map_err(BusError::redis)?;
+                sink.unsubscribe(self.scripts.keys.channel(&room)).await.map_err(BusError::redis)?;
                 self.metrics.bus_subscriptions.dec();
             }
             Command::Barrier(done) => {
@@ -160,7 +159,7 @@ impl Subscriber {
 
     /// Publishes a probe without waiting: the loop hears it come back.
     fn send_probe(&self, channel: &str) {
-        let link = self.link.clone();
+        let link = self.scripts.link.clone();
         let channel = channel.to_owned();
         tokio::spawn(async move {
             let _: Result<(), _> = link.run(|mut conn| async move { conn.publish(channel, "probe").await }).await;
@@ -168,7 +167,7 @@ impl Subscriber {
     }
 
     async fn on_message(&self, channel: &str, payload: &[u8]) -> Result<(), BusError> {
-        let Some(room) = self.keys.room_of_channel(channel) else {
+        let Some(room) = self.scripts.keys.room_of_channel(channel) else {
             return Ok(());
         };
         let Some(envelope) = Envelope::parse(payload) else {
@@ -198,7 +197,7 @@ impl Subscriber {
 
     /// Delivers what Redis history holds after `seq`.
     async fn fill_from(&self, room: &RoomName, seq: u64) -> Result<(), BusError> {
-        let snapshot = super::snapshot(&self.snapshot_script, &self.keys, &self.link, room, Some(seq)).await?;
+        let snapshot = self.scripts.snapshot(room, Some(seq)).await?;
         for message in snapshot.messages {
             self.registry.deliver(room, &snapshot.epoch, message, true);
         }

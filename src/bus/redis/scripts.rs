@@ -1,0 +1,159 @@
+//! The Lua scripts a node runs on Redis, and what it does when a room's
+//! state there is gone.
+//!
+//! Without a database a room whose state Redis lost simply starts a new
+//! epoch at seq 1. With one, the database's rows would collide with that, so
+//! the scripts refuse (`NOSTATE`) and the node first puts the state back:
+//! the database's highest seq, and a new epoch (members may have seen
+//! messages the database never got), or, with `--durable-acks`, the same
+//! epoch, since every delivered message is in the database.
+
+use std::sync::Arc;
+
+use redis::{RedisError, Script};
+use serde_json::value::RawValue;
+
+use super::keys::Keys;
+use super::link::CommandLink;
+use crate::bus::{fresh_epoch, BusError};
+use crate::history::Database;
+use crate::protocol::outbound::write_json_string;
+use crate::registry::{Snapshot, StoredMessage};
+use crate::room::RoomName;
+use crate::ws::frame::text_frame;
+
+pub struct Scripts {
+    pub link: Arc<CommandLink>,
+    pub keys: Keys,
+    pub history_size: usize,
+    pub db: Option<Arc<Database>>,
+    pub durable_acks: bool,
+    /// The most messages waiting for the database before publishing refuses.
+    pub persist_queue: usize,
+    publish: Script,
+    snapshot: Script,
+    restore: Script,
+}
+
+/// What the publish script answered.
+pub struct Published {
+    pub seq: u64,
+}
+
+impl Scripts {
+    pub fn new(link: Arc<CommandLink>, keys: Keys, history_size: usize, db: Option<Arc<Database>>) -> Self {
+        Self {
+            link,
+            keys,
+            history_size,
+            db,
+            durable_acks: false,
+            persist_queue: 100_000,
+            publish: Script::new(include_str!("publish.lua")),
+            snapshot: Script::new(include_str!("snapshot.lua")),
+            restore: Script::new(include_str!("restore.lua")),
+        }
+    }
+
+    fn persisting(&self) -> &'static str {
+        if self.db.is_some() {
+            "1"
+        } else {
+            "0"
+        }
+    }
+
+    pub async fn publish(&self, room: &RoomName, from: &str, ts: u64, body: &RawValue) -> Result<Published, BusError> {
+        let mut from_json = Vec::with_capacity(from.len() + 2);
+        write_json_string(&mut from_json, from);
+        let mut call = self.publish.key(self.keys.state(room));
+        call.key(self.keys.history(room))
+            .key(self.keys.pending())
+            .arg(self.keys.channel(room))
+            .arg(self.history_size)
+            .arg(room.as_str())
+            .arg(from_json)
+            .arg(ts)
+            .arg(body.get())
+            .arg(fresh_epoch())
+            .arg(self.persisting())
+            .arg(self.persist_queue);
+        let call = &call;
+        let invoke =
+            || self.link.run(move |mut conn| async move { call.invoke_async::<(u64, String)>(&mut conn).await });
+        let (seq, _epoch) = match invoke().await {
+            Err(e) if is(&e, "NOSTATE") => {
+                self.restore(room).await?;
+                invoke().await
+            }
+            other => other,
+        }
+        .map_err(refusal)?;
+        Ok(Published { seq })
+    }
+
+    /// The room's seq and epoch, and the messages after `since`, atomically.
+    pub async fn snapshot(&self, room: &RoomName, since: Option<u64>) -> Result<Snapshot, BusError> {
+        let mut call = self.snapshot.key(self.keys.state(room));
+        call.key(self.keys.history(room))
+            .arg(fresh_epoch())
+            .arg(since.map(|s| s.to_string()).unwrap_or_default())
+            .arg(self.persisting());
+        let call = &call;
+        let invoke = || {
+            self.link
+                .run(move |mut conn| async move { call.invoke_async::<(u64, String, Vec<Vec<u8>>)>(&mut conn).await })
+        };
+        let (seq, epoch, flat) = match invoke().await {
+            Err(e) if is(&e, "NOSTATE") => {
+                self.restore(room).await?;
+                invoke().await
+            }
+            other => other,
+        }
+        .map_err(BusError::redis)?;
+        Ok(Snapshot { seq, epoch: epoch.into(), messages: stored_messages(&flat) })
+    }
+
+    /// Puts back a room's state from the database (see the module doc).
+    async fn restore(&self, room: &RoomName) -> Result<(), BusError> {
+        let Some(db) = &self.db else { return Ok(()) };
+        let (seq, stored_epoch) = db.room_state(room).await.map_err(BusError::database)?;
+        let epoch = match stored_epoch {
+            Some(epoch) if self.durable_acks => epoch,
+            _ => fresh_epoch(),
+        };
+        let mut call = self.restore.key(self.keys.state(room));
+        call.key(self.keys.history(room)).arg(epoch).arg(seq);
+        self.link
+            .run(|mut conn| async move { call.invoke_async::<String>(&mut conn).await })
+            .await
+            .map_err(BusError::redis)?;
+        tracing::warn!("redis had lost the state of room {room}: restored at seq {seq}");
+        Ok(())
+    }
+}
+
+fn is(error: &RedisError, code: &str) -> bool {
+    error.code() == Some(code)
+}
+
+/// A script's refusal in the words of PROTOCOL.md: the database queue being
+/// full is the database's unavailability, anything else Redis's.
+fn refusal(error: RedisError) -> BusError {
+    if is(&error, "QUEUEFULL") {
+        BusError::database("the database write queue is full")
+    } else {
+        BusError::redis(error)
+    }
+}
+
+/// Messages from a `WITHSCORES` reply: member (the JSON), then score (the seq).
+pub fn stored_messages(flat: &[Vec<u8>]) -> Vec<StoredMessage> {
+    flat.chunks_exact(2)
+        .filter_map(|pair| {
+            let seq = std::str::from_utf8(&pair[1]).ok()?.parse().ok()?;
+            Some(StoredMessage { seq, frame: text_frame(&pair[0]) })
+        })
+        .collect()
+}
