@@ -73,10 +73,13 @@ fn print_token(args: TokenArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    // Handle the signals before the banner announces the server: a signal
+    // right after it must shut down gracefully, not kill the process.
+    let signal = shutdown_signal()?;
     let banner = Banner::from_config(&config);
     let server = Server::start(config).await.context("cannot start the server")?;
     banner.print(server.local_addr())?;
-    wait_for_signal().await?;
+    signal.await;
     tracing::info!("shutting down");
     server.shutdown(SHUTDOWN_GRACE).await;
     Ok(())
@@ -115,14 +118,17 @@ impl Banner {
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Starts handling SIGTERM and SIGINT now; the future ends at the first one.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        r = tokio::signal::ctrl_c() => r.context("cannot listen for SIGINT")?,
-    }
-    Ok(())
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    })
 }
 
 fn init_tracing() {

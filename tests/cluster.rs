@@ -282,7 +282,11 @@ async fn redis_cut_off_answers_unavailable_then_the_gap_is_filled_in_order() {
     for i in 31..=35 {
         assert_eq!(pub_a.publish("cut", json!(i)).await, i);
     }
-    assert_eq!(seqs(&messages(&mut on_a, 25).await), (11..=35).collect::<Vec<u64>>(), "each acked message once, in order");
+    assert_eq!(
+        seqs(&messages(&mut on_a, 25).await),
+        (11..=35).collect::<Vec<u64>>(),
+        "each acked message once, in order"
+    );
     assert_eq!(seqs(&messages(&mut on_b, 35).await), (1..=35).collect::<Vec<u64>>());
     assert!(a.metric("chorus_bus_reconnects_total").await >= 1.0);
 }

@@ -190,8 +190,12 @@ async fn rs256_and_es256_public_keys() {
         let what = format!("{alg:?}");
         assert_invalid_token(&server, Some(&sign_pem(alg, &read(other_private), &c)), &format!("{what}: other key"))
             .await;
-        assert_invalid_token(&server, Some(&sign_pem(wrong_alg, &read(wrong_private), &c)), &format!("{what}: other alg"))
-            .await;
+        assert_invalid_token(
+            &server,
+            Some(&sign_pem(wrong_alg, &read(wrong_private), &c)),
+            &format!("{what}: other alg"),
+        )
+        .await;
         assert_invalid_token(&server, Some(&sign(&c)), &format!("{what}: HS256")).await;
         let confused = sign_hs(Algorithm::HS256, &read(public), &c);
         assert_invalid_token(&server, Some(&confused), &format!("{what}: HS256 keyed with the public key")).await;
@@ -214,7 +218,11 @@ async fn join_replies_joined_and_ws_room_joins_first() {
     let joined = a.join("lobby").await;
     let epoch = joined["epoch"].as_str().expect("epoch is a string").to_owned();
     assert!(!epoch.is_empty());
-    assert_eq!(joined, json!({"type": "joined", "room": "lobby", "seq": 0, "epoch": epoch}), "no recovered without since");
+    assert_eq!(
+        joined,
+        json!({"type": "joined", "room": "lobby", "seq": 0, "epoch": epoch}),
+        "no recovered without since"
+    );
 
     // /ws/{room}: joined is the very first frame.
     let (mut b, joined_b) = server.connect_joined("lobby", &alice).await;
@@ -503,9 +511,11 @@ async fn rate_limited_then_closed_for_flooding() {
     assert_eq!(c.recv_json().await, json!({"type": "pong", "ref": "p4"}));
 
     // Keeping on after a whole burst of refused frames: closed with 1008.
-    let mut flood = futures_util::stream::iter(
-        (0..20).map(|i| Ok::<_, tokio_tungstenite::tungstenite::Error>(Message::text(json!({"type": "ping", "ref": format!("f{i}")}).to_string()))),
-    );
+    let mut flood = futures_util::stream::iter((0..20).map(|i| {
+        Ok::<_, tokio_tungstenite::tungstenite::Error>(Message::text(
+            json!({"type": "ping", "ref": format!("f{i}")}).to_string(),
+        ))
+    }));
     // The server may close while we are still writing; that is the point.
     let _ = tokio::time::timeout(GUARD, c.ws.send_all(&mut flood)).await;
     let (texts, close) = c.recv_until_close().await;
@@ -680,7 +690,8 @@ async fn concurrent_senders_every_member_sees_the_same_gapless_order() {
             let writer = tokio::spawn(async move {
                 start.wait().await;
                 for n in 0..PER_SENDER {
-                    let frame = json!({"type": "send", "room": "race", "ref": format!("{s}-{n}"), "body": {"s": s, "n": n}});
+                    let frame =
+                        json!({"type": "send", "room": "race", "ref": format!("{s}-{n}"), "body": {"s": s, "n": n}});
                     sink.feed(Message::text(frame.to_string())).await.unwrap();
                 }
                 sink.flush().await.unwrap();
@@ -705,7 +716,7 @@ async fn concurrent_senders_every_member_sees_the_same_gapless_order() {
                     _ => panic!("sender {s}: unexpected {v}"),
                 }
             }
-            writer.await.unwrap();
+            let _sink = writer.await.unwrap();
             (got, acks)
         }));
     }
@@ -848,11 +859,52 @@ async fn recovery_with_and_without_a_gap_in_history() {
     assert_eq!(c.recv_type("message").await["seq"], 25);
     drop(c);
 
+    // A since beyond the room's latest seq: nothing replayed, recovered=false.
+    let mut c = server.connect("/ws", &alice).await;
+    let (replayed, joined) = join_since(&mut c, "rec", 999, Some(&epoch)).await;
+    assert!(replayed.is_empty());
+    assert_eq!(joined["recovered"], false);
+    drop(c);
+
     // history agrees with what recovery can replay: the last 10.
     publisher.send_json(&json!({"type": "history", "room": "rec", "limit": 100})).await;
     let h = publisher.recv_type("history").await;
     let seqs: Vec<u64> = h["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (16..=25).collect::<Vec<_>>());
+}
+
+/// A room's seq never repeats within an epoch, even when the room keeps no
+/// history and everybody left it in between.
+#[tokio::test]
+async fn seq_never_repeats_within_an_epoch_without_history() {
+    let server = TestServer::start(&["--history-size", "0"]).await;
+    let mut publisher = server.connect("/ws", &token("pub", None, 3600)).await;
+    let mut member = server.connect("/ws", &token("member", None, 3600)).await;
+
+    let epoch = member.join("ephemeral").await["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(publisher.publish("ephemeral", json!(1)).await, 1);
+    assert_eq!(publisher.publish("ephemeral", json!(2)).await, 2);
+    assert_eq!(member.recv_type("message").await["seq"], 1);
+    assert_eq!(member.recv_type("message").await["seq"], 2);
+    member.send_json(&json!({"type": "leave", "room": "ephemeral"})).await;
+    member.recv_type("left").await;
+
+    // Nobody is in the room and it holds nothing; it comes back where it was.
+    let joined = member.join("ephemeral").await;
+    assert_eq!((joined["seq"].as_u64(), joined["epoch"].as_str()), (Some(2), Some(epoch.as_str())));
+    assert_eq!(publisher.publish("ephemeral", json!(3)).await, 3);
+    assert_eq!(member.recv_type("message").await["seq"], 3);
+
+    // No history: nothing to page through, and recovery over a gap says so.
+    publisher.send_json(&json!({"type": "history", "room": "ephemeral"})).await;
+    assert_eq!(publisher.recv_type("history").await["messages"], json!([]));
+    let mut late = server.connect("/ws", &token("late", None, 3600)).await;
+    let (replayed, joined) = join_since(&mut late, "ephemeral", 1, Some(&epoch)).await;
+    assert!(replayed.is_empty());
+    assert_eq!(joined["recovered"], false);
+    let (replayed, joined) = join_since(&mut late, "ephemeral", 3, Some(&epoch)).await;
+    assert!(replayed.is_empty());
+    assert_eq!(joined["recovered"], true);
 }
 
 fn unix_millis() -> u64 {

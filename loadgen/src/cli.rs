@@ -25,6 +25,7 @@ pub struct Cli {
 
 /// Options every scenario understands.
 #[derive(Args, Debug, Clone, Serialize)]
+#[command(next_help_heading = "Common options (any scenario)")]
 pub struct Common {
     /// WebSocket URL of a server node (ws://host:port[/path], path default /ws).
     /// Give it more than once to spread connections over nodes, round robin.

@@ -43,11 +43,16 @@ impl Target {
     /// Parse `ws://host[:port][/path]` and resolve the host.
     pub async fn resolve(url: &str) -> Result<Target> {
         let (host, port, path) = parse_ws_url(url)?;
-        let mut addrs = tokio::net::lookup_host((host.as_str(), port))
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
             .await
-            .with_context(|| format!("cannot resolve host of {url}"))?;
+            .with_context(|| format!("cannot resolve host of {url}"))?
+            .collect();
+        // Prefer IPv4: `localhost` servers usually listen on 127.0.0.1.
         let addr = addrs
-            .next()
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or_else(|| addrs.first())
+            .copied()
             .ok_or_else(|| anyhow!("host of {url} resolves to no address"))?;
         let host_header = if port == 80 {
             host.clone()
@@ -56,12 +61,7 @@ impl Target {
         } else {
             format!("{host}:{port}")
         };
-        Ok(Target {
-            url: url.to_string(),
-            addr,
-            host: host_header,
-            path,
-        })
+        Ok(Target { url: url.to_string(), addr, host: host_header, path })
     }
 }
 
@@ -70,9 +70,7 @@ pub fn parse_ws_url(url: &str) -> Result<(String, u16, String)> {
     let rest = if let Some(r) = url.strip_prefix("ws://") {
         r
     } else if url.starts_with("wss://") {
-        bail!(
-            "{url}: wss:// (TLS) is not supported by loadgen; point it at the plain ws:// listener"
-        )
+        bail!("{url}: wss:// (TLS) is not supported by loadgen; point it at the plain ws:// listener")
     } else {
         bail!("{url}: expected a ws://host:port URL")
     };
@@ -80,19 +78,13 @@ pub fn parse_ws_url(url: &str) -> Result<(String, u16, String)> {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, ""),
     };
-    let path = if path.is_empty() || path == "/" {
-        "/ws".to_string()
-    } else {
-        path.trim_end_matches('/').to_string()
-    };
+    let path = if path.is_empty() || path == "/" { "/ws".to_string() } else { path.trim_end_matches('/').to_string() };
     if authority.is_empty() {
         bail!("{url}: no host");
     }
     let (host, port) = if let Some(stripped) = authority.strip_prefix('[') {
         // [v6]:port
-        let end = stripped
-            .find(']')
-            .ok_or_else(|| anyhow!("{url}: unclosed ["))?;
+        let end = stripped.find(']').ok_or_else(|| anyhow!("{url}: unclosed ["))?;
         let host = &stripped[..end];
         let port = match stripped[end + 1..].strip_prefix(':') {
             Some(p) => p.parse().with_context(|| format!("{url}: bad port"))?,
@@ -101,10 +93,7 @@ pub fn parse_ws_url(url: &str) -> Result<(String, u16, String)> {
         (host.to_string(), port)
     } else {
         match authority.rsplit_once(':') {
-            Some((h, p)) => (
-                h.to_string(),
-                p.parse().with_context(|| format!("{url}: bad port"))?,
-            ),
+            Some((h, p)) => (h.to_string(), p.parse().with_context(|| format!("{url}: bad port"))?),
             None => (authority.to_string(), 80),
         }
     };
@@ -151,20 +140,17 @@ impl ConnectError {
             }
             ConnectError::Tcp(e) => format!("cannot reach the server: {e}"),
             ConnectError::Timeout => {
-                "no upgrade response within --connect-timeout (server overloaded or not a chorus server?)"
-                    .to_string()
+                "no upgrade response within --connect-timeout (server overloaded or not a chorus server?)".to_string()
             }
             ConnectError::Http { status: 401, body } => {
                 format!("the server refused the token (HTTP 401): {}", short(body))
             }
-            ConnectError::Http { status: 403, body } => format!(
-                "the server forbade the connection (HTTP 403: rooms claim or Origin): {}",
-                short(body)
-            ),
-            ConnectError::Http { status: 404, body } => format!(
-                "no WebSocket endpoint at this path (HTTP 404; is the URL path right?): {}",
-                short(body)
-            ),
+            ConnectError::Http { status: 403, body } => {
+                format!("the server forbade the connection (HTTP 403: rooms claim or Origin): {}", short(body))
+            }
+            ConnectError::Http { status: 404, body } => {
+                format!("no WebSocket endpoint at this path (HTTP 404; is the URL path right?): {}", short(body))
+            }
             ConnectError::Http { status, body } => {
                 format!("the server did not upgrade (HTTP {status}): {}", short(body))
             }
@@ -229,11 +215,7 @@ pub struct Conn {
 
 impl Connector {
     pub fn new(targets: Vec<Target>, source_ips: u8, timeout: Duration) -> Self {
-        Self {
-            targets,
-            source_ips: source_ips.max(1),
-            timeout,
-        }
+        Self { targets, source_ips: source_ips.max(1), timeout }
     }
 
     pub fn targets(&self) -> &[Target] {
@@ -253,9 +235,7 @@ impl Connector {
         };
         let start = Instant::now();
         let fut = async {
-            let stream = tcp_connect(target.addr, source)
-                .await
-                .map_err(ConnectError::Tcp)?;
+            let stream = tcp_connect(target.addr, source).await.map_err(ConnectError::Tcp)?;
             handshake(stream, target, token).await
         };
         let (prefix, stream) = match tokio::time::timeout(self.timeout, fut).await {
@@ -264,11 +244,8 @@ impl Connector {
         };
         let connect_ns = start.elapsed().as_nanos() as u64;
         let (rd, wr) = stream.into_split();
-        let (ws_read, _) = fastwebsockets::after_handshake_split(
-            Prefixed::new(prefix, rd),
-            tokio::io::sink(),
-            Role::Client,
-        );
+        let (ws_read, _) =
+            fastwebsockets::after_handshake_split(Prefixed::new(prefix, rd), tokio::io::sink(), Role::Client);
         let mut ws_read = ws_read;
         ws_read.set_max_message_size(MAX_FRAME);
         Ok(Conn {
@@ -281,11 +258,7 @@ impl Connector {
 }
 
 async fn tcp_connect(addr: SocketAddr, source: Option<Ipv4Addr>) -> io::Result<TcpStream> {
-    let sock = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+    let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     if let Some(src) = source {
         bind_no_port(&sock);
         sock.bind(SocketAddr::new(IpAddr::V4(src), 0))?;
@@ -316,11 +289,7 @@ fn bind_no_port(sock: &TcpSocket) {
 /// Send the upgrade request and read the response head. Returns the bytes
 /// read past the head (the first frames, if the server was quick) and the
 /// stream.
-async fn handshake(
-    mut stream: TcpStream,
-    target: &Target,
-    token: &str,
-) -> Result<(Vec<u8>, TcpStream), ConnectError> {
+async fn handshake(mut stream: TcpStream, target: &Target, token: &str) -> Result<(Vec<u8>, TcpStream), ConnectError> {
     let key = fastwebsockets::handshake::generate_key();
     let req = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -342,21 +311,15 @@ async fn handshake(
         buf.reserve(1024);
         let n = stream.read_buf(&mut buf).await.map_err(hs)?;
         if n == 0 {
-            return Err(ConnectError::Handshake(
-                "server closed the connection during the upgrade".into(),
-            ));
+            return Err(ConnectError::Handshake("server closed the connection during the upgrade".into()));
         }
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let status = parse_status(&head).ok_or_else(|| {
-        ConnectError::Handshake(format!("not an HTTP response: {}", short(&head)))
-    })?;
+    let status = parse_status(&head)
+        .ok_or_else(|| ConnectError::Handshake(format!("not an HTTP response: {}", short(&head))))?;
     if status != 101 {
         // Read the (short) body for the reason, without waiting long.
-        let len = header(&head, "content-length")
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(0)
-            .min(4096);
+        let len = header(&head, "content-length").and_then(|v| v.parse::<usize>().ok()).unwrap_or(0).min(4096);
         let mut body = buf[head_end..].to_vec();
         let _ = tokio::time::timeout(Duration::from_millis(500), async {
             while body.len() < len {
@@ -370,13 +333,9 @@ async fn handshake(
         let body = String::from_utf8_lossy(&body).into_owned();
         return Err(ConnectError::Http { status, body });
     }
-    let upgrade_ok = header(&head, "upgrade")
-        .map(|v| v.eq_ignore_ascii_case("websocket"))
-        .unwrap_or(false);
+    let upgrade_ok = header(&head, "upgrade").map(|v| v.eq_ignore_ascii_case("websocket")).unwrap_or(false);
     if !upgrade_ok {
-        return Err(ConnectError::Handshake(
-            "101 without `Upgrade: websocket`".into(),
-        ));
+        return Err(ConnectError::Handshake("101 without `Upgrade: websocket`".into()));
     }
     let rest = buf[head_end..].to_vec();
     Ok((rest, stream))
@@ -412,20 +371,12 @@ pub struct Prefixed<R> {
 
 impl<R> Prefixed<R> {
     pub fn new(prefix: Vec<u8>, inner: R) -> Self {
-        Self {
-            prefix,
-            pos: 0,
-            inner,
-        }
+        Self { prefix, pos: 0, inner }
     }
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for Prefixed<R> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.pos < this.prefix.len() {
             let n = buf.remaining().min(this.prefix.len() - this.pos);
@@ -451,11 +402,7 @@ pub struct Writer {
 
 impl Writer {
     fn new(half: OwnedWriteHalf) -> Self {
-        Self {
-            half,
-            buf: Vec::with_capacity(256),
-            closed: false,
-        }
+        Self { half, buf: Vec::with_capacity(256), closed: false }
     }
 
     /// Append one masked text frame.
@@ -472,10 +419,7 @@ impl Writer {
     pub async fn flush(&mut self) -> io::Result<()> {
         if self.closed {
             self.buf.clear();
-            return Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "connection closed",
-            ));
+            return Err(io::Error::new(io::ErrorKind::NotConnected, "connection closed"));
         }
         if self.buf.is_empty() {
             return Ok(());
@@ -537,18 +481,9 @@ mod tests {
 
     #[test]
     fn parses_urls() {
-        assert_eq!(
-            parse_ws_url("ws://127.0.0.1:8080").unwrap(),
-            ("127.0.0.1".into(), 8080, "/ws".into())
-        );
-        assert_eq!(
-            parse_ws_url("ws://example.com/ws/").unwrap(),
-            ("example.com".into(), 80, "/ws".into())
-        );
-        assert_eq!(
-            parse_ws_url("ws://[::1]:9000/chat").unwrap(),
-            ("::1".into(), 9000, "/chat".into())
-        );
+        assert_eq!(parse_ws_url("ws://127.0.0.1:8080").unwrap(), ("127.0.0.1".into(), 8080, "/ws".into()));
+        assert_eq!(parse_ws_url("ws://example.com/ws/").unwrap(), ("example.com".into(), 80, "/ws".into()));
+        assert_eq!(parse_ws_url("ws://[::1]:9000/chat").unwrap(), ("::1".into(), 9000, "/chat".into()));
         assert!(parse_ws_url("wss://x").is_err());
         assert!(parse_ws_url("http://x").is_err());
     }
@@ -569,10 +504,7 @@ mod tests {
         let head = "HTTP/1.1 401 Unauthorized\r\ncontent-length: 12\r\nX: y\r\n\r\n";
         assert_eq!(parse_status(head), Some(401));
         assert_eq!(header(head, "Content-Length"), Some("12"));
-        let e = ConnectError::Http {
-            status: 401,
-            body: r#"{"error":"invalid_token","message":"expired"}"#.into(),
-        };
+        let e = ConnectError::Http { status: 401, body: r#"{"error":"invalid_token","message":"expired"}"#.into() };
         assert_eq!(e.key(), "HTTP 401 invalid_token");
     }
 }

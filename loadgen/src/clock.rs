@@ -15,10 +15,7 @@ pub struct Clock {
 impl Clock {
     pub fn new() -> Self {
         let base = Instant::now();
-        let base_unix_ns = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
+        let base_unix_ns = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
         Self { base, base_unix_ns }
     }
 

@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 use crate::cli::{Cli, Common};
 use crate::client::{Connector, Target};
 use crate::clock::Clock;
+use crate::interrupt::Interrupt;
 use crate::limits;
 use crate::pacer;
 use crate::proc::{self, ServerProcs};
@@ -22,8 +23,8 @@ use crate::scenario::{self, Plan, Timing};
 use crate::session::{self, Session, Shared};
 use crate::stats::Stats;
 use crate::summary::{
-    curve, Connections, Curves, Event, Joins, Latencies, LoadgenFigures, Messages, Percentiles,
-    Phases, ServerFigures, Summary,
+    curve, Connections, Curves, Event, Joins, Latencies, LoadgenFigures, Messages, Percentiles, Phases, ServerFigures,
+    Summary,
 };
 use crate::token::TokenSource;
 use crate::verdict;
@@ -49,11 +50,7 @@ pub async fn run(cli: Cli) -> Result<Summary> {
         Timing::Send { duration, drain } => duration + drain,
         Timing::Hold(d) => d,
     };
-    let setup = common
-        .connect_rate
-        .filter(|r| *r > 0.0)
-        .map(|r| plan.specs.len() as f64 / r)
-        .unwrap_or(0.0)
+    let setup = common.connect_rate.filter(|r| *r > 0.0).map(|r| plan.specs.len() as f64 / r).unwrap_or(0.0)
         + common.join_timeout.as_secs_f64()
         + common.settle.as_secs_f64();
     let lifetime = measured.as_secs() + setup as u64 + 600;
@@ -68,11 +65,7 @@ pub async fn run(cli: Cli) -> Result<Summary> {
     for url in &common.urls {
         targets.push(Target::resolve(url).await?);
     }
-    let connector = Arc::new(Connector::new(
-        targets,
-        common.source_ips,
-        common.connect_timeout,
-    ));
+    let connector = Arc::new(Connector::new(targets, common.source_ips, common.connect_timeout));
     let stats = Stats::new(plan.rooms.len(), common.threads.max(1) * 4)?;
     let sh = Arc::new(Shared::new(stats, clock, plan.rooms.clone()));
     let phase = PhaseCell::default();
@@ -82,6 +75,13 @@ pub async fn run(cli: Cli) -> Result<Summary> {
         warnings.push("--token-file: every connection uses the same token (one sub)".into());
     }
 
+    if !common.quiet {
+        eprintln!("loadgen {}", plan.description);
+        for w in &warnings {
+            eprintln!("loadgen: warning: {w}");
+        }
+    }
+    let intr = Interrupt::install();
     let progress = Progress::start(sh.clone(), phase.clone(), plan.specs.len(), common.quiet);
     let t0 = Instant::now();
     let rss_before = server.rss();
@@ -90,33 +90,38 @@ pub async fn run(cli: Cli) -> Result<Summary> {
 
     // Connect.
     phase.set(Phase::Connect);
-    let sessions = connect_all(&plan, &connector, &tokens, &sh, common).await;
+    let sessions = connect_all(&plan, &connector, &tokens, &sh, common, &intr).await;
     let connect_s = t0.elapsed().as_secs_f64();
+    if intr.is_set() {
+        close_all(&sh, sessions).await;
+        let _ = progress.finish().await;
+        bail!("interrupted while connecting");
+    }
     if sessions.is_empty() {
         let _ = progress.finish().await;
-        bail!(
-            "could not connect: {}",
-            failure_words(&sh, &plan, "connect")
-        );
+        bail!("could not connect: {}", failure_words(&sh, &plan, "connect"));
     }
 
     // Join barrier.
     phase.set(Phase::Join);
     let tj = Instant::now();
-    let timed_out = wait_joins(&sh, common.join_timeout).await;
+    let timed_out = wait_joins(&sh, common.join_timeout, &intr).await;
     let join_s = tj.elapsed().as_secs_f64();
     let cpu_connected = server.cpu();
     let self_cpu_connect = proc::cpu_seconds("self").unwrap_or(0.0) - self_cpu_start;
     if plan.joins() > 0 && sh.stats.joined.load(Ordering::Relaxed) == 0 {
         close_all(&sh, sessions).await;
         let _ = progress.finish().await;
-        bail!(
-            "no member could join: {}",
-            failure_words(&sh, &plan, "join")
-        );
+        bail!("no member could join: {}", failure_words(&sh, &plan, "join"));
     }
     if !server.is_empty() {
-        tokio::time::sleep(common.settle).await;
+        phase.set(Phase::Settle);
+        intr.sleep(common.settle).await;
+    }
+    if intr.is_set() {
+        close_all(&sh, sessions).await;
+        let _ = progress.finish().await;
+        bail!("interrupted before the measured phase");
     }
     let rss_connected = server.rss();
 
@@ -124,6 +129,8 @@ pub async fn run(cli: Cli) -> Result<Summary> {
     let mut sessions = sessions;
     let (mut send_s, mut drain_s, mut hold_s) = (0.0, 0.0, 0.0);
     let (mut cpu_send, mut cpu_send_drain) = (None, None);
+    let mut delivered_in_send = 0;
+    let measure_at_s;
     let self_cpu0;
     let self_cpu1;
     let phase_secs;
@@ -137,19 +144,23 @@ pub async fn run(cli: Cli) -> Result<Summary> {
             let stop = Arc::new(AtomicBool::new(false));
             let pacer = pacer::spawn(clock, start_ns, end_ns, senders, stop.clone())
                 .context("cannot start the pacer thread")?;
-            tokio::time::sleep_until(clock.instant_at(start_ns).into()).await;
+            intr.sleep_until(clock.instant_at(start_ns).into()).await;
             phase.set(Phase::Send);
+            measure_at_s = t0.elapsed().as_secs_f64();
             let c0 = server.cpu();
             self_cpu0 = proc::cpu_seconds("self").unwrap_or(0.0);
             let ts = Instant::now();
-            tokio::time::sleep_until(clock.instant_at(end_ns).into()).await;
+            if intr.sleep_until(clock.instant_at(end_ns).into()).await {
+                stop.store(true, Ordering::SeqCst);
+            }
             let c1 = server.cpu();
             self_cpu1 = proc::cpu_seconds("self").unwrap_or(0.0);
+            delivered_in_send = sh.stats.delivered_total();
             send_s = ts.elapsed().as_secs_f64();
             phase_secs = send_s;
             phase.set(Phase::Drain);
             let td = Instant::now();
-            tokio::time::sleep(drain).await;
+            intr.sleep(drain).await;
             drain_s = td.elapsed().as_secs_f64();
             let c2 = server.cpu();
             stop.store(true, Ordering::SeqCst);
@@ -159,14 +170,19 @@ pub async fn run(cli: Cli) -> Result<Summary> {
         }
         Timing::Hold(d) => {
             phase.set(Phase::Hold);
+            measure_at_s = t0.elapsed().as_secs_f64();
             sh.stats.counting.store(true, Ordering::SeqCst);
             self_cpu0 = proc::cpu_seconds("self").unwrap_or(0.0);
             let th = Instant::now();
-            tokio::time::sleep(d).await;
+            intr.sleep(d).await;
             hold_s = th.elapsed().as_secs_f64();
             self_cpu1 = proc::cpu_seconds("self").unwrap_or(0.0);
             phase_secs = hold_s;
         }
+    }
+
+    if intr.is_set() {
+        warnings.push("interrupted: the measured phase was cut short".into());
     }
 
     // Figures.
@@ -187,8 +203,7 @@ pub async fn run(cli: Cli) -> Result<Summary> {
     let acked = st.acked.load(Ordering::Relaxed);
     let (mut expected, mut missing, mut extra) = (0u64, 0u64, 0u64);
     for (r, delivered) in merged.delivered_room.iter().enumerate() {
-        let e =
-            st.acked_room[r].load(Ordering::Relaxed) * st.room_members[r].load(Ordering::Relaxed);
+        let e = st.acked_room[r].load(Ordering::Relaxed) * st.room_members[r].load(Ordering::Relaxed);
         expected += e;
         missing += e.saturating_sub(*delivered);
         extra += delivered.saturating_sub(e);
@@ -207,15 +222,9 @@ pub async fn run(cli: Cli) -> Result<Summary> {
             cpu_s_connect: cpu_connect,
             cpu_s_send: cpu_send,
             cpu_s_send_drain: cpu_send_drain,
-            cpu_us_per_delivery: cpu_send_drain
-                .filter(|_| merged.delivered > 0)
-                .map(|c| c * 1e6 / merged.delivered as f64),
-            cpu_us_per_connection: cpu_connect
-                .filter(|_| established > 0)
-                .map(|c| c * 1e6 / established as f64),
-            cpu_percent_send: cpu_send
-                .filter(|_| send_s > 0.0)
-                .map(|c| c * 100.0 / send_s),
+            cpu_us_per_delivery: cpu_send.filter(|_| delivered_in_send > 0).map(|c| c * 1e6 / delivered_in_send as f64),
+            cpu_us_per_connection: cpu_connect.filter(|_| established > 0).map(|c| c * 1e6 / established as f64),
+            cpu_percent_send: cpu_send.filter(|_| send_s > 0.0).map(|c| c * 100.0 / send_s),
             rss_before_bytes: rss_before,
             rss_connected_bytes: rss_connected,
             rss_end_bytes: rss_end,
@@ -230,11 +239,7 @@ pub async fn run(cli: Cli) -> Result<Summary> {
         threads: common.threads,
         cpu_s_connect: self_cpu_connect,
         cpu_s: self_cpu,
-        cpu_percent: if phase_secs > 0.0 {
-            self_cpu * 100.0 / phase_secs
-        } else {
-            0.0
-        },
+        cpu_percent: if phase_secs > 0.0 { self_cpu * 100.0 / phase_secs } else { 0.0 },
         rss_bytes: proc::rss_bytes("self").unwrap_or(0),
         open_files_limit: fd_limit,
     };
@@ -253,6 +258,7 @@ pub async fn run(cli: Cli) -> Result<Summary> {
         started_unix,
         ok: false,
         phases: Phases {
+            measure_at_s,
             connect_s,
             join_s,
             send_s,
@@ -264,11 +270,7 @@ pub async fn run(cli: Cli) -> Result<Summary> {
             planned: plan.specs.len() as u64,
             established,
             failed: st.connect_failed.load(Ordering::Relaxed),
-            per_second: if connect_s > 0.0 {
-                established as f64 / connect_s
-            } else {
-                0.0
-            },
+            per_second: if connect_s > 0.0 { established as f64 / connect_s } else { 0.0 },
             open_at_end,
         },
         joins: Joins {
@@ -324,6 +326,7 @@ async fn connect_all(
     tokens: &Arc<TokenSource>,
     sh: &Arc<Shared>,
     common: &Common,
+    intr: &Interrupt,
 ) -> Vec<Session> {
     let sem = Arc::new(Semaphore::new(common.connect_concurrency.max(1)));
     let start = tokio::time::Instant::now();
@@ -333,23 +336,23 @@ async fn connect_all(
     let mut handles = Vec::with_capacity(plan.specs.len());
     for (i, spec) in plan.specs.iter().enumerate() {
         if let Some(r) = rate {
-            tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / r)).await;
+            intr.sleep_until(start + Duration::from_secs_f64(i as f64 / r)).await;
+        }
+        if intr.is_set() {
+            break;
         }
         let Ok(permit) = sem.clone().acquire_owned().await else {
             break;
         };
         let st = &sh.stats;
-        if st.connected.load(Ordering::Relaxed) == 0
-            && st.connect_failed.load(Ordering::Relaxed) >= give_up_after
-        {
+        if st.connected.load(Ordering::Relaxed) == 0 && st.connect_failed.load(Ordering::Relaxed) >= give_up_after {
             let n = plan.specs.len() - i;
             st.issues().connect.add("not attempted", || {
                 format!("{n} connections not attempted after {give_up_after} failures in a row")
             });
             break;
         }
-        let (connector, tokens, sh, spec) =
-            (connector.clone(), tokens.clone(), sh.clone(), spec.clone());
+        let (connector, tokens, sh, spec) = (connector.clone(), tokens.clone(), sh.clone(), spec.clone());
         handles.push(tokio::spawn(async move {
             let _permit = permit;
             let st = &sh.stats;
@@ -386,14 +389,14 @@ async fn connect_all(
 
 /// Wait until no join is outstanding; returns how many still are at the
 /// timeout.
-async fn wait_joins(sh: &Shared, timeout: Duration) -> u64 {
+async fn wait_joins(sh: &Shared, timeout: Duration, intr: &Interrupt) -> u64 {
     let deadline = Instant::now() + timeout;
     loop {
         let pending = sh.stats.join_pending.load(Ordering::SeqCst);
         if pending <= 0 {
             return 0;
         }
-        if Instant::now() >= deadline {
+        if Instant::now() >= deadline || intr.is_set() {
             return pending as u64;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -414,10 +417,7 @@ async fn close_all(sh: &Shared, sessions: Vec<Session>) {
             .await;
         });
     }
-    let _ = tokio::time::timeout(Duration::from_secs(3), async {
-        while closers.join_next().await.is_some() {}
-    })
-    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(3), async { while closers.join_next().await.is_some() {} }).await;
     let deadline = Instant::now() + Duration::from_millis(500);
     while sh.stats.up.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;

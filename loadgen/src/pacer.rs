@@ -48,9 +48,7 @@ pub fn spawn(
     senders: Vec<(Schedule, UnboundedSender<u64>)>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("loadgen-pacer".into())
-        .spawn(move || run(clock, start_ns, end_ns, senders, stop))
+    std::thread::Builder::new().name("loadgen-pacer".into()).spawn(move || run(clock, start_ns, end_ns, senders, stop))
 }
 
 fn run(
@@ -105,22 +103,9 @@ mod tests {
         let end = start + 50_000_000;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let (tx2, mut rx2) = tokio::sync::mpsc::unbounded_channel();
-        let s = Schedule {
-            offset_ns: 0,
-            interval_ns: 10_000_000.0,
-        };
-        let s2 = Schedule {
-            offset_ns: 5_000_000,
-            interval_ns: 10_000_000.0,
-        };
-        let h = spawn(
-            clock,
-            start,
-            end,
-            vec![(s, tx), (s2, tx2)],
-            Arc::new(AtomicBool::new(false)),
-        )
-        .unwrap();
+        let s = Schedule { offset_ns: 0, interval_ns: 10_000_000.0 };
+        let s2 = Schedule { offset_ns: 5_000_000, interval_ns: 10_000_000.0 };
+        let h = spawn(clock, start, end, vec![(s, tx), (s2, tx2)], Arc::new(AtomicBool::new(false))).unwrap();
         h.join().unwrap();
         let mut got = vec![];
         while let Ok(k) = rx.try_recv() {

@@ -40,14 +40,14 @@ pub fn parse(buf: &[u8]) -> Option<ServerFrame<'_>> {
     let mut ty = None;
     p.object(|p, key| {
         match key {
-            "type" => ty = Some(p.string()?),
-            "room" => f.room = Some(p.string()?),
-            "seq" => f.seq = p.number(),
-            "ref" => f.reference = p.string_or_skip(),
-            "code" => f.code = p.string_or_skip(),
-            "message" => f.message = p.string_or_skip(),
-            "epoch" => f.epoch = p.string_or_skip(),
-            "body" => f.marker = p.marker(),
+            b"type" => ty = Some(p.string()?),
+            b"room" => f.room = Some(p.string()?),
+            b"seq" => f.seq = p.number(),
+            b"ref" => f.reference = p.string_or_skip(),
+            b"code" => f.code = p.string_or_skip(),
+            b"message" => f.message = p.string_or_skip(),
+            b"epoch" => f.epoch = p.string_or_skip(),
+            b"body" => f.marker = p.marker(),
             _ => p.skip_value()?,
         }
         Some(())
@@ -91,6 +91,12 @@ impl<'a> Scanner<'a> {
 
     /// A string's raw contents (escapes left in place).
     fn string(&mut self) -> Option<&'a str> {
+        let s = self.raw_string()?;
+        std::str::from_utf8(s).ok()
+    }
+
+    /// A string's raw bytes, not checked for UTF-8 (for strings skipped).
+    fn raw_string(&mut self) -> Option<&'a [u8]> {
         self.eat(b'"')?;
         let start = self.i;
         loop {
@@ -102,7 +108,7 @@ impl<'a> Scanner<'a> {
         }
         let s = self.b.get(start..self.i)?;
         self.i += 1;
-        std::str::from_utf8(s).ok()
+        Some(s)
     }
 
     /// A string, or None (and skipped) for another kind of value.
@@ -155,14 +161,14 @@ impl<'a> Scanner<'a> {
     fn skip_value(&mut self) -> Option<()> {
         match self.peek()? {
             b'"' => {
-                self.string()?;
+                self.raw_string()?;
             }
             b'{' | b'[' => {
                 let mut depth = 0usize;
                 loop {
                     match *self.b.get(self.i)? {
                         b'"' => {
-                            self.string()?;
+                            self.raw_string()?;
                             continue;
                         }
                         b'{' | b'[' => depth += 1,
@@ -183,15 +189,16 @@ impl<'a> Scanner<'a> {
         Some(())
     }
 
-    /// Walk an object, calling `field` with each key positioned on its value.
-    fn object(&mut self, mut field: impl FnMut(&mut Self, &'a str) -> Option<()>) -> Option<()> {
+    /// Walk an object, calling `field` with each (raw) key positioned on its
+    /// value.
+    fn object(&mut self, mut field: impl FnMut(&mut Self, &'a [u8]) -> Option<()>) -> Option<()> {
         self.eat(b'{')?;
         if self.peek()? == b'}' {
             self.i += 1;
             return Some(());
         }
         loop {
-            let key = self.string()?;
+            let key = self.raw_string()?;
             self.eat(b':')?;
             field(self, key)?;
             match self.peek()? {
@@ -217,13 +224,13 @@ impl<'a> Scanner<'a> {
         let (mut t, mut k) = (false, false);
         let ok = self.object(|p, key| {
             match key {
-                "t" => {
+                b"t" => {
                     m.sched_ns = p.number()?;
                     t = true;
                 }
-                "s" => m.sent_ns = p.number()?,
-                "p" => m.publisher = p.number()?,
-                "k" => {
+                b"s" => m.sent_ns = p.number()?,
+                b"p" => m.publisher = p.number()?,
+                b"k" => {
                     m.k = p.number()?;
                     k = true;
                 }
@@ -254,32 +261,20 @@ mod tests {
         assert_eq!(f.ty, "message");
         assert_eq!(f.room, Some("lg-3"));
         assert_eq!(f.seq, Some(5));
-        assert_eq!(
-            f.marker,
-            Some(Marker {
-                sched_ns: 123,
-                sent_ns: 124,
-                publisher: 7,
-                k: 9
-            })
-        );
+        assert_eq!(f.marker, Some(Marker { sched_ns: 123, sent_ns: 124, publisher: 7, k: 9 }));
     }
 
     #[test]
     fn any_field_order_and_spaces() {
-        let f = parse(
-            br#"{ "body" : {"k":1, "pad":"}", "t": 2 }, "seq" : 10, "room":"r", "type" : "message" }"#,
-        )
-        .unwrap();
+        let f =
+            parse(br#"{ "body" : {"k":1, "pad":"}", "t": 2 }, "seq" : 10, "room":"r", "type" : "message" }"#).unwrap();
         assert_eq!(f.seq, Some(10));
         assert_eq!(f.marker.map(|m| (m.sched_ns, m.k)), Some((2, 1)));
     }
 
     #[test]
     fn foreign_bodies() {
-        let f =
-            parse(br#"{"type":"message","room":"r","seq":1,"body":{"t":"no","x":[1,{"a":2}]}}"#)
-                .unwrap();
+        let f = parse(br#"{"type":"message","room":"r","seq":1,"body":{"t":"no","x":[1,{"a":2}]}}"#).unwrap();
         assert_eq!(f.seq, Some(1));
         assert_eq!(f.marker, None);
         let f = parse(br#"{"type":"message","body":[1,2,{"}":"{"}],"seq":3}"#).unwrap();
@@ -292,14 +287,11 @@ mod tests {
     fn parses_control_frames() {
         let f = parse(br#"{"type":"ack","ref":"123","room":"r1","seq":5}"#).unwrap();
         assert_eq!((f.ty, f.reference, f.seq), ("ack", Some("123"), Some(5)));
-        let f =
-            parse(br#"{"type":"error","code":"bad_request","message":"bad \"room\"","ref":null}"#)
-                .unwrap();
+        let f = parse(br#"{"type":"error","code":"bad_request","message":"bad \"room\"","ref":null}"#).unwrap();
         assert_eq!(f.code, Some("bad_request"));
         assert_eq!(f.message, Some(r#"bad \"room\""#));
         assert_eq!(f.reference, None);
-        let f = parse(br#"{"type":"joined","room":"a","seq":0,"epoch":"e1","recovered":false}"#)
-            .unwrap();
+        let f = parse(br#"{"type":"joined","room":"a","seq":0,"epoch":"e1","recovered":false}"#).unwrap();
         assert_eq!((f.seq, f.epoch), (Some(0), Some("e1")));
         assert!(parse(b"[1]").is_none());
         assert!(parse(br#"{"seq":1}"#).is_none());

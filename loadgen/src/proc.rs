@@ -60,9 +60,7 @@ impl ServerProcs {
                 bail!("--server-pid {pid}: no such process, or its /proc entry is not readable");
             }
         }
-        Ok(Self {
-            pids: pids.to_vec(),
-        })
+        Ok(Self { pids: pids.to_vec() })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -78,10 +76,7 @@ impl ServerProcs {
         if self.pids.is_empty() {
             return None;
         }
-        self.pids
-            .iter()
-            .map(|p| cpu_seconds(&p.to_string()).ok())
-            .sum()
+        self.pids.iter().map(|p| cpu_seconds(&p.to_string()).ok()).sum()
     }
 
     /// Total RSS bytes, None when there are no pids or one vanished.
@@ -89,10 +84,7 @@ impl ServerProcs {
         if self.pids.is_empty() {
             return None;
         }
-        self.pids
-            .iter()
-            .map(|p| rss_bytes(&p.to_string()).ok())
-            .sum()
+        self.pids.iter().map(|p| rss_bytes(&p.to_string()).ok()).sum()
     }
 }
 

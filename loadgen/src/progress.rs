@@ -23,6 +23,7 @@ pub enum Phase {
     Drain = 3,
     Hold = 4,
     Close = 5,
+    Settle = 6,
 }
 
 impl Phase {
@@ -34,6 +35,7 @@ impl Phase {
             Phase::Drain => "drain",
             Phase::Hold => "hold",
             Phase::Close => "close",
+            Phase::Settle => "settle",
         }
     }
 
@@ -44,6 +46,7 @@ impl Phase {
             2 => Phase::Send,
             3 => Phase::Drain,
             4 => Phase::Hold,
+            6 => Phase::Settle,
             _ => Phase::Close,
         }
     }
@@ -93,9 +96,7 @@ impl Progress {
                 let now = Instant::now();
                 let secs = now.duration_since(last.3).as_secs_f64().max(1e-3);
                 let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs;
-                let p99 = |h: &crate::stats::Hist| {
-                    (!h.is_empty()).then(|| h.value_at_quantile(0.99) as f64 / 1e6)
-                };
+                let p99 = |h: &crate::stats::Hist| (!h.is_empty()).then(|| h.value_at_quantile(0.99) as f64 / 1e6);
                 let tick = Tick {
                     t_s: now.duration_since(t0).as_secs_f64(),
                     phase: phase.get().name().to_string(),
@@ -108,12 +109,7 @@ impl Progress {
                 };
                 last = (sent, acked, delivered, now);
                 if !quiet {
-                    print_line(
-                        &tick,
-                        planned,
-                        st.connect_failed.load(Ordering::Relaxed),
-                        tty,
-                    );
+                    print_line(&tick, planned, st.connect_failed.load(Ordering::Relaxed), tty);
                 }
                 ticks.push(tick);
             }
@@ -137,11 +133,7 @@ fn print_line(t: &Tick, planned: usize, failed: u64, tty: bool) {
         Some(v) => format!("{v:.2}ms"),
         None => "-".to_string(),
     };
-    let failed = if failed > 0 {
-        format!(" ({failed} failed)")
-    } else {
-        String::new()
-    };
+    let failed = if failed > 0 { format!(" ({failed} failed)") } else { String::new() };
     let line = format!(
         "[{:>5.0}s] {:<7} conns {}/{}{}  sent {:.0}/s  acked {:.0}/s  delivered {:.0}/s  p99 delivery {} ack {}",
         t.t_s,

@@ -39,15 +39,7 @@ pub fn table(s: &Summary) -> String {
         let _ = writeln!(
             o,
             "{:<13} gaps {} ({} seqs)  duplicates {}  reorders {}  missing {}  extra {}  unacked {}  foreign {}",
-            "correctness",
-            m.gaps,
-            m.gap_seqs,
-            m.duplicates,
-            m.reorders,
-            m.missing,
-            m.extra,
-            m.unacked,
-            m.foreign
+            "correctness", m.gaps, m.gap_seqs, m.duplicates, m.reorders, m.missing, m.extra, m.unacked, m.foreign
         );
     }
     let _ = writeln!(
@@ -82,9 +74,7 @@ pub fn table(s: &Summary) -> String {
     if let Some(sv) = &s.server {
         let mut parts = Vec::new();
         if let (Some(cpu), Some(pct)) = (sv.cpu_s_send, sv.cpu_percent_send) {
-            parts.push(format!(
-                "cpu {cpu:.2} s in the send phase ({pct:.0}% of a core)"
-            ));
+            parts.push(format!("cpu {cpu:.2} s in the send phase ({pct:.0}% of a core)"));
         }
         if let Some(us) = sv.cpu_us_per_delivery {
             parts.push(format!("{us:.2} us cpu per delivered message"));
@@ -99,13 +89,7 @@ pub fn table(s: &Summary) -> String {
             parts.push(format!("{} per connection", bytes(b)));
         }
         let pids: Vec<String> = sv.pids.iter().map(|p| p.to_string()).collect();
-        let _ = writeln!(
-            o,
-            "{:<13} pid {}: {}",
-            "server",
-            pids.join(","),
-            parts.join(", ")
-        );
+        let _ = writeln!(o, "{:<13} pid {}: {}", "server", pids.join(","), parts.join(", "));
     }
     let l = &s.loadgen;
     let _ = writeln!(
@@ -125,12 +109,7 @@ pub fn table(s: &Summary) -> String {
     for w in &s.warnings {
         let _ = writeln!(o, "{:<13} {w}", "warning");
     }
-    let _ = writeln!(
-        o,
-        "{:<13} {}",
-        "result",
-        if s.ok { "ok" } else { "problems found" }
-    );
+    let _ = writeln!(o, "{:<13} {}", "result", if s.ok { "ok" } else { "problems found" });
     o
 }
 
@@ -177,10 +156,10 @@ pub fn write_report(s: &Summary, path: &Path) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
-const W: f64 = 900.0;
+const W: f64 = 960.0;
 const PANEL_H: f64 = 300.0;
 const MARGIN_L: f64 = 80.0;
-const MARGIN_R: f64 = 160.0;
+const MARGIN_R: f64 = 180.0;
 const MARGIN_T: f64 = 40.0;
 const MARGIN_B: f64 = 45.0;
 
@@ -202,9 +181,7 @@ impl Axis {
     fn frac(&self, v: f64) -> f64 {
         let f = match self.scale {
             Scale::Linear => (v - self.min) / (self.max - self.min),
-            Scale::Log => {
-                (v.max(1e-12).log10() - self.min.log10()) / (self.max.log10() - self.min.log10())
-            }
+            Scale::Log => (v.max(1e-12).log10() - self.min.log10()) / (self.max.log10() - self.min.log10()),
         };
         if f.is_finite() {
             f.clamp(-0.05, 1.05)
@@ -248,18 +225,8 @@ pub fn svg(s: &Summary) -> String {
             "Sends and acks per second",
             "messages/s",
             vec![
-                Series {
-                    name: "sent".into(),
-                    color: "#2ca02c",
-                    dashed: false,
-                    points: t(&|k| Some(k.sent_per_s)),
-                },
-                Series {
-                    name: "acked".into(),
-                    color: "#ff7f0e",
-                    dashed: true,
-                    points: t(&|k| Some(k.acked_per_s)),
-                },
+                Series { name: "sent".into(), color: "#2ca02c", dashed: false, points: t(&|k| Some(k.sent_per_s)) },
+                Series { name: "acked".into(), color: "#ff7f0e", dashed: true, points: t(&|k| Some(k.acked_per_s)) },
             ],
         ));
         panels.push(time_panel(
@@ -273,12 +240,7 @@ pub fn svg(s: &Summary) -> String {
                     dashed: false,
                     points: t(&|k| k.p99_delivery_ms),
                 },
-                Series {
-                    name: "ack p99".into(),
-                    color: "#ff7f0e",
-                    dashed: true,
-                    points: t(&|k| k.p99_ack_ms),
-                },
+                Series { name: "ack p99".into(), color: "#ff7f0e", dashed: true, points: t(&|k| k.p99_ack_ms) },
             ],
         ));
     }
@@ -305,11 +267,7 @@ pub fn svg(s: &Summary) -> String {
         esc(&s.description)
     );
     for (i, p) in panels.iter().enumerate() {
-        let _ = writeln!(
-            o,
-            "<g transform=\"translate(0,{})\">{p}</g>",
-            header_h + PANEL_H * i as f64
-        );
+        let _ = writeln!(o, "<g transform=\"translate(0,{})\">{p}</g>", header_h + PANEL_H * i as f64);
     }
     o.push_str("</svg>\n");
     o
@@ -321,11 +279,7 @@ fn latency_panel(s: &Summary) -> String {
         name: name.into(),
         color,
         dashed,
-        points: pts
-            .iter()
-            .filter(|p| p[0] < 100.0)
-            .map(|p| (-(1.0 - p[0] / 100.0).log10(), p[1] / 1000.0))
-            .collect(),
+        points: pts.iter().filter(|p| p[0] < 100.0).map(|p| (-(1.0 - p[0] / 100.0).log10(), p[1] / 1000.0)).collect(),
     };
     let series: Vec<Series> = [
         mk("delivery", "#1f77b4", false, &c.delivery),
@@ -363,19 +317,14 @@ fn latency_panel(s: &Summary) -> String {
         scale: Scale::Log,
         min: 10f64.powi(dmin),
         max: 10f64.powi(dmax),
-        ticks: (dmin..=dmax)
-            .map(|d| (10f64.powi(d), num(10f64.powi(d))))
-            .collect(),
+        ticks: (dmin..=dmax).map(|d| (10f64.powi(d), num(10f64.powi(d)))).collect(),
     };
     chart("Latency by percentile", &x, &y, &series, None)
 }
 
 fn time_panel(s: &Summary, title: &str, ylabel: &str, series: Vec<Series>) -> String {
     let tmax = s.timeline.last().map(|t| t.t_s).unwrap_or(1.0).max(1.0);
-    let vmax = series
-        .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.1))
-        .fold(0.0f64, f64::max);
+    let vmax = series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).fold(0.0f64, f64::max);
     let x = Axis {
         label: "time (s)".into(),
         scale: Scale::Linear,
@@ -391,13 +340,8 @@ fn time_panel(s: &Summary, title: &str, ylabel: &str, series: Vec<Series>) -> St
         max: ymax,
         ticks: nice_ticks(ymax).into_iter().map(|v| (v, num(v))).collect(),
     };
-    let send = {
-        let mut it = s.timeline.iter().filter(|t| t.phase == "send");
-        match (it.next(), s.timeline.iter().rfind(|t| t.phase == "send")) {
-            (Some(a), Some(b)) => Some((a.t_s - 1.0, b.t_s)),
-            _ => None,
-        }
-    };
+    let p = &s.phases;
+    let send = (p.send_s > 0.0).then_some((p.measure_at_s, p.measure_at_s + p.send_s));
     chart(title, &x, &y, &series, send)
 }
 
@@ -465,16 +409,8 @@ fn chart(title: &str, x: &Axis, y: &Axis, series: &[Series], band: Option<(f64, 
         if s.points.is_empty() {
             continue;
         }
-        let pts: Vec<String> = s
-            .points
-            .iter()
-            .map(|(a, b)| format!("{:.1},{:.1}", px(*a), py(*b)))
-            .collect();
-        let dash = if s.dashed {
-            " stroke-dasharray=\"6,4\""
-        } else {
-            ""
-        };
+        let pts: Vec<String> = s.points.iter().map(|(a, b)| format!("{:.1},{:.1}", px(*a), py(*b))).collect();
+        let dash = if s.dashed { " stroke-dasharray=\"6,4\"" } else { "" };
         let _ = write!(
             o,
             "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"2\"{dash} points=\"{}\"/>",
@@ -504,11 +440,7 @@ fn nice_ticks(max: f64) -> Vec<f64> {
     }
     let raw = max / 5.0;
     let mag = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
-        .iter()
-        .map(|m| m * mag)
-        .find(|s| max / s <= 6.0)
-        .unwrap_or(mag * 10.0);
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0].iter().map(|m| m * mag).find(|s| max / s <= 6.0).unwrap_or(mag * 10.0);
     let mut v = Vec::new();
     let mut t = 0.0;
     while t <= max * 1.0001 {
@@ -540,10 +472,7 @@ fn num(v: f64) -> String {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
 #[cfg(test)]
@@ -563,15 +492,13 @@ mod tests {
     fn renders_an_empty_and_a_full_summary() {
         let mut s = Summary::default();
         assert!(svg(&s).starts_with("<svg"));
+        s.phases.send_s = 3.0;
+        s.phases.measure_at_s = 1.0;
         s.curves.delivery = vec![[0.0, 100.0], [90.0, 200.0], [99.0, 900.0], [100.0, 5000.0]];
         s.timeline = (0..5)
             .map(|i| Tick {
                 t_s: i as f64,
-                phase: if i > 1 {
-                    "send".into()
-                } else {
-                    "connect".into()
-                },
+                phase: if i > 1 { "send".into() } else { "connect".into() },
                 sent_per_s: 100.0,
                 delivered_per_s: 1000.0,
                 ..Default::default()

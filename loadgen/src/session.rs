@@ -35,17 +35,9 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(stats: Stats, clock: Clock, rooms: Vec<String>) -> Self {
-        let rooms_json = rooms
-            .iter()
-            .map(|r| serde_json::to_string(r).unwrap_or_else(|_| format!("\"{r}\"")))
-            .collect();
-        Self {
-            stats,
-            clock,
-            rooms,
-            rooms_json,
-            send_start_ns: AtomicU64::new(0),
-        }
+        let rooms_json =
+            rooms.iter().map(|r| serde_json::to_string(r).unwrap_or_else(|_| format!("\"{r}\""))).collect();
+        Self { stats, clock, rooms, rooms_json, send_start_ns: AtomicU64::new(0) }
     }
 }
 
@@ -84,9 +76,7 @@ pub fn start(conn: Conn, spec: Spec, sh: Arc<Shared>) -> Session {
     let Conn { reader, writer, .. } = conn;
     sh.stats.up.fetch_add(1, Ordering::Relaxed);
     if !spec.joins.is_empty() {
-        sh.stats
-            .join_pending
-            .fetch_add(spec.joins.len() as i64, Ordering::SeqCst);
+        sh.stats.join_pending.fetch_add(spec.joins.len() as i64, Ordering::SeqCst);
     }
     let send = spec.send.map(Arc::new);
     let state = ReaderState {
@@ -94,39 +84,19 @@ pub fn start(conn: Conn, spec: Spec, sh: Arc<Shared>) -> Session {
         tracks: spec
             .joins
             .iter()
-            .map(|&room| Track {
-                room,
-                seq: SeqTrack::default(),
-                join: JoinState::Pending,
-            })
+            .map(|&room| Track { room, seq: SeqTrack::default(), join: JoinState::Pending })
             .collect(),
         pending: spec.joins.len(),
         send: send.clone(),
     };
-    let mut tasks = vec![tokio::spawn(read_loop(
-        reader,
-        writer.clone(),
-        state,
-        sh.clone(),
-    ))];
+    let mut tasks = vec![tokio::spawn(read_loop(reader, writer.clone(), state, sh.clone()))];
     let mut ticks = None;
     if let Some(send) = send {
         let (tx, rx) = unbounded_channel();
         ticks = Some((send.schedule, tx));
-        tasks.push(tokio::spawn(send_loop(
-            spec.id,
-            rx,
-            writer.clone(),
-            send,
-            sh,
-        )));
+        tasks.push(tokio::spawn(send_loop(spec.id, rx, writer.clone(), send, sh)));
     }
-    Session {
-        id: spec.id,
-        writer,
-        tasks,
-        ticks,
-    }
+    Session { id: spec.id, writer, tasks, ticks }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,9 +197,10 @@ impl ReaderState {
     fn on_text(&mut self, payload: &[u8], sh: &Shared) {
         let now = sh.clock.now_ns();
         let Some(f) = parse(payload) else {
-            sh.stats.issues().errors.add("unparsable frame", || {
-                String::from_utf8_lossy(&payload[..payload.len().min(200)]).into_owned()
-            });
+            sh.stats
+                .issues()
+                .errors
+                .add("unparsable frame", || String::from_utf8_lossy(&payload[..payload.len().min(200)]).into_owned());
             return;
         };
         match f.ty {
@@ -273,11 +244,9 @@ impl ReaderState {
                 s.delivered += 1;
                 s.delivered_room[self.tracks[i].room] += 1;
                 let lat = now.saturating_sub(m.sched_ns).max(1);
-                s.delivery.saturating_record(lat);
                 s.delivery_iv.saturating_record(lat);
                 if m.sent_ns > 0 {
-                    s.delivery_from_send
-                        .saturating_record(now.saturating_sub(m.sent_ns).max(1));
+                    s.delivery_from_send.saturating_record(now.saturating_sub(m.sent_ns).max(1));
                 }
             }
             _ => s.foreign += 1,
@@ -298,7 +267,6 @@ impl ReaderState {
         sh.stats.acked.fetch_add(1, Ordering::Relaxed);
         sh.stats.acked_room[room].fetch_add(1, Ordering::Relaxed);
         let mut s = sh.stats.shard(self.id);
-        s.ack.saturating_record(lat);
         s.ack_iv.saturating_record(lat);
     }
 
@@ -333,31 +301,19 @@ impl ReaderState {
             let i = self
                 .tracks
                 .iter()
-                .position(|t| {
-                    t.join == JoinState::Pending && Some(sh.rooms[t.room].as_str()) == f.room
-                })
-                .or_else(|| {
-                    self.tracks
-                        .iter()
-                        .position(|t| t.join == JoinState::Pending)
-                });
+                .position(|t| t.join == JoinState::Pending && Some(sh.rooms[t.room].as_str()) == f.room)
+                .or_else(|| self.tracks.iter().position(|t| t.join == JoinState::Pending));
             if let Some(i) = i {
                 self.tracks[i].join = JoinState::Failed;
                 self.pending -= 1;
                 sh.stats.join_failed.fetch_add(1, Ordering::Relaxed);
                 sh.stats.join_pending.fetch_sub(1, Ordering::SeqCst);
                 let room = &sh.rooms[self.tracks[i].room];
-                sh.stats
-                    .issues()
-                    .join
-                    .add(code, || format!("joining room {room:?}: {code}: {message}"));
+                sh.stats.issues().join.add(code, || format!("joining room {room:?}: {code}: {message}"));
                 return;
             }
         }
-        sh.stats
-            .issues()
-            .errors
-            .add(code, || format!("{code}: {message}"));
+        sh.stats.issues().errors.add(code, || format!("{code}: {message}"));
     }
 
     fn on_end(&mut self, end: &str, sh: &Shared) {
@@ -369,9 +325,7 @@ impl ReaderState {
             stats.join_failed.fetch_add(n as u64, Ordering::Relaxed);
             stats.join_pending.fetch_sub(n as i64, Ordering::SeqCst);
             for _ in 0..n {
-                stats.issues().join.add("connection ended", || {
-                    format!("connection ended before joined: {end}")
-                });
+                stats.issues().join.add("connection ended", || format!("connection ended before joined: {end}"));
             }
         }
         if !stats.closing.load(Ordering::Relaxed) {
@@ -410,11 +364,7 @@ async fn send_loop(
             );
             w.push_text(&msg);
             n += 1;
-            next = if n < MAX_BATCH {
-                ticks.try_recv().ok()
-            } else {
-                None
-            };
+            next = if n < MAX_BATCH { ticks.try_recv().ok() } else { None };
         }
         let r = w.flush().await;
         drop(w);
@@ -443,10 +393,7 @@ pub fn build_send(
     out.extend_from_slice(room_json.as_bytes());
     let _ = write!(out, r#","ref":"{k}","body":"#);
     let body_start = out.len();
-    let _ = write!(
-        out,
-        r#"{{"t":{sched_ns},"s":{sent_ns},"p":{publisher},"k":{k},"pad":""#
-    );
+    let _ = write!(out, r#"{{"t":{sched_ns},"s":{sent_ns},"p":{publisher},"k":{k},"pad":""#);
     let pad = payload.saturating_sub(out.len() - body_start + 2);
     out.resize(out.len() + pad, b'x');
     out.extend_from_slice(br#""}}"#);
@@ -459,15 +406,7 @@ mod tests {
     #[test]
     fn send_frames_have_the_asked_body_size() {
         let mut out = Vec::new();
-        build_send(
-            &mut out,
-            "\"lg-1\"",
-            42,
-            1_700_000_000_000_000_000,
-            1_700_000_000_000_000_123,
-            7,
-            200,
-        );
+        build_send(&mut out, "\"lg-1\"", 42, 1_700_000_000_000_000_000, 1_700_000_000_000_000_123, 7, 200);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["type"], "send");
         assert_eq!(v["room"], "lg-1");
@@ -475,19 +414,80 @@ mod tests {
         assert_eq!(serde_json::to_string(&v["body"]).unwrap().len(), 200);
         assert_eq!(v["body"]["t"], 1_700_000_000_000_000_000u64);
         // The server echoes the body; our parser finds the marker in it.
-        let echoed = format!(
-            r#"{{"type":"message","room":"lg-1","seq":1,"from":"lg-7","ts":1,"body":{}}}"#,
-            v["body"]
-        );
+        let echoed = format!(r#"{{"type":"message","room":"lg-1","seq":1,"from":"lg-7","ts":1,"body":{}}}"#, v["body"]);
         let f = parse(echoed.as_bytes()).unwrap();
         let m = f.marker.unwrap();
-        assert_eq!(
-            (m.k, m.publisher, m.sent_ns),
-            (42, 7, 1_700_000_000_000_000_123)
-        );
+        assert_eq!((m.k, m.publisher, m.sent_ns), (42, 7, 1_700_000_000_000_000_123));
         // Too small a payload still gives a valid body.
         build_send(&mut out, "\"r\"", 1, 2, 3, 4, 5);
         assert!(serde_json::from_slice::<serde_json::Value>(&out).is_ok());
+    }
+
+    fn state(sh: &Shared, joins: Vec<usize>, send: Option<SendSpec>) -> ReaderState {
+        sh.stats.join_pending.fetch_add(joins.len() as i64, Ordering::SeqCst);
+        ReaderState {
+            id: 0,
+            pending: joins.len(),
+            tracks: joins
+                .into_iter()
+                .map(|room| Track { room, seq: SeqTrack::default(), join: JoinState::Pending })
+                .collect(),
+            send: send.map(Arc::new),
+        }
+    }
+
+    fn msg(room: &str, seq: u64, k: u64) -> Vec<u8> {
+        format!(
+            r#"{{"type":"message","room":"{room}","seq":{seq},"from":"lg-9","ts":1,"body":{{"t":1,"s":2,"p":9,"k":{k}}}}}"#
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn reader_checks_seqs_and_counts_deliveries() {
+        let sh = Shared::new(Stats::new(2, 1).unwrap(), Clock::new(), vec!["a".into(), "b".into()]);
+        sh.stats.counting.store(true, Ordering::SeqCst);
+        let mut st = state(&sh, vec![0, 1], None);
+        st.on_text(br#"{"type":"joined","room":"a","seq":10,"epoch":"e"}"#, &sh);
+        st.on_text(br#"{"type":"error","code":"forbidden","message":"no"}"#, &sh);
+        assert_eq!(st.pending, 0);
+        assert_eq!(sh.stats.join_pending.load(Ordering::SeqCst), 0);
+        assert_eq!(sh.stats.joined.load(Ordering::SeqCst), 1);
+        assert_eq!(sh.stats.join_failed.load(Ordering::SeqCst), 1);
+        assert_eq!(sh.stats.issues().join.0["forbidden"].0, 1);
+        for (seq, k) in [(11, 0), (12, 1), (15, 2), (15, 2), (13, 3), (16, 4)] {
+            st.on_text(&msg("a", seq, k), &sh);
+        }
+        st.on_text(&msg("zzz", 1, 5), &sh);
+        st.on_text(br#"{"type":"message","room":"a","seq":17,"body":"hello"}"#, &sh);
+        let m = sh.stats.merged();
+        assert_eq!((m.gaps, m.gap_seqs, m.duplicates, m.reorders), (1, 2, 1, 1));
+        // 11, 12, 15, 13, 16 delivered; the duplicate 15 is not.
+        assert_eq!(m.delivered, 5);
+        assert_eq!(m.delivered_room, vec![5, 0]);
+        assert_eq!(m.foreign, 2);
+        assert_eq!(m.delivery.len(), 5);
+        assert_eq!(sh.stats.room_members[0].load(Ordering::SeqCst), 1);
+        st.on_end("close 1013", &sh);
+        assert_eq!(sh.stats.issues().closes.0["close 1013"].0, 1);
+    }
+
+    #[test]
+    fn reader_times_acks_and_counts_send_errors() {
+        let sh = Shared::new(Stats::new(2, 1).unwrap(), Clock::new(), vec!["a".into(), "b".into()]);
+        sh.stats.counting.store(true, Ordering::SeqCst);
+        sh.send_start_ns.store(sh.clock.now_ns(), Ordering::SeqCst);
+        let send =
+            SendSpec { rooms: vec![0, 1], schedule: Schedule { offset_ns: 0, interval_ns: 1000.0 }, payload: 10 };
+        let mut st = state(&sh, vec![], Some(send));
+        st.on_text(br#"{"type":"ack","ref":"0","room":"a","seq":1}"#, &sh);
+        st.on_text(br#"{"type":"ack","ref":"1","room":"b","seq":1}"#, &sh);
+        st.on_text(br#"{"type":"ack","ref":"3","room":"b","seq":2}"#, &sh);
+        st.on_text(br#"{"type":"error","code":"rate_limited","message":"slow down","ref":"2"}"#, &sh);
+        assert_eq!(sh.stats.acked.load(Ordering::SeqCst), 3);
+        assert_eq!(sh.stats.acked_room[1].load(Ordering::SeqCst), 2);
+        assert_eq!(sh.stats.issues().errors.0["rate_limited"].0, 1);
+        assert_eq!(sh.stats.merged().ack.len(), 3);
     }
 
     #[test]

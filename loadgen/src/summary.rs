@@ -38,6 +38,9 @@ pub struct Summary {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Phases {
+    /// When the send (or hold) phase started, seconds after loadgen began
+    /// connecting (the timeline's time base).
+    pub measure_at_s: f64,
     pub connect_s: f64,
     pub join_s: f64,
     pub send_s: f64,
@@ -177,7 +180,7 @@ pub struct ServerFigures {
     pub cpu_s_send: Option<f64>,
     /// Server CPU during the send and drain phases.
     pub cpu_s_send_drain: Option<f64>,
-    /// cpu_s_send_drain / delivered, microseconds.
+    /// cpu_s_send / deliveries received during the send phase, microseconds.
     pub cpu_us_per_delivery: Option<f64>,
     /// cpu_s_connect / established connections, microseconds.
     pub cpu_us_per_connection: Option<f64>,
@@ -217,12 +220,7 @@ pub struct Event {
 impl Event {
     pub fn from_tally(kind: &str, t: &Tally) -> Vec<Event> {
         t.0.iter()
-            .map(|(k, (n, s))| Event {
-                kind: kind.to_string(),
-                key: k.clone(),
-                count: *n,
-                sample: s.clone(),
-            })
+            .map(|(k, (n, s))| Event { kind: kind.to_string(), key: k.clone(), count: *n, sample: s.clone() })
             .collect()
     }
 }
@@ -240,4 +238,36 @@ pub struct Tick {
     /// p99 of the deliveries and acks of this second, ms.
     pub p99_delivery_ms: Option<f64>,
     pub p99_ack_ms: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_through_json() {
+        let mut s = Summary { scenario: "fanout".into(), ..Default::default() };
+        s.messages.delivered = 7;
+        s.curves.ack = vec![[50.0, 12.5]];
+        let text = serde_json::to_string(&s).unwrap();
+        let back: Summary = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.messages.delivered, 7);
+        assert_eq!(back.curves.ack, vec![[50.0, 12.5]]);
+    }
+
+    #[test]
+    fn percentiles_and_curves() {
+        let mut h = crate::stats::new_hist().unwrap();
+        for v in 1..=1000u64 {
+            h.record(v * 1000).unwrap();
+        }
+        let p = Percentiles::from_hist(&h);
+        assert_eq!(p.count, 1000);
+        assert!((p.p50_us - 500.0).abs() < 1.0);
+        assert!((p.max_us - 1000.0).abs() < 1.0);
+        let c = curve(&h);
+        assert_eq!(c.first().map(|p| p[0]), Some(0.0));
+        assert_eq!(c.last().map(|p| p[0]), Some(100.0));
+        assert!(c.windows(2).all(|w| w[0][1] <= w[1][1]));
+    }
 }

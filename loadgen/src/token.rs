@@ -10,12 +10,7 @@ use serde::Serialize;
 
 pub enum TokenSource {
     /// Mint `sub = <prefix><n>` tokens with this key.
-    Secret {
-        key: EncodingKey,
-        prefix: String,
-        iat: u64,
-        exp: u64,
-    },
+    Secret { key: EncodingKey, prefix: String, iat: u64, exp: u64 },
     /// The same token for every connection.
     Fixed(String),
 }
@@ -30,23 +25,11 @@ struct Claims<'a> {
 impl TokenSource {
     /// From `--jwt-secret` or `--token-file`; `now` and `lifetime` (seconds)
     /// set `iat` and `exp`.
-    pub fn new(
-        secret: Option<&str>,
-        token_file: Option<&Path>,
-        prefix: &str,
-        now: u64,
-        lifetime: u64,
-    ) -> Result<Self> {
+    pub fn new(secret: Option<&str>, token_file: Option<&Path>, prefix: &str, now: u64, lifetime: u64) -> Result<Self> {
         match (secret, token_file) {
             (Some(s), None) => {
-                let key = EncodingKey::from_secret(s.as_bytes())
-                    .context("--jwt-secret is not a usable HS256 key")?;
-                Ok(TokenSource::Secret {
-                    key,
-                    prefix: prefix.to_string(),
-                    iat: now,
-                    exp: now + lifetime,
-                })
+                let key = EncodingKey::from_secret(s.as_bytes()).context("--jwt-secret is not a usable HS256 key")?;
+                Ok(TokenSource::Secret { key, prefix: prefix.to_string(), iat: now, exp: now + lifetime })
             }
             (None, Some(path)) => {
                 let text = std::fs::read_to_string(path)
@@ -68,18 +51,9 @@ impl TokenSource {
     /// The token of connection `n`.
     pub fn token_for(&self, n: usize) -> Result<String> {
         match self {
-            TokenSource::Secret {
-                key,
-                prefix,
-                iat,
-                exp,
-            } => {
+            TokenSource::Secret { key, prefix, iat, exp } => {
                 let sub = format!("{prefix}{n}");
-                let claims = Claims {
-                    sub: &sub,
-                    iat: *iat,
-                    exp: *exp,
-                };
+                let claims = Claims { sub: &sub, iat: *iat, exp: *exp };
                 encode(&Header::default(), &claims, key).context("cannot sign token")
             }
             TokenSource::Fixed(t) => Ok(t.clone()),

@@ -11,10 +11,7 @@ pub fn problems(s: &Summary) -> Vec<String> {
         out.push(describe(e, s.connections.planned, s.joins.planned));
     }
     if s.joins.timed_out > 0 {
-        out.push(format!(
-            "{} joins got no answer within --join-timeout",
-            s.joins.timed_out
-        ));
+        out.push(format!("{} joins got no answer within --join-timeout", s.joins.timed_out));
     }
     let m = &s.messages;
     if m.gaps > 0 {
@@ -24,16 +21,10 @@ pub fn problems(s: &Summary) -> Vec<String> {
         ));
     }
     if m.duplicates > 0 {
-        out.push(format!(
-            "{} duplicate deliveries (same seq twice)",
-            m.duplicates
-        ));
+        out.push(format!("{} duplicate deliveries (same seq twice)", m.duplicates));
     }
     if m.reorders > 0 {
-        out.push(format!(
-            "{} deliveries out of order (seq lower than one already received)",
-            m.reorders
-        ));
+        out.push(format!("{} deliveries out of order (seq lower than one already received)", m.reorders));
     }
     if m.missing > 0 {
         out.push(format!(
@@ -42,10 +33,7 @@ pub fn problems(s: &Summary) -> Vec<String> {
         ));
     }
     if m.unacked > 0 {
-        out.push(format!(
-            "{} of {} sent messages were never acked",
-            m.unacked, m.sent
-        ));
+        out.push(format!("{} of {} sent messages were never acked", m.unacked, m.sent));
     }
     out
 }

@@ -321,7 +321,11 @@ pub async fn tcp_connect(addr: SocketAddr, recv_buffer: Option<u32>) -> TcpStrea
 }
 
 /// The WebSocket handshake; `Err` carries the refusal (`Error::Http`).
-pub async fn try_connect(addr: SocketAddr, request: Request, recv_buffer: Option<u32>) -> Result<Client, tungstenite::Error> {
+pub async fn try_connect(
+    addr: SocketAddr,
+    request: Request,
+    recv_buffer: Option<u32>,
+) -> Result<Client, tungstenite::Error> {
     let stream = tcp_connect(addr, recv_buffer).await;
     let (ws, response) = tokio::time::timeout(GUARD, tokio_tungstenite::client_async(request, stream))
         .await

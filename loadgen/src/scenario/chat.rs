@@ -36,10 +36,7 @@ pub fn plan(a: &ChatArgs) -> Result<Plan> {
                 send: Some(SendSpec {
                     rooms: mine,
                     // Users take turns so the total is evenly spaced.
-                    schedule: Schedule {
-                        offset_ns: (u as f64 * interval_ns / users as f64) as u64,
-                        interval_ns,
-                    },
+                    schedule: Schedule { offset_ns: (u as f64 * interval_ns / users as f64) as u64, interval_ns },
                     payload: a.payload,
                 }),
             }
@@ -57,13 +54,8 @@ pub fn plan(a: &ChatArgs) -> Result<Plan> {
         ),
         rooms,
         specs,
-        timing: Timing::Send {
-            duration: a.phase.duration,
-            drain: a.phase.drain,
-        },
-        warnings: rate_warning("each member", a.rate_per_user)
-            .into_iter()
-            .collect(),
+        timing: Timing::Send { duration: a.phase.duration, drain: a.phase.drain },
+        warnings: rate_warning("each member", a.rate_per_user).into_iter().collect(),
     })
 }
 
@@ -76,18 +68,11 @@ mod tests {
     #[test]
     fn members_send_to_their_rooms() {
         let a = ChatArgs {
-            rooms: RoomArgs {
-                rooms: 3,
-                members: 2,
-                room_prefix: "c".into(),
-            },
+            rooms: RoomArgs { rooms: 3, members: 2, room_prefix: "c".into() },
             rate_per_user: 2.0,
             rooms_per_user: 2,
             payload: 64,
-            phase: PhaseArgs {
-                duration: Duration::from_secs(1),
-                drain: Duration::from_secs(1),
-            },
+            phase: PhaseArgs { duration: Duration::from_secs(1), drain: Duration::from_secs(1) },
         };
         let p = plan(&a).unwrap();
         assert_eq!(p.specs.len(), 6);

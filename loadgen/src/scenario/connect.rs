@@ -21,13 +21,7 @@ pub fn plan(a: &ConnectArgs) -> Result<Plan> {
             humantime::format_duration(a.duration)
         ),
         rooms: vec![],
-        specs: (0..a.connections)
-            .map(|id| Spec {
-                id,
-                joins: vec![],
-                send: None,
-            })
-            .collect(),
+        specs: (0..a.connections).map(|id| Spec { id, joins: vec![], send: None }).collect(),
         timing: Timing::Hold(a.duration),
         warnings: vec![],
     })

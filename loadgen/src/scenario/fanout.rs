@@ -23,38 +23,25 @@ pub fn plan(a: &FanoutArgs) -> Result<Plan> {
     let mut specs = Vec::with_capacity(r * m + p);
     for room in 0..r {
         for j in 0..m {
-            specs.push(Spec {
-                id: room * m + j,
-                joins: vec![room],
-                send: None,
-            });
+            specs.push(Spec { id: room * m + j, joins: vec![room], send: None });
         }
     }
     let per_pub = a.rate / p as f64;
     let interval_ns = 1e9 / per_pub;
     for i in 0..p {
-        let my_rooms: Vec<usize> = if p >= r {
-            vec![i % r]
-        } else {
-            (i..r).step_by(p).collect()
-        };
+        let my_rooms: Vec<usize> = if p >= r { vec![i % r] } else { (i..r).step_by(p).collect() };
         specs.push(Spec {
             id: r * m + i,
             joins: vec![],
             send: Some(SendSpec {
                 rooms: my_rooms,
                 // Publishers take turns: together they send evenly spaced.
-                schedule: Schedule {
-                    offset_ns: (i as f64 * 1e9 / a.rate) as u64,
-                    interval_ns,
-                },
+                schedule: Schedule { offset_ns: (i as f64 * 1e9 / a.rate) as u64, interval_ns },
                 payload: a.payload,
             }),
         });
     }
-    let mut warnings: Vec<String> = rate_warning("each publisher", per_pub)
-        .into_iter()
-        .collect();
+    let mut warnings: Vec<String> = rate_warning("each publisher", per_pub).into_iter().collect();
     if m == 0 {
         warnings.push("--members 0: nothing will be delivered, only acks measured".into());
     }
@@ -69,10 +56,7 @@ pub fn plan(a: &FanoutArgs) -> Result<Plan> {
         ),
         rooms,
         specs,
-        timing: Timing::Send {
-            duration: a.phase.duration,
-            drain: a.phase.drain,
-        },
+        timing: Timing::Send { duration: a.phase.duration, drain: a.phase.drain },
         warnings,
     })
 }
@@ -85,18 +69,11 @@ mod tests {
 
     fn args(rooms: usize, publishers: usize) -> FanoutArgs {
         FanoutArgs {
-            rooms: RoomArgs {
-                rooms,
-                members: 3,
-                room_prefix: "lg".into(),
-            },
+            rooms: RoomArgs { rooms, members: 3, room_prefix: "lg".into() },
             publishers,
             rate: 1000.0,
             payload: 100,
-            phase: PhaseArgs {
-                duration: Duration::from_secs(1),
-                drain: Duration::from_secs(1),
-            },
+            phase: PhaseArgs { duration: Duration::from_secs(1), drain: Duration::from_secs(1) },
         }
     }
 

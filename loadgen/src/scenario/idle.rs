@@ -21,13 +21,7 @@ pub fn plan(a: &IdleArgs) -> Result<Plan> {
             humantime::format_duration(a.duration)
         ),
         rooms: room_names(&a.room_prefix, n_rooms),
-        specs: (0..a.connections)
-            .map(|id| Spec {
-                id,
-                joins: vec![id / a.per_room],
-                send: None,
-            })
-            .collect(),
+        specs: (0..a.connections).map(|id| Spec { id, joins: vec![id / a.per_room], send: None }).collect(),
         timing: Timing::Hold(a.duration),
         warnings: vec![],
     })
