@@ -59,6 +59,9 @@ pub struct ServeArgs {
     /// Frames queued per connection before it counts as a slow consumer (closed with 1013).
     #[arg(long, env = "CHORUS_SEND_QUEUE", default_value_t = 1024)]
     pub send_queue: usize,
+    /// A busy connection writes at most once per this window; frames that arrive meanwhile leave together.
+    #[arg(long, env = "CHORUS_WRITE_COALESCE", default_value = "2ms", value_parser = humantime::parse_duration)]
+    pub write_coalesce: Duration,
     /// Prefix of every Redis key and channel.
     #[arg(long, env = "CHORUS_REDIS_PREFIX", default_value = "chorus")]
     pub redis_prefix: String,
@@ -108,6 +111,7 @@ pub struct Config {
     pub rate: f64,
     pub burst: u32,
     pub send_queue: usize,
+    pub write_coalesce: Duration,
     pub redis_url: Option<String>,
     pub redis_prefix: String,
     pub database_url: Option<String>,
@@ -143,6 +147,7 @@ impl Config {
             rate: args.rate,
             burst: args.burst,
             send_queue: args.send_queue,
+            write_coalesce: args.write_coalesce,
             redis_url: args.redis_url,
             redis_prefix: args.redis_prefix,
             database_url: args.database_url,

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub rooms: Gauge,
     pub frames_in: Counter,
     pub frames_out: Counter,
+    /// Socket writes: frames_out / writes is how many frames a write carries.
+    pub writes: Counter,
     pub messages_published: Counter,
     pub deliveries: Counter,
     pub slow_consumers: Counter,
@@ -48,6 +50,7 @@ impl Metrics {
         let rooms = Gauge::default();
         let frames_in = Counter::default();
         let frames_out = Counter::default();
+        let writes = Counter::default();
         let messages_published = Counter::default();
         let deliveries = Counter::default();
         let slow_consumers = Counter::default();
@@ -59,6 +62,7 @@ impl Metrics {
         registry.register("rooms", "Rooms with local members or history", rooms.clone());
         registry.register("frames_in", "WebSocket data frames received", frames_in.clone());
         registry.register("frames_out", "WebSocket frames written", frames_out.clone());
+        registry.register("writes", "Socket writes (each may carry many frames)", writes.clone());
         registry.register("messages_published", "Messages given a seq", messages_published.clone());
         registry.register("deliveries", "Message frames queued to members", deliveries.clone());
         registry.register("slow_consumers", "Connections cut with 1013", slow_consumers.clone());
@@ -95,6 +99,7 @@ impl Metrics {
             rooms,
             frames_in,
             frames_out,
+            writes,
             messages_published,
             deliveries,
             slow_consumers,

@@ -1,6 +1,14 @@
 //! Ctrl-C: the first one ends the run early but still reports what was
 //! measured (the send or hold phase stops, the drain runs, the figures are
 //! printed); a second one exits at once.
+//!
+//! Several runs in one process, one after the other or at once (tests),
+//! each on its own runtime or sharing one, are fine: tokio keeps one
+//! process-wide SIGINT registry, every [`Interrupt`] is its own listener
+//! (so one Ctrl-C ends every run going on), and a listener made after a
+//! Ctrl-C does not see that old one. What stays is tokio's: once the first
+//! run has begun, SIGINT no longer kills the process by default, even
+//! between runs.
 
 use std::time::Duration;
 

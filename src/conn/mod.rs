@@ -5,15 +5,16 @@
 pub mod outbox;
 pub mod rate;
 pub mod session;
+pub mod signal;
 pub mod writer;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
-use tokio::sync::Notify;
 
 use crate::ws;
 use outbox::{Outbox, PushError};
+use signal::Signal;
 
 /// What rooms, the sweep and shutdown share of one connection.
 pub struct Connection {
@@ -27,10 +28,10 @@ pub struct Connection {
     expires_at: AtomicU64,
     /// Tells the session to stop reading (the writer stopped, or someone
     /// closed the connection).
-    stop_reading: Notify,
+    stop_reading: Signal,
     /// Tells the writer to give up, even in the middle of a write: the peer
     /// neither reads (the socket is full) nor sends anything.
-    abort_writer: Notify,
+    abort_writer: Signal,
 }
 
 impl Connection {
@@ -41,8 +42,8 @@ impl Connection {
             last_seen: AtomicU64::new(now_ms),
             last_ping: AtomicU64::new(now_ms),
             expires_at: AtomicU64::new(expires_at),
-            stop_reading: Notify::new(),
-            abort_writer: Notify::new(),
+            stop_reading: Signal::default(),
+            abort_writer: Signal::default(),
         }
     }
 
@@ -91,19 +92,19 @@ impl Connection {
     }
 
     pub fn stop_reader(&self) {
-        self.stop_reading.notify_one();
+        self.stop_reading.raise();
     }
 
     pub async fn reader_stopped(&self) {
-        self.stop_reading.notified().await;
+        self.stop_reading.wait().await;
     }
 
     /// Makes the writer stop at once, dropping what it could not write.
     pub fn abort_writer(&self) {
-        self.abort_writer.notify_one();
+        self.abort_writer.raise();
     }
 
     pub async fn writer_aborted(&self) {
-        self.abort_writer.notified().await;
+        self.abort_writer.wait().await;
     }
 }

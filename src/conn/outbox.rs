@@ -9,7 +9,8 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use tokio::sync::Notify;
+
+use super::signal::Signal;
 
 /// Why a frame was not queued.
 #[derive(Debug, PartialEq, Eq)]
@@ -37,13 +38,17 @@ struct State {
 
 pub struct Outbox {
     state: Mutex<State>,
-    wake: Notify,
+    wake: Signal,
     capacity: usize,
 }
 
 impl Outbox {
     pub fn new(capacity: usize) -> Self {
-        Self { state: Mutex::new(State { frames: VecDeque::new(), phase: Phase::Open }), wake: Notify::new(), capacity }
+        Self {
+            state: Mutex::new(State { frames: VecDeque::new(), phase: Phase::Open }),
+            wake: Signal::default(),
+            capacity,
+        }
     }
 
     /// Queues a frame unless the queue is full or closed.
@@ -59,7 +64,7 @@ impl Outbox {
         let was_empty = state.frames.len() == 1;
         drop(state);
         if was_empty {
-            self.wake.notify_one();
+            self.wake.raise();
         }
         Ok(())
     }
@@ -73,7 +78,7 @@ impl Outbox {
         }
         state.frames.extend(frames);
         drop(state);
-        self.wake.notify_one();
+        self.wake.raise();
         Ok(())
     }
 
@@ -91,14 +96,14 @@ impl Outbox {
         state.frames.push_back(close);
         state.phase = Phase::Closing;
         drop(state);
-        self.wake.notify_one();
+        self.wake.raise();
         true
     }
 
     /// Stops the writer without a close frame (the peer is gone).
     pub fn kill(&self) {
         self.state.lock().phase = Phase::Dead;
-        self.wake.notify_one();
+        self.wake.raise();
     }
 
     pub fn phase(&self) -> Phase {
@@ -113,7 +118,7 @@ impl Outbox {
 
     /// Waits until something was queued or the phase changed.
     pub async fn changed(&self) {
-        self.wake.notified().await;
+        self.wake.wait().await;
     }
 }
 

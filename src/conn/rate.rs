@@ -2,24 +2,29 @@
 
 use std::time::Instant;
 
-/// `rate` tokens a second, holding at most `burst`.
+/// The configured limit: `rate` tokens a second, holding at most `burst`.
+#[derive(Debug, Clone, Copy)]
+pub struct Limit {
+    pub rate: f64,
+    pub burst: u32,
+}
+
+/// One connection's bucket. The limit is passed in rather than stored: every
+/// connection keeps a bucket for as long as it lives.
 pub struct TokenBucket {
-    rate: f64,
-    burst: f64,
     tokens: f64,
     refilled: Instant,
 }
 
 impl TokenBucket {
-    pub fn new(rate: f64, burst: u32, now: Instant) -> Self {
-        let burst = f64::from(burst.max(1));
-        Self { rate, burst, tokens: burst, refilled: now }
+    pub fn new(limit: Limit, now: Instant) -> Self {
+        Self { tokens: f64::from(limit.burst.max(1)), refilled: now }
     }
 
     /// Takes one token if there is one.
-    pub fn try_take(&mut self, now: Instant) -> bool {
+    pub fn try_take(&mut self, limit: Limit, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.tokens = (self.tokens + elapsed * limit.rate).min(f64::from(limit.burst.max(1)));
         self.refilled = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -38,14 +43,15 @@ mod tests {
     #[test]
     fn burst_then_rate() {
         let t0 = Instant::now();
-        let mut b = TokenBucket::new(10.0, 3, t0);
-        assert!((0..3).all(|_| b.try_take(t0)));
-        assert!(!b.try_take(t0));
-        assert!(b.try_take(t0 + Duration::from_millis(100)));
-        assert!(!b.try_take(t0 + Duration::from_millis(100)));
+        let limit = Limit { rate: 10.0, burst: 3 };
+        let mut b = TokenBucket::new(limit, t0);
+        assert!((0..3).all(|_| b.try_take(limit, t0)));
+        assert!(!b.try_take(limit, t0));
+        assert!(b.try_take(limit, t0 + Duration::from_millis(100)));
+        assert!(!b.try_take(limit, t0 + Duration::from_millis(100)));
         // A long pause refills only up to the burst.
         let later = t0 + Duration::from_secs(60);
-        assert!((0..3).all(|_| b.try_take(later)));
-        assert!(!b.try_take(later));
+        assert!((0..3).all(|_| b.try_take(limit, later)));
+        assert!(!b.try_take(limit, later));
     }
 }

@@ -5,6 +5,7 @@
 //! are ordered with the room messages around them: a sender that is a member
 //! gets its `message` before its `ack`.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 
 use super::outbox::{Phase, PushError};
-use super::rate::TokenBucket;
+use super::rate::{Limit, TokenBucket};
 use super::{writer, Connection};
 use crate::auth::Claims;
 use crate::protocol::outbound::{self, ErrorCode};
@@ -39,28 +40,36 @@ struct Session {
 
 /// Serves an upgraded connection until it closes. `early` holds bytes the
 /// client sent right behind its upgrade request.
-pub async fn run(state: Arc<ServerState>, stream: TcpStream, early: Bytes, claims: Claims, room: Option<RoomName>) {
+///
+/// The setup runs before the returned future exists, so the future holds
+/// only what the read loop needs: every idle connection carries it.
+pub fn run(
+    state: Arc<ServerState>,
+    stream: TcpStream,
+    early: Bytes,
+    claims: Claims,
+    room: Option<RoomName>,
+) -> impl Future<Output = ()> + Send {
     let (mut read_half, write_half) = stream.into_split();
     let id = state.next_connection_id();
     let conn = Arc::new(Connection::new(id, state.config.send_queue, claims.exp, state.now_ms()));
     state.connections.insert(id, conn.clone());
     state.metrics.connections.inc();
-    let writer = tokio::spawn(writer::run(conn.clone(), write_half, state.metrics.clone()));
-
-    let bucket = TokenBucket::new(state.config.rate, state.config.burst, Instant::now());
+    let coalesce = state.config.write_coalesce;
+    let writer = tokio::spawn(writer::run(conn.clone(), write_half, coalesce, state.metrics.clone()));
+    // `early` is a slice of hyper's read buffer: copy what it holds and let
+    // the buffer go, or every connection keeps kilobytes it never uses.
+    let mut reader = FrameReader::new(&early, state.config.max_message_bytes);
+    drop(early);
+    let bucket = TokenBucket::new(limit(&state), Instant::now());
     let mut session = Session { state, conn, claims, rooms: Vec::new(), bucket, refused_in_a_row: 0 };
-    if let Some(room) = room {
-        session.join(room, None, None).await;
-    }
-    let mut reader = FrameReader::new(&early, session.state.config.max_message_bytes);
-    session.read_until_closed(&mut reader, &mut read_half).await;
-    session.end();
-    // The writer may be stuck on a peer that does not read; it had the
-    // linger time already.
-    let mut writer = writer;
-    if tokio::time::timeout(CLOSE_LINGER, &mut writer).await.is_err() {
-        session.conn.abort_writer();
-        let _ = writer.await;
+    async move {
+        if let Some(room) = room {
+            Box::pin(session.join(room, None, None)).await;
+        }
+        session.read_until_closed(&mut reader, &mut read_half).await;
+        session.end();
+        Box::pin(finish_writer(&session.conn, writer)).await;
     }
 }
 
@@ -74,7 +83,9 @@ impl Session {
             };
             self.conn.touch(self.state.now_ms());
             match incoming {
-                Ok(Incoming::Text(text)) => self.on_text(&text).await,
+                // Boxed: a request may await Redis or the database, and that
+                // state should not make every idle connection's future larger.
+                Ok(Incoming::Text(text)) => Box::pin(self.on_text(&text)).await,
                 Ok(Incoming::Binary) => {
                     if self.admit(None) {
                         self.error(ErrorCode::BadRequest, "binary frames are not supported", None);
@@ -99,7 +110,9 @@ impl Session {
                 break;
             }
         }
-        linger(reader, socket).await;
+        // Boxed, as are the other waits of a closing connection: their
+        // timers would otherwise sit in every idle connection's future.
+        Box::pin(linger(reader, socket)).await;
     }
 
     async fn on_text(&mut self, text: &[u8]) {
@@ -123,7 +136,7 @@ impl Session {
     /// Applies the token bucket: a refused frame gets `rate_limited`, and a
     /// client that keeps going for a whole burst more is cut with 1008.
     fn admit(&mut self, reference: Option<&str>) -> bool {
-        if self.bucket.try_take(Instant::now()) {
+        if self.bucket.try_take(limit(&self.state), Instant::now()) {
             self.refused_in_a_row = 0;
             return true;
         }
@@ -191,7 +204,12 @@ impl Session {
 
     async fn join(&mut self, room: RoomName, since: Option<Since<'_>>, reference: Option<&str>) {
         match self.state.bus.join(&room, &self.conn, since).await {
-            Ok(()) if !self.rooms.contains(&room) => self.rooms.push(room),
+            Ok(()) if !self.rooms.contains(&room) => {
+                // One room at a time: most connections join one, and every
+                // connection keeps this list for as long as it lives.
+                self.rooms.reserve_exact(1);
+                self.rooms.push(room);
+            }
             Ok(()) => {}
             Err(e) => {
                 self.rooms.retain(|r| *r != room);
@@ -246,6 +264,19 @@ impl Session {
         if self.conn.outbox.phase() == Phase::Open {
             self.conn.outbox.kill();
         }
+    }
+}
+
+fn limit(state: &ServerState) -> Limit {
+    Limit { rate: state.config.rate, burst: state.config.burst }
+}
+
+/// Gives the writer the linger time to get the close frame out (it may be
+/// stuck on a peer that does not read), then stops it.
+async fn finish_writer(conn: &Connection, mut writer: tokio::task::JoinHandle<()>) {
+    if tokio::time::timeout(CLOSE_LINGER, &mut writer).await.is_err() {
+        conn.abort_writer();
+        let _ = writer.await;
     }
 }
 

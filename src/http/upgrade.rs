@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use futures_util::future::{Either, FutureExt};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, StatusCode};
@@ -29,16 +30,26 @@ pub fn upgrade(
     let (response, upgrading) =
         fastwebsockets::upgrade::upgrade(&mut req).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let session_state = state.clone();
-    state.tasks.spawn(async move {
-        let upgraded = match upgrading.await {
+    // `then` rather than an async block: the task's future is either the
+    // upgrade or the session, never both, so every connection's task is
+    // only as large as its session.
+    let connection = upgrading.then(move |upgraded| {
+        let upgraded = match upgraded {
             Ok(ws) => ws.into_inner().into_inner(),
-            Err(e) => return tracing::debug!("upgrade failed: {e}"),
+            Err(e) => {
+                tracing::debug!("upgrade failed: {e}");
+                return Either::Right(std::future::ready(()));
+            }
         };
         // We gave hyper a TcpStream, so that is what comes back.
         match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => session::run(session_state, parts.io.into_inner(), parts.read_buf, claims, room).await,
-            Err(_) => tracing::error!("upgraded connection is not a TcpStream"),
+            Ok(parts) => Either::Left(session::run(session_state, parts.io.into_inner(), parts.read_buf, claims, room)),
+            Err(_) => {
+                tracing::error!("upgraded connection is not a TcpStream");
+                Either::Right(std::future::ready(()))
+            }
         }
     });
+    state.tasks.spawn(connection);
     Ok(response.map(|_| Full::default()))
 }

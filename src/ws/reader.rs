@@ -69,7 +69,8 @@ struct Partial {
 pub struct FrameReader {
     buf: BytesMut,
     max_message: usize,
-    partial: Option<Partial>,
+    /// Boxed: rare, and the reader lives in every connection's future.
+    partial: Option<Box<Partial>>,
 }
 
 impl FrameReader {
@@ -96,10 +97,12 @@ impl FrameReader {
     }
 
     /// Waits for readiness holding no buffer, then reads what is there.
+    /// `poll_read_ready` keeps the waker in the socket's own slot, so the
+    /// wait adds nothing to the connection's future.
     async fn read_when_idle(&mut self, stream: &mut OwnedReadHalf) -> Result<(), ReadError> {
         self.buf = BytesMut::new();
         loop {
-            stream.readable().await?;
+            std::future::poll_fn(|cx| stream.as_ref().poll_read_ready(cx)).await?;
             self.buf.reserve(READ_CHUNK);
             match stream.try_read_buf(&mut self.buf) {
                 Ok(0) => return Err(ReadError::Eof),
@@ -155,7 +158,7 @@ impl FrameReader {
                 if fin {
                     return complete(text, payload).map(Some);
                 }
-                self.partial = Some(Partial { text, data: payload });
+                self.partial = Some(Box::new(Partial { text, data: payload }));
                 Ok(None)
             }
             OP_CONTINUATION => {
