@@ -6,16 +6,13 @@
 //! spare bytes and then puts the header right in front of it, so a frame costs
 //! one allocation and no copy.
 
+use super::opcode;
 use bytes::Bytes;
 
 /// Room for the longest header of an unmasked frame (2 + 8 length bytes).
 const MAX_HEADER: usize = 10;
 
 const FIN: u8 = 0x80;
-const OP_TEXT: u8 = 0x1;
-const OP_CLOSE: u8 = 0x8;
-const OP_PING: u8 = 0x9;
-const OP_PONG: u8 = 0xA;
 
 /// Builds one text frame: write the payload into [`buf`](Self::buf), then
 /// [`finish`](Self::finish).
@@ -40,7 +37,7 @@ impl TextFrameBuilder {
     pub fn finish(self) -> Bytes {
         let mut buf = self.buf;
         let payload_len = buf.len() - MAX_HEADER;
-        let (header, header_len) = header(FIN | OP_TEXT, payload_len);
+        let (header, header_len) = header(FIN | opcode::TEXT, payload_len);
         let start = MAX_HEADER - header_len;
         buf[start..MAX_HEADER].copy_from_slice(&header[..header_len]);
         Bytes::from(buf).slice(start..)
@@ -83,10 +80,10 @@ pub fn payload(frame: &[u8]) -> &[u8] {
     frame.get(header_len..).unwrap_or_default()
 }
 
-fn control(opcode: u8, payload: &[u8]) -> Bytes {
+fn control(op: u8, payload: &[u8]) -> Bytes {
     // Control payloads are at most 125 bytes (RFC 6455 5.5); callers keep to it.
     let payload = &payload[..payload.len().min(125)];
-    let (header, header_len) = header(FIN | opcode, payload.len());
+    let (header, header_len) = header(FIN | op, payload.len());
     let mut frame = Vec::with_capacity(header_len + payload.len());
     frame.extend_from_slice(&header[..header_len]);
     frame.extend_from_slice(payload);
@@ -102,18 +99,18 @@ pub fn close_frame(code: u16, reason: &str) -> Bytes {
         end -= 1;
     }
     payload.extend_from_slice(&reason.as_bytes()[..end]);
-    control(OP_CLOSE, &payload)
+    control(opcode::CLOSE, &payload)
 }
 
 /// The server's keep-alive ping: empty, and the same bytes every time.
 pub fn ping_frame() -> Bytes {
-    static PING: [u8; 2] = [FIN | OP_PING, 0];
+    static PING: [u8; 2] = [FIN | opcode::PING, 0];
     Bytes::from_static(&PING)
 }
 
 /// The answer to a client's ping, echoing its payload.
 pub fn pong_frame(payload: &[u8]) -> Bytes {
-    control(OP_PONG, payload)
+    control(opcode::PONG, payload)
 }
 
 #[cfg(test)]

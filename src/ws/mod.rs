@@ -11,5 +11,15 @@
 pub mod frame;
 pub mod reader;
 
+/// Frame opcodes (RFC 6455 section 5.2).
+mod opcode {
+    pub const CONTINUATION: u8 = 0x0;
+    pub const TEXT: u8 = 0x1;
+    pub const BINARY: u8 = 0x2;
+    pub const CLOSE: u8 = 0x8;
+    pub const PING: u8 = 0x9;
+    pub const PONG: u8 = 0xA;
+}
+
 pub use frame::{close_frame, ping_frame, pong_frame, TextFrameBuilder};
 pub use reader::{FrameReader, Incoming, ReadError};

@@ -5,19 +5,13 @@
 //! frames the reader drops its buffer and waits for readiness; it allocates a
 //! read buffer only when bytes are there to read.
 
+use super::opcode;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedReadHalf;
 
 /// How much to read at once when a frame starts.
 const READ_CHUNK: usize = 4096;
-
-const OP_CONTINUATION: u8 = 0x0;
-const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
-const OP_CLOSE: u8 = 0x8;
-const OP_PING: u8 = 0x9;
-const OP_PONG: u8 = 0xA;
 
 /// A complete message or control frame from the client.
 #[derive(Debug, PartialEq, Eq)]
@@ -150,18 +144,18 @@ impl FrameReader {
     /// Interprets one unmasked frame; `None` while a fragmented message is incomplete.
     fn accept(&mut self, fin: bool, opcode: u8, payload: BytesMut) -> Result<Option<Incoming>, ReadError> {
         match opcode {
-            OP_TEXT | OP_BINARY => {
+            opcode::TEXT | opcode::BINARY => {
                 if self.partial.is_some() {
                     return Err(ReadError::Protocol("expected a continuation frame"));
                 }
-                let text = opcode == OP_TEXT;
+                let text = opcode == opcode::TEXT;
                 if fin {
                     return complete(text, payload).map(Some);
                 }
                 self.partial = Some(Box::new(Partial { text, data: payload }));
                 Ok(None)
             }
-            OP_CONTINUATION => {
+            opcode::CONTINUATION => {
                 let Some(mut partial) = self.partial.take() else {
                     return Err(ReadError::Protocol("continuation frame without a message"));
                 };
@@ -172,9 +166,9 @@ impl FrameReader {
                 self.partial = Some(partial);
                 Ok(None)
             }
-            OP_CLOSE => close_code(&payload).map(|code| Some(Incoming::Close(code))),
-            OP_PING => Ok(Some(Incoming::Ping(payload.freeze()))),
-            OP_PONG => Ok(Some(Incoming::Pong)),
+            opcode::CLOSE => close_code(&payload).map(|code| Some(Incoming::Close(code))),
+            opcode::PING => Ok(Some(Incoming::Ping(payload.freeze()))),
+            opcode::PONG => Ok(Some(Incoming::Pong)),
             _ => Err(ReadError::Protocol("unknown opcode")),
         }
     }
@@ -288,14 +282,14 @@ mod tests {
 
     #[test]
     fn text_frame_is_unmasked() {
-        let mut r = reader_with(&client_frame(true, OP_TEXT, b"{\"type\":\"ping\"}"), 1024);
+        let mut r = reader_with(&client_frame(true, opcode::TEXT, b"{\"type\":\"ping\"}"), 1024);
         assert_eq!(r.parse().unwrap(), Some(Incoming::Text(Bytes::from_static(b"{\"type\":\"ping\"}"))));
         assert_eq!(r.parse().unwrap(), None);
     }
 
     #[test]
     fn partial_frame_waits_for_more() {
-        let frame = client_frame(true, OP_TEXT, &[b'a'; 300]);
+        let frame = client_frame(true, opcode::TEXT, &[b'a'; 300]);
         let mut r = reader_with(&frame[..100], 1024);
         assert_eq!(r.parse().unwrap(), None);
         r.buf.extend_from_slice(&frame[100..]);
@@ -304,9 +298,9 @@ mod tests {
 
     #[test]
     fn fragments_are_joined_and_control_frames_interleave() {
-        let mut bytes = client_frame(false, OP_TEXT, b"hel");
-        bytes.extend(client_frame(true, OP_PING, b"p"));
-        bytes.extend(client_frame(true, OP_CONTINUATION, b"lo"));
+        let mut bytes = client_frame(false, opcode::TEXT, b"hel");
+        bytes.extend(client_frame(true, opcode::PING, b"p"));
+        bytes.extend(client_frame(true, opcode::CONTINUATION, b"lo"));
         let mut r = reader_with(&bytes, 1024);
         assert_eq!(r.parse().unwrap(), Some(Incoming::Ping(Bytes::from_static(b"p"))));
         assert_eq!(r.parse().unwrap(), Some(Incoming::Text(Bytes::from_static(b"hello"))));
@@ -314,37 +308,37 @@ mod tests {
 
     #[test]
     fn size_limit_applies_to_the_whole_message() {
-        let mut r = reader_with(&client_frame(true, OP_TEXT, &[b'a'; 11]), 10);
+        let mut r = reader_with(&client_frame(true, opcode::TEXT, &[b'a'; 11]), 10);
         assert!(matches!(r.parse(), Err(ReadError::TooLarge)));
-        let mut bytes = client_frame(false, OP_TEXT, &[b'a'; 6]);
-        bytes.extend(client_frame(true, OP_CONTINUATION, &[b'a'; 6]));
+        let mut bytes = client_frame(false, opcode::TEXT, &[b'a'; 6]);
+        bytes.extend(client_frame(true, opcode::CONTINUATION, &[b'a'; 6]));
         let mut r = reader_with(&bytes, 10);
         assert!(matches!(r.parse(), Err(ReadError::TooLarge)));
-        let mut r = reader_with(&client_frame(true, OP_TEXT, &[b'a'; 10]), 10);
+        let mut r = reader_with(&client_frame(true, opcode::TEXT, &[b'a'; 10]), 10);
         assert!(matches!(r.parse(), Ok(Some(Incoming::Text(_)))));
     }
 
     #[test]
     fn oversized_header_is_refused_before_the_payload_arrives() {
-        let frame = client_frame(true, OP_TEXT, &vec![b'a'; 70_000]);
+        let frame = client_frame(true, opcode::TEXT, &vec![b'a'; 70_000]);
         let mut r = reader_with(&frame[..20], 65_536);
         assert!(matches!(r.parse(), Err(ReadError::TooLarge)));
     }
 
     #[test]
     fn protocol_violations() {
-        let mut unmasked = client_frame(true, OP_TEXT, b"x");
+        let mut unmasked = client_frame(true, opcode::TEXT, b"x");
         unmasked[1] &= 0x7F;
-        let mut rsv = client_frame(true, OP_TEXT, b"x");
+        let mut rsv = client_frame(true, opcode::TEXT, b"x");
         rsv[0] |= 0x40;
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (unmasked, "masked"),
             (rsv, "reserved"),
-            (client_frame(false, OP_PING, b""), "control"),
-            (client_frame(true, OP_CONTINUATION, b"x"), "continuation"),
+            (client_frame(false, opcode::PING, b""), "control"),
+            (client_frame(true, opcode::CONTINUATION, b"x"), "continuation"),
             (client_frame(true, 0x3, b""), "opcode"),
-            (client_frame(true, OP_CLOSE, &[3]), "one-byte"),
-            (client_frame(true, OP_CLOSE, &1005u16.to_be_bytes()), "close code"),
+            (client_frame(true, opcode::CLOSE, &[3]), "one-byte"),
+            (client_frame(true, opcode::CLOSE, &1005u16.to_be_bytes()), "close code"),
         ];
         for (bytes, why) in cases {
             match reader_with(&bytes, 1024).parse() {
@@ -356,16 +350,16 @@ mod tests {
 
     #[test]
     fn invalid_utf8_text_is_refused() {
-        let mut r = reader_with(&client_frame(true, OP_TEXT, &[0xFF, 0xFE]), 1024);
+        let mut r = reader_with(&client_frame(true, opcode::TEXT, &[0xFF, 0xFE]), 1024);
         assert!(matches!(r.parse(), Err(ReadError::InvalidUtf8)));
     }
 
     #[test]
     fn close_binary_and_pong() {
-        let mut bytes = client_frame(true, OP_BINARY, b"\x00\x01");
-        bytes.extend(client_frame(true, OP_PONG, b""));
-        bytes.extend(client_frame(true, OP_CLOSE, &1000u16.to_be_bytes()));
-        bytes.extend(client_frame(true, OP_CLOSE, b""));
+        let mut bytes = client_frame(true, opcode::BINARY, b"\x00\x01");
+        bytes.extend(client_frame(true, opcode::PONG, b""));
+        bytes.extend(client_frame(true, opcode::CLOSE, &1000u16.to_be_bytes()));
+        bytes.extend(client_frame(true, opcode::CLOSE, b""));
         let mut r = reader_with(&bytes, 1024);
         assert_eq!(r.parse().unwrap(), Some(Incoming::Binary));
         assert_eq!(r.parse().unwrap(), Some(Incoming::Pong));
