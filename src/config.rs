@@ -161,11 +161,6 @@ fn reject_unbuilt_backends(args: &ServeArgs) -> Result<(), ConfigError> {
     if args.durable_acks && args.database_url.is_none() {
         return Err(ConfigError::Invalid("--durable-acks needs --database-url".into()));
     }
-    if args.redis_url.is_some() && args.durable_acks {
-        return Err(ConfigError::Invalid(
-            "--durable-acks together with --redis-url is not available in this build yet".into(),
-        ));
-    }
     Ok(())
 }
 

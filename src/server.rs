@@ -103,8 +103,13 @@ async fn build_state(config: Config) -> std::io::Result<ServerState> {
                 Some(db_url) => Some((open_database(db_url).await?, config.persist_queue)),
                 None => None,
             };
-            let settings =
-                RedisSettings { url, prefix: &config.redis_prefix, history_size: config.history_size, database };
+            let settings = RedisSettings {
+                url,
+                prefix: &config.redis_prefix,
+                history_size: config.history_size,
+                database,
+                durable_acks: config.durable_acks,
+            };
             let redis = RedisBus::start(settings, registry.clone(), metrics.clone(), shutdown.clone())
                 .map_err(std::io::Error::other)?;
             Bus::redis(registry, metrics.clone(), redis)

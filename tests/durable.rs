@@ -66,6 +66,19 @@ impl TestDb {
         }
     }
 
+    /// Waits until every seq of `wanted` is stored (messages may be claimed
+    /// from a dead node a few seconds later); returns what is stored.
+    async fn wait_for(&self, room: &str, wanted: &[u64]) -> BTreeSet<u64> {
+        let deadline = tokio::time::Instant::now() + GUARD * 3;
+        loop {
+            let stored: BTreeSet<u64> = self.seqs(room).await.into_iter().collect();
+            if wanted.iter().all(|s| stored.contains(s)) || tokio::time::Instant::now() > deadline {
+                return stored;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn drop(self) {
         let _ = admin().await.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).await;
     }
@@ -400,7 +413,7 @@ async fn in_a_cluster_every_acked_message_reaches_the_database_when_a_node_is_ki
     let survivor = cluster_node(&db, &prefix).await;
     acked.extend(publish_many(&mut publisher(&survivor).await, "split", 100).await);
     // The survivor writes its own messages and claims what the dead node had read.
-    let stored: BTreeSet<u64> = db.wait_rows("split", acked.len()).await.into_iter().collect();
+    let stored = db.wait_for("split", &acked).await;
     let missing: Vec<_> = acked.iter().filter(|s| !stored.contains(s)).collect();
     assert!(missing.is_empty(), "acked but never stored: {} of {}", missing.len(), acked.len());
     stop(survivor).await;
@@ -428,5 +441,69 @@ async fn in_a_cluster_redis_losing_a_room_continues_from_the_database_in_a_new_e
     assert_eq!(db.wait_rows("again", 25).await, range(1, 25), "no row collided");
     assert_eq!(history(&node, "again", "?limit=100").await, range(1, 25), "history reaches into the database");
     stop(node).await;
+    db.drop().await;
+}
+
+async fn durable_cluster_node(db: &TestDb, prefix: &str) -> TestServer {
+    server(&db.url, &["--redis-url", &redis_url(), "--redis-prefix", prefix, "--durable-acks"]).await
+}
+
+#[tokio::test]
+async fn in_a_cluster_with_durable_acks_an_ack_means_the_database_holds_it() {
+    let db = TestDb::create().await;
+    let prefix = format!("chorus-test-dack-{}-{:08x}", std::process::id(), rand::random::<u32>());
+    let a = durable_cluster_node(&db, &prefix).await;
+    let b = durable_cluster_node(&db, &prefix).await;
+    let mut on_a = Client::connect(a.addr, "/ws/safe", &token("ann", None, 3600)).await;
+    on_a.recv_type("joined").await;
+    let mut on_b = Client::connect(b.addr, "/ws/safe", &token("bob", None, 3600)).await;
+    on_b.recv_type("joined").await;
+    let mut acked = publish_many(&mut publisher(&a).await, "safe", 30).await;
+    acked.extend(publish_many(&mut publisher(&b).await, "safe", 30).await);
+    // No waiting: an ack is only sent once the row is committed.
+    let stored: BTreeSet<u64> = db.seqs("safe").await.into_iter().collect();
+    assert!(acked.iter().all(|s| stored.contains(s)), "acked before the database held it");
+    for member in [&mut on_a, &mut on_b] {
+        let mut seqs = Vec::new();
+        while seqs.len() < 60 {
+            let frame = member.recv_json().await;
+            if frame["type"] == "message" {
+                seqs.push(frame["seq"].as_u64().unwrap());
+            }
+        }
+        assert_eq!(seqs, range(1, 60), "delivered in order, once");
+    }
+    stop(a).await;
+    stop(b).await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn in_a_cluster_with_durable_acks_a_sigkill_loses_nothing_acked_or_delivered() {
+    let db = TestDb::create().await;
+    let prefix = format!("chorus-test-dkill-{}-{:08x}", std::process::id(), rand::random::<u32>());
+    let mut doomed = durable_cluster_node(&db, &prefix).await;
+    let survivor = durable_cluster_node(&db, &prefix).await;
+    let mut member = Client::connect(survivor.addr, "/ws/crash", &token("member", None, 3600)).await;
+    let epoch = member.recv_type("joined").await["epoch"].clone();
+    let receiver = tokio::spawn(receive_until_closed(member));
+    let sender = tokio::spawn(publish_until_closed(publisher(&doomed).await, "crash"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    doomed.signal(libc::SIGKILL);
+    doomed.wait_exit().await;
+    let acked = sender.await.unwrap();
+    assert!(!acked.is_empty());
+    // The survivor keeps going; the member's stream ends when it stops.
+    let after = publish_many(&mut publisher(&survivor).await, "crash", 5).await;
+    let seen = acked.iter().max().copied().unwrap_or(0);
+    assert!(after.iter().all(|s| *s > seen), "a seq was given twice");
+    let now = joined(&survivor, "crash").await;
+    assert_eq!(now["epoch"], epoch, "durable acks keep the epoch");
+    stop(survivor).await;
+    let delivered = receiver.await.unwrap();
+    let stored: BTreeSet<u64> = db.seqs("crash").await.into_iter().collect();
+    for seq in acked.iter().chain(&delivered).chain(&after) {
+        assert!(stored.contains(seq), "seq {seq} was acked or delivered but is not stored");
+    }
     db.drop().await;
 }

@@ -41,6 +41,18 @@ impl Keys {
         format!("{}:persist", self.prefix)
     }
 
+    /// With `--durable-acks`: the channel where the database writer tells a
+    /// node that a message it published is committed and may be acked.
+    pub fn acks(&self, node: &str) -> String {
+        format!("{}:acks:{node}", self.prefix)
+    }
+
+    /// With `--durable-acks`: the lease of the one node that writes and
+    /// releases messages (one writer keeps each room's releases in order).
+    pub fn writer_lease(&self) -> String {
+        format!("{}:writer", self.prefix)
+    }
+
     /// The channel a node publishes its liveness probes to, and hears them on.
     pub fn probe(&self, node: &str) -> String {
         format!("{}:probe:{node}", self.prefix)

@@ -9,6 +9,7 @@
 //! script queues the message for it (see [`persist`]), and history and
 //! recovery reach back past what Redis holds.
 
+mod acks;
 mod keys;
 mod link;
 mod persist;
@@ -17,7 +18,7 @@ mod subscriber;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -29,14 +30,21 @@ use crate::history::Database;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, Snapshot, StoredMessage};
 use crate::room::RoomName;
+use acks::PendingAcks;
 use keys::Keys;
 use link::{CommandLink, CONNECT_TIMEOUT};
 use persist::Persister;
 use scripts::{stored_messages, Scripts};
 use subscriber::{Command, Subscriber};
 
+/// With `--durable-acks`, how long a publish waits for its ack on pub/sub
+/// before it asks Redis whether the message was released (the ack may have
+/// been lost in a pub/sub reconnect).
+const ACK_RECHECK: Duration = Duration::from_secs(1);
+
 pub struct RedisBus {
     scripts: Arc<Scripts>,
+    acks: Arc<PendingAcks>,
     commands: mpsc::UnboundedSender<Command>,
     link_up: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
@@ -49,6 +57,8 @@ pub struct RedisSettings<'a> {
     pub history_size: usize,
     /// Durable history, and the most messages that may wait to be written.
     pub database: Option<(Arc<Database>, usize)>,
+    /// Deliver and ack only what the database holds (needs `database`).
+    pub durable_acks: bool,
 }
 
 impl RedisBus {
@@ -64,43 +74,71 @@ impl RedisBus {
         let client = redis::Client::open(settings.url).map_err(BusError::redis)?;
         let link = Arc::new(CommandLink::new(client.clone()).map_err(BusError::redis)?);
         let keys = Keys::new(settings.prefix);
-        let db = settings.database.as_ref().map(|(db, _)| db.clone());
-        let mut scripts = Scripts::new(link, keys.clone(), settings.history_size, db);
         let node = super::fresh_epoch();
-        if let Some((db, queue)) = settings.database {
-            scripts.persist_queue = queue;
+        let db = settings.database.as_ref().map(|(db, _)| db.clone());
+        let mut scripts = Scripts::new(link, keys.clone(), settings.history_size, db, node.clone());
+        scripts.durable_acks = settings.durable_acks && settings.database.is_some();
+        if let Some((_, queue)) = &settings.database {
+            scripts.persist_queue = *queue;
+        }
+        let scripts = Arc::new(scripts);
+        if let Some((db, _)) = settings.database {
             let persister = Persister {
                 link: CommandLink::new(client.clone()).map_err(BusError::redis)?,
-                keys: keys.clone(),
+                scripts: scripts.clone(),
                 db,
                 metrics: metrics.clone(),
-                consumer: node.clone(),
                 shutdown: shutdown.clone(),
             };
             tokio::spawn(persister.run());
         }
-        let scripts = Arc::new(scripts);
+        let acks = Arc::new(PendingAcks::default());
         let (commands, command_rx) = mpsc::unbounded_channel();
         let link_up = Arc::new(AtomicBool::new(false));
         let subscriber = Subscriber {
             client,
             scripts: scripts.clone(),
+            acks: acks.clone(),
             registry,
             metrics: metrics.clone(),
-            node,
             link_up: link_up.clone(),
             shutdown,
         };
         tokio::spawn(subscriber.run(command_rx));
-        Ok(Self { scripts, commands, link_up, metrics })
+        Ok(Self { scripts, acks, commands, link_up, metrics })
     }
 
+    /// Publishes and returns the message's seq once every current member is
+    /// sure to get it; with `--durable-acks`, once the database holds it.
     pub async fn publish(&self, room: &RoomName, from: &str, ts: u64, body: &RawValue) -> Result<u64, BusError> {
         let started = Instant::now();
-        let published = self.scripts.publish(room, from, ts, body).await?;
+        let seq = if self.scripts.durable_acks {
+            self.publish_durably(room, from, ts, body).await?
+        } else {
+            self.scripts.publish(room, from, ts, body, None).await?.seq
+        };
         self.metrics.bus_publish_seconds.observe(started.elapsed().as_secs_f64());
         self.metrics.messages_published.inc();
-        Ok(published.seq)
+        Ok(seq)
+    }
+
+    /// Queues the message for the database writer and waits until it was
+    /// committed and released.
+    async fn publish_durably(&self, room: &RoomName, from: &str, ts: u64, body: &RawValue) -> Result<u64, BusError> {
+        let (request, mut acked) = self.acks.register();
+        // Forgotten however this ends, the publisher's connection closing included.
+        let _forget = acks::Forget(&self.acks, request);
+        async {
+            let seq = self.scripts.publish(room, from, ts, body, Some(request)).await?.seq;
+            loop {
+                if tokio::time::timeout(ACK_RECHECK, &mut acked).await.is_ok()
+                    || self.scripts.is_released(room, seq).await?
+                {
+                    return Ok(seq);
+                }
+            }
+        }
+        .await
     }
 
     /// The room's seq and epoch, and the messages after `since`: from Redis,

@@ -18,8 +18,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
-use super::keys::Keys;
 use super::link::CommandLink;
+use super::scripts::{Release, Scripts};
 use crate::history::{Database, PersistedMessage};
 use crate::metrics::Metrics;
 use crate::room::RoomName;
@@ -33,14 +33,16 @@ const BLOCK_MS: usize = 100;
 const CLAIM_IDLE: Duration = Duration::from_secs(5);
 const CLAIM_EVERY: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// With `--durable-acks`, the writer's lease: another node takes over this
+/// long after the writer stops renewing it.
+const LEASE: Duration = Duration::from_secs(5);
 
 pub struct Persister {
     /// A connection of its own: blocking reads would stall a shared one.
     pub link: CommandLink,
-    pub keys: Keys,
+    pub scripts: Arc<Scripts>,
     pub db: Arc<Database>,
     pub metrics: Arc<Metrics>,
-    pub consumer: String,
     pub shutdown: CancellationToken,
 }
 
@@ -58,7 +60,21 @@ impl Persister {
     pub async fn run(self) {
         let mut last_claim = Instant::now();
         let mut backoff = Duration::from_millis(50);
+        let mut leading = false;
         while !self.shutdown.is_cancelled() {
+            // With durable acks one writer at a time releases messages, so
+            // each room's releases stay in seq order.
+            if self.scripts.durable_acks {
+                let was_leading = leading;
+                leading = self.hold_lease().await;
+                if !leading {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                if !was_leading {
+                    last_claim = Instant::now() - CLAIM_EVERY;
+                }
+            }
             let claim = last_claim.elapsed() >= CLAIM_EVERY;
             if claim {
                 last_claim = Instant::now();
@@ -75,20 +91,39 @@ impl Persister {
         }
     }
 
-    /// Reads (or claims) a batch, writes it, acknowledges it.
+    /// Takes or renews the writer's lease; whether this node holds it.
+    async fn hold_lease(&self) -> bool {
+        let mut take = redis::cmd("EVAL");
+        take.arg(
+            "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end \
+             if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end \
+             return 0",
+        )
+        .arg(1)
+        .arg(self.scripts.keys.writer_lease())
+        .arg(&self.scripts.node)
+        .arg(LEASE.as_millis() as u64);
+        matches!(self.link.run(|mut c| async move { take.query_async::<i64>(&mut c).await }).await, Ok(1))
+    }
+
+    /// Reads (or claims) a batch, writes it, releases it (with durable
+    /// acks), acknowledges it.
     async fn step(&self, claim: bool) -> Result<(), String> {
         let entries = if claim { self.claim().await? } else { self.read().await? };
         if entries.is_empty() {
             return Ok(());
         }
         let messages: Vec<PersistedMessage> = entries.iter().filter_map(parse).collect();
-        let started = Instant::now();
-        self.db.write_batch(&messages).await.map_err(|e| e.to_string())?;
-        self.metrics.persist_batch_seconds.observe(started.elapsed().as_secs_f64());
-        self.metrics.persist_batch_rows.observe(messages.len() as f64);
-        self.metrics.persist_rows.inc_by(messages.len() as u64);
+        if !self.write(&messages).await {
+            // Shutting down: the entries stay pending for another node.
+            return Ok(());
+        }
+        if self.scripts.durable_acks {
+            let releases: Vec<Release> = entries.iter().filter_map(release).collect();
+            self.scripts.release(&releases).await.map_err(|e| e.to_string())?;
+        }
         let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
-        let stream = self.keys.pending();
+        let stream = self.scripts.keys.pending();
         let mut done = redis::pipe();
         done.cmd("XACK").arg(&stream).arg(GROUP).arg(&ids).ignore();
         done.cmd("XDEL").arg(&stream).arg(&ids).ignore();
@@ -99,10 +134,37 @@ impl Persister {
         Ok(())
     }
 
+    /// Writes a batch, retrying in place until the database takes it, so
+    /// batches are written (and released) in stream order. False if the
+    /// node shuts down first.
+    async fn write(&self, messages: &[PersistedMessage]) -> bool {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let started = Instant::now();
+            match self.db.write_batch(messages).await {
+                Ok(()) => {
+                    self.metrics.persist_batch_seconds.observe(started.elapsed().as_secs_f64());
+                    self.metrics.persist_batch_rows.observe(messages.len() as f64);
+                    self.metrics.persist_rows.inc_by(messages.len() as u64);
+                    return true;
+                }
+                Err(e) => {
+                    tracing::warn!("writing {} messages failed, retrying in {backoff:?}: {e}", messages.len());
+                    self.metrics.persist_retries.inc();
+                    if self.shutdown.is_cancelled() {
+                        return false;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
     async fn read(&self) -> Result<Vec<StreamId>, String> {
         let mut read = redis::cmd("XREADGROUP");
-        read.arg("GROUP").arg(GROUP).arg(&self.consumer).arg("COUNT").arg(BATCH).arg("BLOCK").arg(BLOCK_MS);
-        read.arg("STREAMS").arg(self.keys.pending()).arg(">");
+        read.arg("GROUP").arg(GROUP).arg(&self.scripts.node).arg("COUNT").arg(BATCH).arg("BLOCK").arg(BLOCK_MS);
+        read.arg("STREAMS").arg(self.scripts.keys.pending()).arg(">");
         let reply: Result<Option<StreamReadReply>, _> =
             self.link.run(|mut c| async move { read.query_async(&mut c).await }).await;
         match reply {
@@ -115,10 +177,13 @@ impl Persister {
         }
     }
 
-    /// Takes over entries another node read and never acknowledged.
+    /// Takes over entries another node read and never acknowledged. The
+    /// durable-acks writer holds the lease, so whatever is pending belongs
+    /// to a writer that lost it: taken at once, and released first.
     async fn claim(&self) -> Result<Vec<StreamId>, String> {
+        let idle = if self.scripts.durable_acks { Duration::ZERO } else { CLAIM_IDLE };
         let mut claim = redis::cmd("XAUTOCLAIM");
-        claim.arg(self.keys.pending()).arg(GROUP).arg(&self.consumer).arg(CLAIM_IDLE.as_millis() as u64);
+        claim.arg(self.scripts.keys.pending()).arg(GROUP).arg(&self.scripts.node).arg(idle.as_millis() as u64);
         claim.arg("0-0").arg("COUNT").arg(BATCH);
         let reply: Result<StreamAutoClaimReply, _> =
             self.link.run(|mut c| async move { claim.query_async(&mut c).await }).await;
@@ -136,13 +201,21 @@ impl Persister {
     /// after Redis lost its data.
     pub async fn create_group(&self) -> Result<(), String> {
         let mut create = redis::cmd("XGROUP");
-        create.arg("CREATE").arg(self.keys.pending()).arg(GROUP).arg("0").arg("MKSTREAM");
+        create.arg("CREATE").arg(self.scripts.keys.pending()).arg(GROUP).arg("0").arg("MKSTREAM");
         match self.link.run(|mut c| async move { create.query_async::<Value>(&mut c).await }).await {
             Ok(_) => Ok(()),
             Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
             Err(e) => Err(e.to_string()),
         }
     }
+}
+
+/// A durable-acks entry as what to release once written.
+fn release(entry: &StreamId) -> Option<Release> {
+    let room = RoomName::parse(&entry.get::<String>("r")?).ok()?;
+    let json: Vec<u8> = entry.get("m")?;
+    let seq = serde_json::from_slice::<MessageFields>(&json).ok()?.seq;
+    Some(Release { room, seq, epoch: entry.get("e")?, json, node: entry.get("n")?, request: entry.get("q")? })
 }
 
 /// A stream entry as a row; a malformed entry is skipped (and acknowledged).

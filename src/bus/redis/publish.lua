@@ -4,7 +4,10 @@
 -- KEYS[3] the stream of messages still to be written to the database
 -- ARGV: channel, history size, room, from (JSON string), ts, body (JSON),
 --       a fresh epoch for a room that has no state, whether a database
---       keeps history ('1' or '0'), the most messages the stream may hold
+--       keeps history ('1' or '0'), the most messages the stream may hold,
+--       and with --durable-acks the publishing node and its request id
+--       (else ''). A durable message is only queued for the database here:
+--       the writer releases it (history, PUBLISH, ack) once committed.
 local state, history, pending = KEYS[1], KEYS[2], KEYS[3]
 local channel, size, persist = ARGV[1], tonumber(ARGV[2]), ARGV[8] == '1'
 local epoch = redis.call('HGET', state, 'epoch')
@@ -24,6 +27,10 @@ end
 local seq = redis.call('HINCRBY', state, 'seq', 1)
 local message = '{"type":"message","room":"' .. ARGV[3] .. '","seq":' .. seq ..
   ',"from":' .. ARGV[4] .. ',"ts":' .. ARGV[5] .. ',"body":' .. ARGV[6] .. '}'
+if ARGV[10] ~= '' then
+  redis.call('XADD', pending, '*', 'r', ARGV[3], 'e', epoch, 'm', message, 'n', ARGV[10], 'q', ARGV[11])
+  return {seq, epoch}
+end
 if size > 0 then
   redis.call('ZADD', history, seq, message)
   redis.call('ZREMRANGEBYRANK', history, 0, -(size + 1))

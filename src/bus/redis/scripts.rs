@@ -28,11 +28,24 @@ pub struct Scripts {
     pub history_size: usize,
     pub db: Option<Arc<Database>>,
     pub durable_acks: bool,
+    /// This node's name, for its probe and ack channels.
+    pub node: String,
     /// The most messages waiting for the database before publishing refuses.
     pub persist_queue: usize,
     publish: Script,
     snapshot: Script,
     restore: Script,
+}
+
+/// With `--durable-acks`: a committed message to make visible.
+pub struct Release {
+    pub room: RoomName,
+    pub seq: u64,
+    pub epoch: String,
+    pub json: Vec<u8>,
+    /// The node that published it and its request id, to ack.
+    pub node: String,
+    pub request: String,
 }
 
 /// What the publish script answered.
@@ -41,13 +54,20 @@ pub struct Published {
 }
 
 impl Scripts {
-    pub fn new(link: Arc<CommandLink>, keys: Keys, history_size: usize, db: Option<Arc<Database>>) -> Self {
+    pub fn new(
+        link: Arc<CommandLink>,
+        keys: Keys,
+        history_size: usize,
+        db: Option<Arc<Database>>,
+        node: String,
+    ) -> Self {
         Self {
             link,
             keys,
             history_size,
             db,
             durable_acks: false,
+            node,
             persist_queue: 100_000,
             publish: Script::new(include_str!("publish.lua")),
             snapshot: Script::new(include_str!("snapshot.lua")),
@@ -63,7 +83,16 @@ impl Scripts {
         }
     }
 
-    pub async fn publish(&self, room: &RoomName, from: &str, ts: u64, body: &RawValue) -> Result<Published, BusError> {
+    /// `request` (with `--durable-acks`) names the publish in the ack that
+    /// the database writer sends back once the message is committed.
+    pub async fn publish(
+        &self,
+        room: &RoomName,
+        from: &str,
+        ts: u64,
+        body: &RawValue,
+        request: Option<u64>,
+    ) -> Result<Published, BusError> {
         let mut from_json = Vec::with_capacity(from.len() + 2);
         write_json_string(&mut from_json, from);
         let mut call = self.publish.key(self.keys.state(room));
@@ -78,6 +107,10 @@ impl Scripts {
             .arg(fresh_epoch())
             .arg(self.persisting())
             .arg(self.persist_queue);
+        match request {
+            Some(request) => call.arg(&self.node).arg(request),
+            None => call.arg("").arg(""),
+        };
         let call = &call;
         let invoke =
             || self.link.run(move |mut conn| async move { call.invoke_async::<(u64, String)>(&mut conn).await });
@@ -98,7 +131,8 @@ impl Scripts {
         call.key(self.keys.history(room))
             .arg(fresh_epoch())
             .arg(since.map(|s| s.to_string()).unwrap_or_default())
-            .arg(self.persisting());
+            .arg(self.persisting())
+            .arg(if self.durable_acks { "released" } else { "seq" });
         let call = &call;
         let invoke = || {
             self.link
@@ -113,6 +147,38 @@ impl Scripts {
         }
         .map_err(BusError::redis)?;
         Ok(Snapshot { seq, epoch: epoch.into(), messages: stored_messages(&flat) })
+    }
+
+    /// With `--durable-acks`: makes committed messages visible, in order, in
+    /// one round trip.
+    pub async fn release(&self, messages: &[Release]) -> Result<(), RedisError> {
+        let mut pipe = redis::pipe();
+        for m in messages {
+            pipe.cmd("EVAL")
+                .arg(RELEASE)
+                .arg(2)
+                .arg(self.keys.state(&m.room))
+                .arg(self.keys.history(&m.room))
+                .arg(self.keys.channel(&m.room))
+                .arg(self.history_size)
+                .arg(m.seq)
+                .arg(&m.epoch)
+                .arg(&m.json)
+                .arg(self.keys.acks(&m.node))
+                .arg(&m.request)
+                .ignore();
+        }
+        self.link.run(|mut conn| async move { pipe.query_async::<()>(&mut conn).await }).await
+    }
+
+    /// With `--durable-acks`: whether `seq` of `room` was released (its ack
+    /// may have been lost while this node's pub/sub connection was down).
+    pub async fn is_released(&self, room: &RoomName, seq: u64) -> Result<bool, BusError> {
+        let mut get = redis::cmd("HGET");
+        get.arg(self.keys.state(room)).arg("released");
+        let released: Option<u64> =
+            self.link.run(|mut conn| async move { get.query_async(&mut conn).await }).await.map_err(BusError::redis)?;
+        Ok(released.is_some_and(|r| r >= seq))
     }
 
     /// Puts back a room's state from the database (see the module doc).
@@ -133,6 +199,8 @@ impl Scripts {
         Ok(())
     }
 }
+
+const RELEASE: &str = include_str!("release.lua");
 
 fn is(error: &RedisError, code: &str) -> bool {
     error.code() == Some(code)

@@ -2,6 +2,7 @@
 -- KEYS[1] room state hash   KEYS[2] room history sorted set
 -- ARGV[1] a fresh epoch for a room that has none   ARGV[2] since ('' for none)
 -- ARGV[3] whether a database keeps history ('1' or '0')
+-- ARGV[4] the field of the room's latest seq: 'seq', or 'released' with --durable-acks
 if redis.call('EXISTS', KEYS[1]) == 0 then
   if ARGV[3] == '1' then
     return redis.error_reply('NOSTATE room state is gone')
@@ -10,7 +11,8 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('DEL', KEYS[2])
 end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+-- With --durable-acks only released (committed) messages count.
+local seq = tonumber(redis.call('HGET', KEYS[1], ARGV[4]) or '0')
 local messages = {}
 if ARGV[2] ~= '' then
   messages = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[2], '+inf', 'WITHSCORES')

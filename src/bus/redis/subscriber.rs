@@ -44,10 +44,10 @@ pub struct Subscriber {
     pub client: redis::Client,
     /// The scripts and command connection, for gap fills and probes.
     pub scripts: Arc<Scripts>,
+    /// Publishes of this node waiting for the database writer's ack.
+    pub acks: Arc<super::acks::PendingAcks>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
-    /// A name for this node's probe channel.
-    pub node: String,
     pub link_up: Arc<AtomicBool>,
     pub shutdown: CancellationToken,
 }
@@ -99,8 +99,12 @@ impl Subscriber {
             .map_err(|_| BusError::redis("connect timed out"))?
             .map_err(BusError::redis)?;
         let (mut sink, mut stream) = pubsub.split();
-        let probe_channel = self.scripts.keys.probe(&self.node);
+        let probe_channel = self.scripts.keys.probe(&self.scripts.node);
         sink.subscribe(&probe_channel).await.map_err(BusError::redis)?;
+        let ack_channel = self.scripts.keys.acks(&self.scripts.node);
+        if self.scripts.durable_acks {
+            sink.subscribe(&ack_channel).await.map_err(BusError::redis)?;
+        }
         let rooms = self.registry.subscribed_rooms();
         let channels: Vec<String> = rooms.iter().map(|(room, _)| self.scripts.keys.channel(room)).collect();
         for batch in channels.chunks(SUBSCRIBE_BATCH) {
@@ -121,6 +125,11 @@ impl Subscriber {
                     let message = message.ok_or_else(|| BusError::redis("pub/sub connection closed"))?;
                     if message.get_channel_name() == probe_channel {
                         last_probe = Instant::now();
+                    } else if message.get_channel_name() == ack_channel {
+                        let id = std::str::from_utf8(message.get_payload_bytes()).ok().and_then(|s| s.parse().ok());
+                        if let Some(id) = id {
+                            self.acks.complete(id);
+                        }
                     } else {
                         self.on_message(message.get_channel_name(), message.get_payload_bytes()).await?;
                     }

@@ -1,0 +1,16 @@
+-- With --durable-acks: makes a message that the database now holds visible,
+-- once: keeps it in the room's history, publishes it, and tells the node
+-- that published it that it may ack.
+-- KEYS[1] room state hash   KEYS[2] room history sorted set
+-- ARGV: channel, history size, seq, epoch, message JSON, ack channel, request id
+local seq, size = tonumber(ARGV[3]), tonumber(ARGV[2])
+if size > 0 then
+  redis.call('ZADD', KEYS[2], seq, ARGV[5])
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(size + 1))
+end
+if tonumber(redis.call('HGET', KEYS[1], 'released') or '0') < seq then
+  redis.call('HSET', KEYS[1], 'released', seq)
+end
+redis.call('PUBLISH', ARGV[1], ARGV[3] .. ' ' .. ARGV[4] .. ' ' .. ARGV[5])
+redis.call('PUBLISH', ARGV[6], ARGV[7])
+return 1
