@@ -150,7 +150,10 @@ fn authenticate<B>(state: &ServerState, req: &Request<B>) -> Result<Claims, ApiE
 /// The token from `Authorization: Bearer`, else from `?token=`.
 fn bearer_token<B>(req: &Request<B>) -> Option<Cow<'_, str>> {
     let header = req.headers().get(AUTHORIZATION).and_then(|h| h.to_str().ok());
-    if let Some(token) = header.and_then(|h| h.strip_prefix("Bearer ")) {
+    // The scheme name is case-insensitive (RFC 7235).
+    let token =
+        header.and_then(|h| h.get(..7).filter(|scheme| scheme.eq_ignore_ascii_case("bearer ")).map(|_| &h[7..]));
+    if let Some(token) = token {
         return Some(Cow::Borrowed(token.trim()));
     }
     query_param(req, "token")
@@ -159,4 +162,27 @@ fn bearer_token<B>(req: &Request<B>) -> Option<Cow<'_, str>> {
 pub fn query_param<'r, B>(req: &'r Request<B>, name: &str) -> Option<Cow<'r, str>> {
     let query = req.uri().query()?;
     form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(authorization: Option<&str>, query: &str) -> Request<()> {
+        let mut builder = Request::builder().uri(format!("/ws{query}"));
+        if let Some(value) = authorization {
+            builder = builder.header(AUTHORIZATION, value);
+        }
+        builder.body(()).unwrap()
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_the_header_wins() {
+        assert_eq!(bearer_token(&request(Some("Bearer abc"), "")).as_deref(), Some("abc"));
+        assert_eq!(bearer_token(&request(Some("bearer abc"), "")).as_deref(), Some("abc"));
+        assert_eq!(bearer_token(&request(Some("BEARER abc"), "?token=q")).as_deref(), Some("abc"));
+        assert_eq!(bearer_token(&request(Some("Basic abc"), "?token=q")).as_deref(), Some("q"));
+        assert_eq!(bearer_token(&request(None, "?a=1&token=q%2B")).as_deref(), Some("q+"));
+        assert_eq!(bearer_token(&request(Some("Bear"), "")), None);
+    }
 }
