@@ -7,7 +7,7 @@
 
 use anyhow::{bail, Result};
 
-use super::{rate_warning, room_names, Plan, Timing};
+use super::{describe_sending, rate_warning, room_names, Plan, Timing};
 use crate::cli::ChatArgs;
 use crate::pacer::Schedule;
 use crate::session::{SendSpec, Spec};
@@ -46,15 +46,13 @@ pub fn plan(a: &ChatArgs) -> Result<Plan> {
     Ok(Plan {
         description: format!(
             "chat: {r} rooms x {m} members, each member in {k} room(s) sending {} msg/s \
-             ({total:.0} msg/s in total), {} B bodies, {} send + {} drain",
+             ({total:.0} msg/s in total), {}",
             a.rate_per_user,
-            a.payload,
-            humantime::format_duration(a.phase.duration),
-            humantime::format_duration(a.phase.drain)
+            describe_sending(a.payload, &a.phase)
         ),
         rooms,
         specs,
-        timing: Timing::Send { duration: a.phase.duration, drain: a.phase.drain },
+        timing: Timing::send(&a.phase),
         warnings: rate_warning("each member", a.rate_per_user).into_iter().collect(),
     })
 }

@@ -6,7 +6,7 @@
 
 use anyhow::{bail, Result};
 
-use super::{rate_warning, room_names, Plan, Timing};
+use super::{describe_sending, rate_warning, room_names, Plan, Timing};
 use crate::cli::FanoutArgs;
 use crate::pacer::Schedule;
 use crate::session::{SendSpec, Spec};
@@ -47,16 +47,13 @@ pub fn plan(a: &FanoutArgs) -> Result<Plan> {
     }
     Ok(Plan {
         description: format!(
-            "fanout: {r} rooms x {m} members, {p} publishers at {} msg/s in total ({per_pub:.1}/s each), \
-             {} B bodies, {} send + {} drain",
+            "fanout: {r} rooms x {m} members, {p} publishers at {} msg/s in total ({per_pub:.1}/s each), {}",
             a.rate,
-            a.payload,
-            humantime::format_duration(a.phase.duration),
-            humantime::format_duration(a.phase.drain)
+            describe_sending(a.payload, &a.phase)
         ),
         rooms,
         specs,
-        timing: Timing::Send { duration: a.phase.duration, drain: a.phase.drain },
+        timing: Timing::send(&a.phase),
         warnings,
     })
 }

@@ -26,6 +26,23 @@ pub enum Timing {
     Hold(Duration),
 }
 
+impl Timing {
+    /// The send and drain phases a sending scenario asked for.
+    pub fn send(phase: &crate::cli::PhaseArgs) -> Self {
+        Timing::Send { duration: phase.duration, drain: phase.drain }
+    }
+}
+
+/// "`<B>` B bodies, `<send>` send + `<drain>` drain", the tail of a sending
+/// scenario's description.
+pub fn describe_sending(payload: usize, phase: &crate::cli::PhaseArgs) -> String {
+    format!(
+        "{payload} B bodies, {} send + {} drain",
+        humantime::format_duration(phase.duration),
+        humantime::format_duration(phase.drain)
+    )
+}
+
 /// A scenario made concrete.
 #[derive(Debug, Clone)]
 pub struct Plan {
