@@ -50,6 +50,10 @@ pub struct ServeArgs {
     /// Messages kept per room for history and recovery.
     #[arg(long, env = "CHORUS_HISTORY_SIZE", default_value_t = 1000)]
     pub history_size: usize,
+    /// A room with no member and no message for this long drops the history it keeps in memory
+    /// (its sequence goes on); 0s keeps it forever. The database, if any, keeps everything.
+    #[arg(long, env = "CHORUS_HISTORY_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub history_ttl: Duration,
     /// Frames per second each connection may send.
     #[arg(long, env = "CHORUS_RATE", default_value_t = 100.0)]
     pub rate: f64,
@@ -108,6 +112,8 @@ pub struct Config {
     pub ping_timeout: Duration,
     pub max_message_bytes: usize,
     pub history_size: usize,
+    /// `None` keeps idle rooms' history forever.
+    pub history_ttl: Option<Duration>,
     pub rate: f64,
     pub burst: u32,
     pub send_queue: usize,
@@ -144,6 +150,7 @@ impl Config {
             ping_timeout: args.ping_timeout,
             max_message_bytes: args.max_message_bytes,
             history_size: args.history_size,
+            history_ttl: (!args.history_ttl.is_zero()).then_some(args.history_ttl),
             rate: args.rate,
             burst: args.burst,
             send_queue: args.send_queue,

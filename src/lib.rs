@@ -7,6 +7,7 @@ pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod conn;
+pub mod eviction;
 pub mod history;
 pub mod http;
 pub mod liveness;

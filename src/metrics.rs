@@ -28,6 +28,7 @@ pub struct Metrics {
     pub deliveries: Counter,
     pub slow_consumers: Counter,
     pub rate_limited: Counter,
+    pub rooms_evicted: Counter,
     auth_failures: Family<Reason, Counter>,
     /// Seconds from a publish's arrival to its frame queued for every local member.
     pub fanout_seconds: Histogram,
@@ -55,6 +56,7 @@ impl Metrics {
         let deliveries = Counter::default();
         let slow_consumers = Counter::default();
         let rate_limited = Counter::default();
+        let rooms_evicted = Counter::default();
         let auth_failures = Family::<Reason, Counter>::default();
         // 1 µs to about 1 s.
         let fanout_seconds = Histogram::new(exponential_buckets(1e-6, 2.0, 21));
@@ -67,6 +69,7 @@ impl Metrics {
         registry.register("deliveries", "Message frames queued to members", deliveries.clone());
         registry.register("slow_consumers", "Connections cut with 1013", slow_consumers.clone());
         registry.register("rate_limited", "Frames refused by the rate limit", rate_limited.clone());
+        registry.register("rooms_evicted", "Idle rooms whose history left memory", rooms_evicted.clone());
         registry.register("auth_failures", "Requests refused for their token", auth_failures.clone());
         registry.register("fanout_seconds", "Publish to queued at every local member", fanout_seconds.clone());
         let bus_publish_seconds = Histogram::new(exponential_buckets(1e-5, 2.0, 18));
@@ -104,6 +107,7 @@ impl Metrics {
             deliveries,
             slow_consumers,
             rate_limited,
+            rooms_evicted,
             auth_failures,
             fanout_seconds,
             bus_publish_seconds,

@@ -14,6 +14,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -101,6 +102,16 @@ struct RoomState {
     /// Set when the room left the map; a joiner that raced with the removal
     /// must look the room up again.
     removed: bool,
+    /// The last publish, join or leave: an idle room's history is evicted.
+    active: Instant,
+}
+
+/// What a single node remembers of an evicted room, so that its sequence
+/// goes on (a `seq` must never repeat within an epoch) while its messages
+/// are gone.
+struct Tombstone {
+    assigned: u64,
+    epoch: Arc<str>,
 }
 
 struct Room {
@@ -109,6 +120,7 @@ struct Room {
 
 pub struct Registry {
     rooms: DashMap<RoomName, Arc<Room>>,
+    tombstones: DashMap<RoomName, Tombstone>,
     history_size: usize,
     /// This node's epoch: the epoch of every room on a single node.
     epoch: Arc<str>,
@@ -116,7 +128,7 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(history_size: usize, epoch: Arc<str>) -> Self {
-        Self { rooms: DashMap::new(), history_size, epoch }
+        Self { rooms: DashMap::new(), tombstones: DashMap::new(), history_size, epoch }
     }
 
     pub fn epoch(&self) -> &str {
@@ -131,7 +143,7 @@ impl Registry {
     fn with_room<R>(&self, name: &RoomName, f: impl FnOnce(&mut RoomState) -> R) -> R {
         let mut f = Some(f);
         loop {
-            let room = self.rooms.entry(name.clone()).or_insert_with(|| self.new_room()).clone();
+            let room = self.rooms.entry(name.clone()).or_insert_with(|| self.new_room(name)).clone();
             let mut state = room.state.lock();
             if state.removed {
                 continue;
@@ -149,19 +161,56 @@ impl Registry {
         (!state.removed).then(|| f(&mut state))
     }
 
-    fn new_room(&self) -> Arc<Room> {
+    /// A new room, or an evicted one coming back: then its sequence goes on
+    /// where it stopped, in the same epoch.
+    fn new_room(&self, name: &RoomName) -> Arc<Room> {
+        let (seq, assigned, epoch) = match self.tombstones.remove(name) {
+            Some((_, t)) => (Some(t.assigned), t.assigned, t.epoch),
+            None => (None, 0, self.epoch.clone()),
+        };
         Arc::new(Room {
             state: Mutex::new(RoomState {
                 members: Vec::new(),
-                seq: None,
-                assigned: 0,
+                seq,
+                assigned,
                 loaded: false,
-                epoch: self.epoch.clone(),
+                epoch,
                 recent: VecDeque::new(),
                 subscribed: false,
                 removed: false,
+                active: Instant::now(),
             }),
         })
+    }
+
+    /// Single node: drops the history of rooms that have had no member and
+    /// no publish for `ttl`, keeping only their place in the sequence.
+    /// Returns how many rooms were evicted.
+    pub fn evict_idle(&self, ttl: Duration) -> usize {
+        let idle = |state: &RoomState| state.members.is_empty() && !state.subscribed && state.active.elapsed() > ttl;
+        let candidates: Vec<RoomName> = self
+            .rooms
+            .iter()
+            .filter(|entry| idle(&entry.value().state.lock()))
+            .map(|entry| entry.key().clone())
+            .collect();
+        let mut evicted = 0;
+        for name in candidates {
+            let removed = self.rooms.remove_if(&name, |_, room| {
+                let mut state = room.state.lock();
+                if !idle(&state) {
+                    return false;
+                }
+                state.removed = true;
+                if state.assigned > 0 {
+                    self.tombstones
+                        .insert(name.clone(), Tombstone { assigned: state.assigned, epoch: state.epoch.clone() });
+                }
+                true
+            });
+            evicted += usize::from(removed.is_some());
+        }
+        evicted
     }
 
     /// Single node: gives the message the room's next `seq`, stores it and
@@ -201,6 +250,9 @@ impl Registry {
     pub fn load(&self, room: &RoomName, seq: u64, epoch: Arc<str>) {
         self.with_room(room, |state| {
             if !state.loaded {
+                // An evicted room may be ahead of the database (its last
+                // messages still queued for it).
+                let seq = seq.max(state.assigned);
                 state.loaded = true;
                 state.seq = Some(seq);
                 state.assigned = seq;
@@ -223,6 +275,7 @@ impl Registry {
 
     /// Queues `message` to the members, keeps it in `recent`, moves `seq`.
     fn fan_out(&self, state: &mut RoomState, message: StoredMessage) -> (usize, usize) {
+        state.active = Instant::now();
         let mut recipients = 0;
         let mut slow_consumers = 0;
         for member in state.members.iter().filter(|m| m.skip_through < message.seq) {
@@ -328,6 +381,7 @@ impl Registry {
             .with_existing_room(room, |state| {
                 let before = state.members.len();
                 state.members.retain(|m| m.conn.id != member_id);
+                state.active = Instant::now();
                 if state.members.is_empty() && state.subscribed {
                     state.subscribed = false;
                     state.seq = None;
@@ -374,6 +428,7 @@ impl Registry {
 }
 
 fn upsert_member(state: &mut RoomState, conn: &Arc<Connection>, skip_through: u64) {
+    state.active = Instant::now();
     match state.members.iter_mut().find(|m| m.conn.id == conn.id) {
         Some(member) => member.skip_through = member.skip_through.min(skip_through),
         None => state.members.push(Member { conn: conn.clone(), skip_through }),

@@ -21,7 +21,7 @@ use crate::history::Database;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::state::ServerState;
-use crate::{http, liveness};
+use crate::{eviction, http, liveness};
 
 /// Pending connections the kernel holds for us during a connection storm.
 const LISTEN_BACKLOG: i32 = 4096;
@@ -42,6 +42,10 @@ impl Server {
         let state = Arc::new(build_state(config).await?);
         let accept = tokio::spawn(accept_loop(state.clone(), listener));
         let sweep = tokio::spawn(liveness::run(state.clone()));
+        if let Some(ttl) = state.config.history_ttl {
+            // Ends by itself at shutdown; nothing waits for it.
+            tokio::spawn(eviction::run(state.clone(), ttl));
+        }
         Ok(Self { state, local_addr, accept, sweep })
     }
 

@@ -336,3 +336,34 @@ async fn keyless_serve_prints_a_working_token_and_url() {
     assert_eq!(message["from"], jwt_claims(&token)["sub"]);
     assert_eq!(message["body"], "hello");
 }
+
+#[tokio::test]
+async fn an_idle_room_leaves_memory_and_its_sequence_goes_on() {
+    let server = TestServer::start(&["--history-ttl", "300ms"]).await;
+    let mut member = Client::connect(server.addr, "/ws", &token("keeper", None, 3600)).await;
+    let epoch = member.join("fading").await["epoch"].clone();
+    member.send_json(&json!({"type": "leave", "room": "fading"})).await;
+    member.recv_type("left").await;
+    let mut client = Client::connect(server.addr, "/ws", &token("writer", None, 3600)).await;
+    for i in 1..=3 {
+        assert_eq!(client.publish("fading", json!(i)).await, i);
+    }
+    // A hang guard, not a timing claim: eviction runs every 150 ms here.
+    let deadline = tokio::time::Instant::now() + GUARD;
+    while server.metric("chorus_rooms_evicted_total").await < 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "the idle room was never evicted");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    client.send_json(&json!({"type": "history", "room": "fading"})).await;
+    assert_eq!(client.recv_type("history").await["messages"], json!([]), "its history left memory");
+    assert_eq!(client.publish("fading", json!(4)).await, 4, "its sequence goes on: no seq repeats");
+    client.send_json(&json!({"type": "join", "room": "fading", "since": 1, "epoch": epoch})).await;
+    loop {
+        let frame = client.recv_json().await;
+        if frame["type"] == "joined" {
+            assert_eq!(frame["epoch"], epoch, "same epoch");
+            assert_eq!(frame["recovered"], false, "what was evicted cannot be replayed");
+            break;
+        }
+    }
+}
