@@ -3,6 +3,8 @@
 //! in the test; the machine's Redis itself is never stopped or flushed.
 
 mod common;
+#[path = "common/keyspace.rs"]
+mod keyspace;
 #[path = "common/proxy.rs"]
 mod proxy;
 
@@ -28,9 +30,9 @@ fn redis_addr() -> SocketAddr {
     std::net::ToSocketAddrs::to_socket_addrs(&host_port).unwrap().next().unwrap()
 }
 
-/// A key prefix no other test (or run) shares.
-fn unique_prefix(test: &str) -> String {
-    format!("chorus-test-{test}-{}-{:08x}", std::process::id(), rand::random::<u32>())
+/// A key prefix no other test (or run) shares, wiped when the test ends.
+fn unique_prefix(test: &str) -> keyspace::TestPrefix {
+    keyspace::TestPrefix::new(test, &redis_url())
 }
 
 /// A node of the cluster `prefix`, reaching Redis at `redis`.
@@ -103,7 +105,7 @@ async fn wait_ready(server: &TestServer, status: u16) -> String {
 #[tokio::test]
 async fn a_message_published_on_one_node_reaches_members_on_both() {
     let prefix = unique_prefix("cross");
-    let (a, b) = two_nodes(&prefix).await;
+    let (a, b) = two_nodes(prefix.as_str()).await;
     let mut on_a = member(&a, "lobby", "ann").await;
     let mut on_b = member(&b, "lobby", "bob").await;
     // In a cluster the sender's ack (the script's reply) and its own copy
@@ -124,7 +126,7 @@ async fn a_message_published_on_one_node_reaches_members_on_both() {
 #[tokio::test]
 async fn concurrent_sends_from_both_nodes_arrive_in_one_gapless_order_everywhere() {
     let prefix = unique_prefix("order");
-    let (a, b) = two_nodes(&prefix).await;
+    let (a, b) = two_nodes(prefix.as_str()).await;
     let mut members = Vec::new();
     for (i, server) in [&a, &b, &a, &b].into_iter().enumerate() {
         members.push(member(server, "race", &format!("m{i}")).await);
@@ -163,7 +165,7 @@ async fn concurrent_sends_from_both_nodes_arrive_in_one_gapless_order_everywhere
 #[tokio::test]
 async fn a_client_recovers_on_another_node() {
     let prefix = unique_prefix("recover");
-    let (a, b) = two_nodes(&prefix).await;
+    let (a, b) = two_nodes(prefix.as_str()).await;
     let tok = token("rita", None, 3600);
     let mut first = Client::connect(a.addr, "/ws/news", &tok).await;
     let joined = first.recv_type("joined").await;
@@ -195,7 +197,7 @@ async fn a_client_recovers_on_another_node() {
 #[tokio::test]
 async fn members_that_stay_lose_nothing_while_others_join_and_leave() {
     let prefix = unique_prefix("churn");
-    let (a, b) = two_nodes(&prefix).await;
+    let (a, b) = two_nodes(prefix.as_str()).await;
     let mut stayer = member(&a, "churn", "stay").await;
     let done = Arc::new(AtomicBool::new(false));
     // Node b has only churners, so it subscribes and unsubscribes the room
@@ -249,8 +251,8 @@ async fn redis_cut_off_answers_unavailable_then_the_gap_is_filled_in_order() {
     let prefix = unique_prefix("cut");
     let proxy = Proxy::start(redis_addr()).await;
     let proxied_url = format!("redis://{}", proxy.addr);
-    let a = node(&prefix, &proxied_url, &[]).await;
-    let b = node(&prefix, &redis_url(), &[]).await;
+    let a = node(prefix.as_str(), &proxied_url, &[]).await;
+    let b = node(prefix.as_str(), &redis_url(), &[]).await;
     let mut on_a = member(&a, "cut", "ann").await;
     let mut on_b = member(&b, "cut", "bob").await;
     let mut pub_a = Client::connect(a.addr, "/ws", &token("pa", None, 3600)).await;
@@ -295,8 +297,8 @@ async fn redis_cut_off_answers_unavailable_then_the_gap_is_filled_in_order() {
 async fn a_silent_pubsub_connection_is_noticed_and_replaced() {
     let prefix = unique_prefix("silent");
     let proxy = Proxy::start(redis_addr()).await;
-    let a = node(&prefix, &format!("redis://{}", proxy.addr), &[]).await;
-    let b = node(&prefix, &redis_url(), &[]).await;
+    let a = node(prefix.as_str(), &format!("redis://{}", proxy.addr), &[]).await;
+    let b = node(prefix.as_str(), &redis_url(), &[]).await;
     let mut on_a = member(&a, "quiet", "ann").await;
     let mut pub_b = Client::connect(b.addr, "/ws", &token("pb", None, 3600)).await;
     pub_b.publish("quiet", json!(1)).await;
@@ -314,7 +316,7 @@ async fn a_silent_pubsub_connection_is_noticed_and_replaced() {
 #[tokio::test]
 async fn redis_losing_its_data_starts_a_new_epoch_and_never_repeats_a_seq_within_one() {
     let prefix = unique_prefix("wipe");
-    let (a, b) = two_nodes(&prefix).await;
+    let (a, b) = two_nodes(prefix.as_str()).await;
     let tok = token("watcher", None, 3600);
     let mut watchers = Vec::new();
     for server in [&a, &b] {
@@ -327,7 +329,7 @@ async fn redis_losing_its_data_starts_a_new_epoch_and_never_repeats_a_seq_within
     for i in 1..=5 {
         pub_a.publish("lost", json!(i)).await;
     }
-    wipe(&prefix).await;
+    wipe(prefix.as_str()).await;
     for i in 1..=5 {
         pub_b.publish("lost", json!(i)).await;
     }
@@ -363,5 +365,5 @@ async fn redis_losing_its_data_starts_a_new_epoch_and_never_repeats_a_seq_within
     let joined = late.recv_type("joined").await;
     assert_eq!(joined["recovered"], false);
     assert_ne!(joined["epoch"], json!(old_epoch));
-    wipe(&prefix).await;
+    wipe(prefix.as_str()).await;
 }

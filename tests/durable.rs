@@ -3,6 +3,8 @@
 //! Database outages go through a TCP proxy in the test.
 
 mod common;
+#[path = "common/keyspace.rs"]
+mod keyspace;
 #[path = "common/proxy.rs"]
 mod proxy;
 
@@ -392,12 +394,12 @@ async fn cluster_node(db: &TestDb, prefix: &str) -> TestServer {
 #[tokio::test]
 async fn in_a_cluster_every_acked_message_reaches_the_database_when_a_node_is_killed() {
     let db = TestDb::create().await;
-    let prefix = format!("chorus-test-kill-{}-{:08x}", std::process::id(), rand::random::<u32>());
+    let prefix = keyspace::TestPrefix::new("kill", &redis_url());
     // The doomed node reaches the database through a proxy that is then cut,
     // so it dies holding messages it read from the stream but never wrote.
     let proxy = Proxy::start(postgres_addr()).await;
     let proxied = with_database(&format!("postgres://postgres@{}/x", proxy.addr), &db.name);
-    let mut doomed = server(&proxied, &["--redis-url", &redis_url(), "--redis-prefix", &prefix]).await;
+    let mut doomed = server(&proxied, &["--redis-url", &redis_url(), "--redis-prefix", prefix.as_str()]).await;
     // A room's first message needs the database (where does its seq stand?).
     let mut acked = publish_many(&mut publisher(&doomed).await, "split", 1).await;
     db.wait_rows("split", 1).await;
@@ -410,7 +412,7 @@ async fn in_a_cluster_every_acked_message_reaches_the_database_when_a_node_is_ki
     acked.extend(on_doomed.await.unwrap());
     assert_eq!(db.seqs("split").await, vec![1], "the doomed node could not write after the cut");
 
-    let survivor = cluster_node(&db, &prefix).await;
+    let survivor = cluster_node(&db, prefix.as_str()).await;
     acked.extend(publish_many(&mut publisher(&survivor).await, "split", 100).await);
     // The survivor writes its own messages and claims what the dead node had read.
     let stored = db.wait_for("split", &acked).await;
@@ -423,15 +425,15 @@ async fn in_a_cluster_every_acked_message_reaches_the_database_when_a_node_is_ki
 #[tokio::test]
 async fn in_a_cluster_redis_losing_a_room_continues_from_the_database_in_a_new_epoch() {
     let db = TestDb::create().await;
-    let prefix = format!("chorus-test-restore-{}-{:08x}", std::process::id(), rand::random::<u32>());
-    let node = cluster_node(&db, &prefix).await;
+    let prefix = keyspace::TestPrefix::new("restore", &redis_url());
+    let node = cluster_node(&db, prefix.as_str()).await;
     let epoch = joined(&node, "again").await["epoch"].clone();
     assert_eq!(publish_many(&mut publisher(&node).await, "again", 20).await, range(1, 20));
     db.wait_rows("again", 20).await;
     // Redis forgets the room (its state, history and pending stream).
     let redis = redis::Client::open(redis_url()).unwrap();
     let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::AsyncCommands::keys(&mut conn, format!("{prefix}:*")).await.unwrap();
+    let keys: Vec<String> = redis::AsyncCommands::keys(&mut conn, format!("{}:*", prefix.as_str())).await.unwrap();
     let _: () = redis::AsyncCommands::del(&mut conn, keys).await.unwrap();
 
     let after = publish_many(&mut publisher(&node).await, "again", 5).await;
@@ -451,9 +453,9 @@ async fn durable_cluster_node(db: &TestDb, prefix: &str) -> TestServer {
 #[tokio::test]
 async fn in_a_cluster_with_durable_acks_an_ack_means_the_database_holds_it() {
     let db = TestDb::create().await;
-    let prefix = format!("chorus-test-dack-{}-{:08x}", std::process::id(), rand::random::<u32>());
-    let a = durable_cluster_node(&db, &prefix).await;
-    let b = durable_cluster_node(&db, &prefix).await;
+    let prefix = keyspace::TestPrefix::new("dack", &redis_url());
+    let a = durable_cluster_node(&db, prefix.as_str()).await;
+    let b = durable_cluster_node(&db, prefix.as_str()).await;
     let mut on_a = Client::connect(a.addr, "/ws/safe", &token("ann", None, 3600)).await;
     on_a.recv_type("joined").await;
     let mut on_b = Client::connect(b.addr, "/ws/safe", &token("bob", None, 3600)).await;
@@ -481,9 +483,9 @@ async fn in_a_cluster_with_durable_acks_an_ack_means_the_database_holds_it() {
 #[tokio::test]
 async fn in_a_cluster_with_durable_acks_a_sigkill_loses_nothing_acked_or_delivered() {
     let db = TestDb::create().await;
-    let prefix = format!("chorus-test-dkill-{}-{:08x}", std::process::id(), rand::random::<u32>());
-    let mut doomed = durable_cluster_node(&db, &prefix).await;
-    let survivor = durable_cluster_node(&db, &prefix).await;
+    let prefix = keyspace::TestPrefix::new("dkill", &redis_url());
+    let mut doomed = durable_cluster_node(&db, prefix.as_str()).await;
+    let survivor = durable_cluster_node(&db, prefix.as_str()).await;
     let mut member = Client::connect(survivor.addr, "/ws/crash", &token("member", None, 3600)).await;
     let epoch = member.recv_type("joined").await["epoch"].clone();
     let receiver = tokio::spawn(receive_until_closed(member));
