@@ -127,7 +127,7 @@ pub struct Config {
 
 impl Config {
     pub fn from_args(args: ServeArgs) -> Result<Self, ConfigError> {
-        reject_unbuilt_backends(&args)?;
+        check_backends(&args)?;
         check_limits(&args)?;
         let listen = args
             .listen
@@ -164,7 +164,7 @@ impl Config {
     }
 }
 
-fn reject_unbuilt_backends(args: &ServeArgs) -> Result<(), ConfigError> {
+fn check_backends(args: &ServeArgs) -> Result<(), ConfigError> {
     if args.durable_acks && args.database_url.is_none() {
         return Err(ConfigError::Invalid("--durable-acks needs --database-url".into()));
     }

@@ -122,17 +122,13 @@ pub struct Registry {
     rooms: DashMap<RoomName, Arc<Room>>,
     tombstones: DashMap<RoomName, Tombstone>,
     history_size: usize,
-    /// This node's epoch: the epoch of every room on a single node.
+    /// The epoch new rooms start in: this node's, new at every start.
     epoch: Arc<str>,
 }
 
 impl Registry {
     pub fn new(history_size: usize, epoch: Arc<str>) -> Self {
         Self { rooms: DashMap::new(), tombstones: DashMap::new(), history_size, epoch }
-    }
-
-    pub fn epoch(&self) -> &str {
-        &self.epoch
     }
 
     pub fn room_count(&self) -> usize {

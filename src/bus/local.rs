@@ -13,7 +13,7 @@ use crate::conn::Connection;
 use crate::history::writer::Job;
 use crate::history::PersistedMessage;
 use crate::protocol::outbound;
-use crate::registry::{Since, Snapshot, StoredMessage};
+use crate::registry::{Delivery, Since, Snapshot, StoredMessage};
 use crate::room::RoomName;
 
 /// The name a single node's run is recorded under.
@@ -28,25 +28,24 @@ pub async fn publish(
     body: &RawValue,
 ) -> Result<u64, BusError> {
     let Some(p) = persistence else {
-        return Ok(publish_in_memory(bus, room, from, ts, body));
+        return Ok(publish_in_memory(bus, room, from, ts, body).seq);
     };
     load_room(bus, p, room).await?;
     if p.durable_acks {
         return publish_durably(bus, p, room, from, ts, body).await;
     }
     let permit = p.writer.reserve().map_err(BusError::database)?;
-    let seq = publish_in_memory(bus, room, from, ts, body);
-    let epoch = bus.registry.room_epoch(room);
-    permit.send(Job { message: persisted(room, seq, epoch, from, ts, body), on_commit: None });
-    Ok(seq)
+    let delivery = publish_in_memory(bus, room, from, ts, body);
+    permit.send(Job { message: persisted(room, delivery.seq, delivery.epoch, from, ts, body), on_commit: None });
+    Ok(delivery.seq)
 }
 
-fn publish_in_memory(bus: &Bus, room: &RoomName, from: &str, ts: u64, body: &RawValue) -> u64 {
+fn publish_in_memory(bus: &Bus, room: &RoomName, from: &str, ts: u64, body: &RawValue) -> Delivery {
     let started = Instant::now();
     let delivery = bus.registry.publish(room, from, ts, body.get().as_bytes());
     bus.metrics.record_fanout(started, delivery.recipients, delivery.slow_consumers);
     bus.metrics.messages_published.inc();
-    delivery.seq
+    delivery
 }
 
 /// Queues the message with its seq and waits for its batch to commit; the

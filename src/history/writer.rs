@@ -74,7 +74,8 @@ async fn run(db: Arc<Database>, mut queue: mpsc::Receiver<Job>, metrics: Arc<Met
     while gather(&mut queue, &mut batch, &stop).await {
         metrics.persist_queue_depth.set(queue.len() as i64);
         let messages: Vec<PersistedMessage> = batch.iter().map(|job| job.message.clone()).collect();
-        write(&db, &messages, &metrics).await;
+        // Flushing at shutdown keeps retrying too: `flush` bounds the wait.
+        write_retrying(&db, &messages, &metrics, || false).await;
         for job in batch.drain(..) {
             if let Some(on_commit) = job.on_commit {
                 on_commit();
@@ -106,8 +107,15 @@ async fn gather(queue: &mut mpsc::Receiver<Job>, batch: &mut Vec<Job>, stop: &Ca
     true
 }
 
-/// Writes one batch, retrying until the database takes it.
-async fn write(db: &Database, batch: &[PersistedMessage], metrics: &Metrics) {
+/// Writes one batch, retrying with backoff until the database takes it or
+/// `give_up` says to stop (then false). Shared by the single node's queue
+/// and the cluster's stream writer.
+pub async fn write_retrying(
+    db: &Database,
+    batch: &[PersistedMessage],
+    metrics: &Metrics,
+    give_up: impl Fn() -> bool,
+) -> bool {
     let mut backoff = MIN_BACKOFF;
     loop {
         let started = Instant::now();
@@ -116,11 +124,14 @@ async fn write(db: &Database, batch: &[PersistedMessage], metrics: &Metrics) {
                 metrics.persist_batch_seconds.observe(started.elapsed().as_secs_f64());
                 metrics.persist_batch_rows.observe(batch.len() as f64);
                 metrics.persist_rows.inc_by(batch.len() as u64);
-                return;
+                return true;
             }
             Err(e) => {
                 metrics.persist_retries.inc();
                 tracing::warn!("writing {} messages failed, retrying in {backoff:?}: {e}", batch.len());
+                if give_up() {
+                    return false;
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }

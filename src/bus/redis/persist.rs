@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::link::CommandLink;
 use super::scripts::{Release, Scripts};
+use crate::history::writer::write_retrying;
 use crate::history::{Database, PersistedMessage};
 use crate::metrics::Metrics;
 use crate::room::RoomName;
@@ -114,7 +115,9 @@ impl Persister {
             return Ok(());
         }
         let messages: Vec<PersistedMessage> = entries.iter().filter_map(parse).collect();
-        if !self.write(&messages).await {
+        // Retried in place, so batches are written (and released) in
+        // stream order.
+        if !write_retrying(&self.db, &messages, &self.metrics, || self.shutdown.is_cancelled()).await {
             // Shutting down: the entries stay pending for another node.
             return Ok(());
         }
@@ -132,33 +135,6 @@ impl Persister {
             self.link.run(|mut c| async move { done.query_async(&mut c).await }).await.map_err(|e| e.to_string())?;
         self.metrics.persist_queue_depth.set(depth);
         Ok(())
-    }
-
-    /// Writes a batch, retrying in place until the database takes it, so
-    /// batches are written (and released) in stream order. False if the
-    /// node shuts down first.
-    async fn write(&self, messages: &[PersistedMessage]) -> bool {
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            let started = Instant::now();
-            match self.db.write_batch(messages).await {
-                Ok(()) => {
-                    self.metrics.persist_batch_seconds.observe(started.elapsed().as_secs_f64());
-                    self.metrics.persist_batch_rows.observe(messages.len() as f64);
-                    self.metrics.persist_rows.inc_by(messages.len() as u64);
-                    return true;
-                }
-                Err(e) => {
-                    tracing::warn!("writing {} messages failed, retrying in {backoff:?}: {e}", messages.len());
-                    self.metrics.persist_retries.inc();
-                    if self.shutdown.is_cancelled() {
-                        return false;
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
-            }
-        }
     }
 
     async fn read(&self) -> Result<Vec<StreamId>, String> {
