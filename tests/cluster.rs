@@ -275,6 +275,21 @@ async fn redis_cut_off_answers_unavailable_then_the_gap_is_filled_in_order() {
         .await
         .unwrap();
     assert_eq!(post.status(), 503);
+    assert_eq!(post.json::<Value>().await.unwrap()["error"], "unavailable");
+    // Joining and reading history need Redis too: `unavailable`, and the
+    // connection goes on working.
+    pub_a.send_json(&json!({"type": "join", "room": "elsewhere", "ref": "join-cut"})).await;
+    pub_a.recv_error("unavailable", Some("join-cut")).await;
+    pub_a.send_json(&json!({"type": "history", "room": "cut", "ref": "history-cut"})).await;
+    pub_a.recv_error("unavailable", Some("history-cut")).await;
+    pub_a.ping_pong().await;
+    let history = reqwest::Client::new()
+        .get(a.url("/rooms/cut/history"))
+        .bearer_auth(token("http", None, 3600))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(history.status(), 503);
     for i in 11..=30 {
         pub_b.publish("cut", json!(i)).await;
     }
@@ -284,6 +299,9 @@ async fn redis_cut_off_answers_unavailable_then_the_gap_is_filled_in_order() {
     for i in 31..=35 {
         assert_eq!(pub_a.publish("cut", json!(i)).await, i);
     }
+    // A join that failed left nothing behind: joining now works.
+    pub_a.send_json(&json!({"type": "join", "room": "elsewhere"})).await;
+    pub_a.recv_type("joined").await;
     assert_eq!(
         seqs(&messages(&mut on_a, 25).await),
         (11..=35).collect::<Vec<u64>>(),
