@@ -6,6 +6,7 @@
 //! docs/BENCHMARKS.md records the figures.
 
 use std::hint::black_box;
+use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
 use chorus::auth::{Expectations, NewToken, Verifier};
-use chorus::conn::Connection;
+use chorus::conn::{Connection, Setup, WriterConfig};
+use chorus::metrics::Metrics;
 use chorus::protocol::{outbound, parse_request};
 use chorus::registry::Registry;
 use chorus::room::{RoomName, RoomPatterns};
@@ -50,48 +52,103 @@ fn encode(c: &mut Criterion) {
     group.finish();
 }
 
-/// Publishes between two drains of the members' queues; the queues hold
-/// more than this, so no member is ever cut as a slow consumer.
+/// Publishes between two drains of the members' queues and sockets; the
+/// queues hold more than this, so no member is ever cut as a slow consumer.
 const DRAIN_EVERY: u64 = 32;
 
-fn fanout(c: &mut Criterion) {
-    let mut group = c.benchmark_group("fanout");
-    for members in [1usize, 100, 10_000] {
-        let registry = Registry::new(1000, "bench".into());
-        let lobby = room("lobby");
-        let conns: Vec<Arc<Connection>> = (0..members as u64)
-            .map(|id| Arc::new(Connection::new(id, DRAIN_EVERY as usize + 1, u64::MAX, 0)))
-            .collect();
-        for conn in &conns {
-            registry.join_local(&lobby, conn, None, None);
-        }
-        let drain = || conns.iter().for_each(|c| drop(c.outbox.take()));
-        drain();
-        let check = registry.publish(&lobby, "alice", TS, BODY);
-        assert_eq!((check.recipients, check.slow_consumers), (members, 0));
-        drain();
+/// `n` members, each the server side of a real loopback connection, and
+/// the client sides to drain. `coalesce` is the connections' write window.
+struct Members {
+    conns: Vec<Arc<Connection>>,
+    clients: Vec<std::net::TcpStream>,
+}
 
-        // Elements are deliveries: criterion's rate is deliveries per second.
-        group.throughput(Throughput::Elements(members as u64));
-        group.bench_function(BenchmarkId::new("members", members), |b| {
-            b.iter_custom(|iters| {
-                let mut timed = Duration::ZERO;
-                let mut done = 0;
-                while done < iters {
-                    let batch = (iters - done).min(DRAIN_EVERY);
-                    let started = Instant::now();
-                    for _ in 0..batch {
-                        black_box(registry.publish(&lobby, "alice", TS, black_box(BODY)));
+impl Members {
+    fn connect(n: usize, coalesce: Duration) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let writer = Arc::new(WriterConfig { coalesce, metrics: Arc::new(Metrics::new()) });
+        let mut members = Members { conns: Vec::new(), clients: Vec::new() };
+        for id in 0..n as u64 {
+            let client = std::net::TcpStream::connect(addr).expect("connect");
+            client.set_nonblocking(true).expect("nonblocking");
+            let (server, _) = listener.accept().expect("accept");
+            server.set_nonblocking(true).expect("nonblocking");
+            let socket = tokio::net::TcpStream::from_std(server).expect("register");
+            let setup = Setup {
+                id,
+                send_queue: DRAIN_EVERY as usize + 1,
+                expires_at: u64::MAX,
+                now_ms: 0,
+                writer: writer.clone(),
+            };
+            members.conns.push(Arc::new(Connection::new(socket, setup)));
+            members.clients.push(client);
+        }
+        members
+    }
+
+    /// Empties what reached the clients, and what is still queued.
+    fn drain(&self) {
+        let mut buf = vec![0u8; 64 * 1024];
+        for client in &self.clients {
+            while matches!((&*client).read(&mut buf), Ok(n) if n > 0) {}
+        }
+        for conn in &self.conns {
+            let _ = conn.outbox.next_for_writer();
+        }
+    }
+}
+
+/// `fanout/to_sockets/N`: a publish to N members whose connections are
+/// quiet, so the publisher writes each member's socket itself (one
+/// `writev` per member, the kernel's loopback TCP path included).
+/// `fanout/queued/N`: the same with every member's writer busy (a room
+/// under load), so a publish only queues: the part under the room's lock.
+fn fanout(c: &mut Criterion) {
+    // The connections' sockets need a reactor; its tasks never run, so a
+    // writer task started for `queued` stays "busy" for the whole bench.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let _entered = runtime.enter();
+    let mut group = c.benchmark_group("fanout");
+    for (mode, coalesce) in [("to_sockets", Duration::ZERO), ("queued", Duration::from_secs(3600))] {
+        for n in [1usize, 100, 1000] {
+            let registry = Registry::new(1000, "bench".into());
+            let lobby = room("lobby");
+            let members = Members::connect(n, coalesce);
+            for conn in &members.conns {
+                registry.join_local(&lobby, conn, None, None);
+            }
+            // In `queued`, the first publish is written and opens every
+            // member's window; the second finds it open and starts writers.
+            for _ in 0..2 {
+                let check = registry.publish(&lobby, "alice", TS, BODY);
+                assert_eq!((check.recipients, check.slow_consumers), (n, 0));
+            }
+            members.drain();
+
+            // Elements are deliveries: criterion's rate is deliveries per second.
+            group.throughput(Throughput::Elements(n as u64));
+            group.bench_function(BenchmarkId::new(mode, n), |b| {
+                b.iter_custom(|iters| {
+                    let mut timed = Duration::ZERO;
+                    let mut done = 0;
+                    while done < iters {
+                        let batch = (iters - done).min(DRAIN_EVERY);
+                        let started = Instant::now();
+                        for _ in 0..batch {
+                            black_box(registry.publish(&lobby, "alice", TS, black_box(BODY)));
+                        }
+                        timed += started.elapsed();
+                        members.drain();
+                        done += batch;
                     }
-                    timed += started.elapsed();
-                    drain();
-                    done += batch;
-                }
-                timed
+                    timed
+                });
             });
-        });
-        let last = registry.publish(&lobby, "alice", TS, BODY);
-        assert_eq!(last.slow_consumers, 0, "a member was cut: the bench drained too late");
+            let last = registry.publish(&lobby, "alice", TS, BODY);
+            assert_eq!(last.slow_consumers, 0, "a member was cut: the bench drained too late");
+        }
     }
     group.finish();
 }

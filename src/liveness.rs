@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::time::MissedTickBehavior;
 
 use crate::auth::unix_now;
+use crate::conn::flush_all;
 use crate::state::ServerState;
 
 /// Runs until shutdown.
@@ -37,6 +38,7 @@ fn sweep(state: &ServerState) {
     let interval_ms = state.config.ping_interval.as_millis() as u64;
     let timeout_ms = state.config.ping_timeout.as_millis() as u64;
     state.metrics.rooms.set(state.bus.registry().room_count() as i64);
+    let mut pinged = Vec::new();
     for entry in state.connections.iter() {
         let conn = entry.value();
         let silent_ms = now_ms.saturating_sub(conn.last_seen());
@@ -50,8 +52,10 @@ fn sweep(state: &ServerState) {
             conn.close(1008, "token expired");
         } else if silent_ms > timeout_ms {
             conn.close(1008, "ping timeout");
-        } else {
-            conn.ping_if_due(now_ms, interval_ms);
+        } else if conn.ping_if_due(now_ms, interval_ms) {
+            pinged.push(conn.clone());
         }
     }
+    // Written outside the map's shard locks, spread over the threads.
+    flush_all(pinged);
 }

@@ -4,6 +4,8 @@
 //! under that lock, so every member sees the same order however many
 //! connections publish at once; the lock is never held across an `.await`
 //! and fanout never waits for a member (a full queue cuts that member).
+//! The socket writes that queueing calls for happen after the lock is
+//! released, so publishers to the same room do not wait for the kernel.
 //!
 //! On a single node the room's lock also assigns `seq` ([`Registry::publish`]).
 //! In a cluster Redis assigns it and this node's subscriber hands each
@@ -20,8 +22,8 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 
-use crate::conn::outbox::PushError;
-use crate::conn::Connection;
+use crate::conn::outbox::{PushError, Pushed};
+use crate::conn::{flush_all, Connection};
 use crate::protocol::outbound;
 use crate::room::RoomName;
 use crate::ws::frame::payload;
@@ -104,6 +106,9 @@ struct RoomState {
     removed: bool,
     /// The last publish, join or leave: an idle room's history is evicted.
     active: Instant,
+    /// Members owed a flush by what was just queued to them, written once
+    /// the lock is released.
+    to_flush: Vec<Arc<Connection>>,
 }
 
 /// What a single node remembers of an evicted room, so that its sequence
@@ -145,7 +150,9 @@ impl Registry {
                 continue;
             }
             if let Some(f) = f.take() {
-                return f(&mut state);
+                let result = f(&mut state);
+                flush_after_unlock(state);
+                return result;
             }
         }
     }
@@ -154,7 +161,9 @@ impl Registry {
     fn with_existing_room<R>(&self, name: &RoomName, f: impl FnOnce(&mut RoomState) -> R) -> Option<R> {
         let room = self.rooms.get(name).map(|r| r.clone())?;
         let mut state = room.state.lock();
-        (!state.removed).then(|| f(&mut state))
+        let result = (!state.removed).then(|| f(&mut state));
+        flush_after_unlock(state);
+        result
     }
 
     /// A new room, or an evicted one coming back: then its sequence goes on
@@ -175,6 +184,7 @@ impl Registry {
                 subscribed: false,
                 removed: false,
                 active: Instant::now(),
+                to_flush: Vec::new(),
             }),
         })
     }
@@ -276,8 +286,10 @@ impl Registry {
         let mut slow_consumers = 0;
         for member in state.members.iter().filter(|m| m.skip_through < message.seq) {
             recipients += 1;
-            if member.conn.send(message.frame.clone()) == Err(PushError::Full) {
-                slow_consumers += 1;
+            match member.conn.queue(message.frame.clone()) {
+                Ok(Pushed::FlushNeeded) => state.to_flush.push(member.conn.clone()),
+                Ok(Pushed::Queued) | Err(PushError::Closed) => {}
+                Err(PushError::Full) => slow_consumers += 1,
             }
         }
         state.seq = Some(state.seq.unwrap_or(0).max(message.seq));
@@ -449,7 +461,9 @@ fn finish_join(
         None => (Vec::new(), None),
     };
     let joined = outbound::joined(room, latest, &state.epoch, recovered);
-    let _ = member.outbox.push_all(replay.into_iter().chain([joined]));
+    if member.outbox.push_all(replay.into_iter().chain([joined])) == Ok(Pushed::FlushNeeded) {
+        state.to_flush.push(member.clone());
+    }
     if let Some(m) = state.members.iter_mut().find(|m| m.conn.id == member.id) {
         m.skip_through = latest;
     }
@@ -464,7 +478,18 @@ fn restart_epoch(state: &mut RoomState, room: &RoomName, epoch: &str, seq: u64) 
     let joined = outbound::joined(room, seq, epoch, Some(false));
     for member in state.members.iter_mut().filter(|m| m.skip_through != u64::MAX) {
         member.skip_through = seq;
-        let _ = member.conn.send(joined.clone());
+        if member.conn.queue(joined.clone()) == Ok(Pushed::FlushNeeded) {
+            state.to_flush.push(member.conn.clone());
+        }
+    }
+}
+
+/// Releases the room's lock, then writes to the members owed a flush.
+fn flush_after_unlock(mut state: parking_lot::MutexGuard<'_, RoomState>) {
+    let pending = std::mem::take(&mut state.to_flush);
+    drop(state);
+    if !pending.is_empty() {
+        flush_all(pending);
     }
 }
 

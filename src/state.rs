@@ -12,13 +12,15 @@ use tokio_util::task::TaskTracker;
 
 use crate::bus::Bus;
 use crate::config::Config;
-use crate::conn::Connection;
+use crate::conn::{Connection, WriterConfig};
 use crate::metrics::Metrics;
 
 pub struct ServerState {
     pub config: Config,
     pub bus: Bus,
     pub metrics: Arc<Metrics>,
+    /// What every connection's writing shares.
+    pub writer: Arc<WriterConfig>,
     /// Every open connection, for the liveness sweep and shutdown.
     pub connections: DashMap<u64, Arc<Connection>>,
     /// Cancelled when the server starts shutting down.
@@ -31,10 +33,12 @@ pub struct ServerState {
 
 impl ServerState {
     pub fn new(config: Config, bus: Bus, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Self {
+        let writer = Arc::new(WriterConfig { coalesce: config.write_coalesce, metrics: metrics.clone() });
         Self {
             config,
             bus,
             metrics,
+            writer,
             connections: DashMap::new(),
             shutdown,
             tasks: TaskTracker::new(),

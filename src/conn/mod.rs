@@ -1,6 +1,6 @@
-//! One WebSocket connection: the handle that rooms and the liveness sweep
-//! hold ([`Connection`]), its outgoing queue, its writer task and its
-//! session (the reader loop that answers requests).
+//! One WebSocket connection: the handle that rooms, the liveness sweep and
+//! shutdown hold ([`Connection`]). It owns the socket: the session reads
+//! from it, and whoever flushes the outgoing queue writes to it.
 
 pub mod outbox;
 pub mod rate;
@@ -8,48 +8,81 @@ pub mod session;
 pub mod signal;
 pub mod writer;
 
+use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
+use tokio::net::TcpStream;
 
 use crate::ws;
-use outbox::{Outbox, PushError};
+use outbox::{Outbox, PushError, Pushed};
 use signal::Signal;
+pub use writer::{flush_all, WriterConfig};
 
 /// What rooms, the sweep and shutdown share of one connection.
 pub struct Connection {
     pub id: u64,
     pub outbox: Outbox,
+    socket: TcpStream,
+    writer: Arc<WriterConfig>,
     /// Milliseconds on the server clock when the client last sent anything.
     last_seen: AtomicU64,
     /// Milliseconds on the server clock of the last server ping.
     last_ping: AtomicU64,
     /// The token's `exp`, seconds since the Unix epoch; `refresh` moves it.
     expires_at: AtomicU64,
-    /// Tells the session to stop reading (the writer stopped, or someone
-    /// closed the connection).
+    /// Tells the session to stop reading: nothing more will be written.
     stop_reading: Signal,
-    /// Tells the writer to give up, even in the middle of a write: the peer
-    /// neither reads (the socket is full) nor sends anything.
+    /// Tells the session that writing is over (the close frame is out, or
+    /// the peer is gone), so it may drop the socket.
+    finished: Signal,
+    /// Tells the writer task to give up, even in the middle of a write: the
+    /// peer neither reads (the socket is full) nor sends anything.
     abort_writer: Signal,
 }
 
+/// What a connection starts with.
+pub struct Setup {
+    pub id: u64,
+    pub send_queue: usize,
+    pub expires_at: u64,
+    pub now_ms: u64,
+    pub writer: Arc<WriterConfig>,
+}
+
 impl Connection {
-    pub fn new(id: u64, send_queue: usize, expires_at: u64, now_ms: u64) -> Self {
+    pub fn new(socket: TcpStream, setup: Setup) -> Self {
         Self {
-            id,
-            outbox: Outbox::new(send_queue),
-            last_seen: AtomicU64::new(now_ms),
-            last_ping: AtomicU64::new(now_ms),
-            expires_at: AtomicU64::new(expires_at),
+            id: setup.id,
+            outbox: Outbox::new(setup.send_queue),
+            socket,
+            writer: setup.writer,
+            last_seen: AtomicU64::new(setup.now_ms),
+            last_ping: AtomicU64::new(setup.now_ms),
+            expires_at: AtomicU64::new(setup.expires_at),
             stop_reading: Signal::default(),
+            finished: Signal::default(),
             abort_writer: Signal::default(),
         }
     }
 
-    /// Queues a frame; a full queue cuts the connection as a slow consumer
-    /// (and says `Full`).
-    pub fn send(&self, frame: Bytes) -> Result<(), PushError> {
+    pub fn socket(&self) -> &TcpStream {
+        &self.socket
+    }
+
+    /// Queues a frame and writes it now if nobody else is writing; a full
+    /// queue cuts the connection as a slow consumer (and says `Full`).
+    pub fn send(self: &Arc<Self>, frame: Bytes) -> Result<(), PushError> {
+        if self.queue(frame)? == Pushed::FlushNeeded {
+            writer::flush(self);
+        }
+        Ok(())
+    }
+
+    /// Queues a frame, leaving an owed flush to the caller: fanout queues to
+    /// every member under the room's lock and flushes after releasing it.
+    pub fn queue(self: &Arc<Self>, frame: Bytes) -> Result<Pushed, PushError> {
         let pushed = self.outbox.push(frame);
         if pushed == Err(PushError::Full) {
             self.cut_slow_consumer();
@@ -58,13 +91,40 @@ impl Connection {
     }
 
     /// Closes with `code` after the frames already queued.
-    pub fn close(&self, code: u16, reason: &str) -> bool {
-        self.outbox.close(ws::close_frame(code, reason), false)
+    pub fn close(self: &Arc<Self>, code: u16, reason: &str) -> bool {
+        self.flush_if_owed(self.outbox.close(ws::close_frame(code, reason), false))
     }
 
     /// Closes with 1013 at once, dropping what the peer did not read.
-    pub fn cut_slow_consumer(&self) -> bool {
-        self.outbox.close(ws::close_frame(1013, "slow consumer"), true)
+    pub fn cut_slow_consumer(self: &Arc<Self>) -> bool {
+        self.flush_if_owed(self.outbox.close(ws::close_frame(1013, "slow consumer"), true))
+    }
+
+    fn flush_if_owed(self: &Arc<Self>, pushed: Option<Pushed>) -> bool {
+        if pushed == Some(Pushed::FlushNeeded) {
+            writer::flush(self);
+        }
+        pushed.is_some()
+    }
+
+    /// Stops writing without a close frame: the peer is gone.
+    pub fn kill(&self) {
+        if self.outbox.kill() {
+            self.finish();
+        }
+    }
+
+    /// Writing is over: sends FIN, stops the reader, tells the session.
+    fn finish(&self) {
+        let _ = socket2::SockRef::from(&self.socket).shutdown(Shutdown::Write);
+        self.stop_reading.raise();
+        self.finished.raise();
+    }
+
+    /// The writer task ended with nothing left to write. It leaves no waker
+    /// behind: a waker would keep the ended task's memory alive.
+    fn writer_retired(&self) {
+        self.abort_writer.forget_waiter();
     }
 
     pub fn touch(&self, now_ms: u64) {
@@ -75,12 +135,13 @@ impl Connection {
         self.last_seen.load(Ordering::Relaxed)
     }
 
-    /// Queues a server ping if one is due.
-    pub fn ping_if_due(&self, now_ms: u64, interval_ms: u64) {
-        if now_ms.saturating_sub(self.last_ping.load(Ordering::Relaxed)) >= interval_ms {
-            self.last_ping.store(now_ms, Ordering::Relaxed);
-            let _ = self.send(ws::ping_frame());
+    /// Queues a server ping if one is due; says whether the caller owes a flush.
+    pub fn ping_if_due(self: &Arc<Self>, now_ms: u64, interval_ms: u64) -> bool {
+        if now_ms.saturating_sub(self.last_ping.load(Ordering::Relaxed)) < interval_ms {
+            return false;
         }
+        self.last_ping.store(now_ms, Ordering::Relaxed);
+        self.queue(ws::ping_frame()) == Ok(Pushed::FlushNeeded)
     }
 
     pub fn expires_at(&self) -> u64 {
@@ -91,20 +152,20 @@ impl Connection {
         self.expires_at.store(exp, Ordering::Relaxed);
     }
 
-    pub fn stop_reader(&self) {
-        self.stop_reading.raise();
-    }
-
     pub async fn reader_stopped(&self) {
         self.stop_reading.wait().await;
     }
 
-    /// Makes the writer stop at once, dropping what it could not write.
+    pub async fn writing_finished(&self) {
+        self.finished.wait().await;
+    }
+
+    /// Makes the writer task stop at once, dropping what it could not write.
     pub fn abort_writer(&self) {
         self.abort_writer.raise();
     }
 
-    pub async fn writer_aborted(&self) {
+    async fn writer_aborted(&self) {
         self.abort_writer.wait().await;
     }
 }

@@ -1,58 +1,112 @@
-//! A connection's bounded queue of outgoing frames.
+//! A connection's bounded queue of outgoing frames, and who may write them.
 //!
 //! Fanout pushes into it and never waits: a full queue is a slow consumer,
-//! reported to the caller, who cuts that member. The writer wakes only when
-//! the queue goes from empty to non-empty, then takes everything queued in
-//! one go, so a burst of frames costs one wakeup and one write.
+//! reported to the caller, who cuts that member. There is no writer task
+//! waiting on an idle connection. Whoever pushes the first frame into an
+//! empty queue with no writer takes on the flush ([`Pushed::FlushNeeded`]):
+//! it claims the socket ([`Outbox::claim`]) and writes the queue at once
+//! from its own thread, or, when the socket is full or the connection wrote
+//! less than a coalescing window ago, hands the queue to a writer task that
+//! lives only until the queue runs dry. So a message to a quiet connection
+//! costs one `writev` and no wakeup, an idle connection holds no task, and a
+//! busy one keeps a single task that writes everything queued once a window.
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-
-use super::signal::Signal;
 
 /// Why a frame was not queued.
 #[derive(Debug, PartialEq, Eq)]
 pub enum PushError {
     /// The queue holds `capacity` frames: the peer is not reading.
     Full,
-    /// A close frame is queued or the writer has stopped.
+    /// A close frame is queued or the connection is finished.
     Closed,
 }
 
-/// Where the connection stands, as the writer sees it.
+/// What the pusher of a frame owes the connection.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a FlushNeeded push must be flushed, or the frame waits forever"]
+pub enum Pushed {
+    /// Someone else writes it: a writer, or an earlier pusher's flush.
+    Queued,
+    /// The queue was empty and nobody writes: the pusher must flush.
+    FlushNeeded,
+}
+
+/// Where the connection stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     Open,
-    /// A close frame ends the queue; the writer stops once it is written.
+    /// A close frame ends the queue; the connection finishes once it is written.
     Closing,
-    /// The writer stops now, writing nothing more.
+    /// Nothing more is written.
     Dead,
+}
+
+/// Who holds the socket's write side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writer {
+    Nobody,
+    /// A pusher's flush, writing without waiting.
+    Inline,
+    /// A writer task, which waits for the socket and the coalescing window.
+    Task,
+}
+
+/// What [`Outbox::claim`] gave the flusher.
+pub enum Claim {
+    /// Nothing to do: the queue is empty or someone else writes.
+    Nothing,
+    /// Write these now; the phase says whether they end with a close frame.
+    Write(VecDeque<Bytes>, Phase),
+    /// The last write was less than a window ago: start a writer task,
+    /// which waits out the window and writes what gathered by then.
+    StartWriter,
+}
+
+/// What the inline writer must do once its batch went out, or did not.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AfterWrite {
+    /// The queue is empty, or someone else writes: done.
+    Done,
+    /// Frames are left (unwritten, or queued meanwhile): start a writer task.
+    StartWriter,
+    /// The connection is finished: shut the socket down.
+    Finish,
+}
+
+/// What a writer task found when it came back for more.
+pub enum Next {
+    Write(VecDeque<Bytes>, Phase),
+    /// The queue ran dry: the task ends, and the next pusher flushes.
+    Retired,
+    Finish,
 }
 
 struct State {
     frames: VecDeque<Bytes>,
     phase: Phase,
+    writer: Writer,
+    /// When the last batch went out: the start of the coalescing window.
+    last_write: Option<Instant>,
 }
 
 pub struct Outbox {
     state: Mutex<State>,
-    wake: Signal,
     capacity: usize,
 }
 
 impl Outbox {
     pub fn new(capacity: usize) -> Self {
-        Self {
-            state: Mutex::new(State { frames: VecDeque::new(), phase: Phase::Open }),
-            wake: Signal::default(),
-            capacity,
-        }
+        let state = State { frames: VecDeque::new(), phase: Phase::Open, writer: Writer::Nobody, last_write: None };
+        Self { state: Mutex::new(state), capacity }
     }
 
     /// Queues a frame unless the queue is full or closed.
-    pub fn push(&self, frame: Bytes) -> Result<(), PushError> {
+    pub fn push(&self, frame: Bytes) -> Result<Pushed, PushError> {
         let mut state = self.state.lock();
         if state.phase != Phase::Open {
             return Err(PushError::Closed);
@@ -60,65 +114,143 @@ impl Outbox {
         if state.frames.len() >= self.capacity {
             return Err(PushError::Full);
         }
+        let was_empty = state.frames.is_empty();
         state.frames.push_back(frame);
-        let was_empty = state.frames.len() == 1;
-        drop(state);
-        if was_empty {
-            self.wake.raise();
-        }
-        Ok(())
+        Ok(state.owed_flush(was_empty))
     }
 
     /// Queues frames past the capacity: for a replay, whose size history
     /// already bounds, that must reach the client whole.
-    pub fn push_all(&self, frames: impl IntoIterator<Item = Bytes>) -> Result<(), PushError> {
+    pub fn push_all(&self, frames: impl IntoIterator<Item = Bytes>) -> Result<Pushed, PushError> {
         let mut state = self.state.lock();
         if state.phase != Phase::Open {
             return Err(PushError::Closed);
         }
+        let was_empty = state.frames.is_empty();
         state.frames.extend(frames);
-        drop(state);
-        self.wake.raise();
-        Ok(())
+        Ok(state.owed_flush(was_empty))
     }
 
     /// Queues `close` as the last frame. With `discard_pending`, frames not
-    /// yet written are dropped first (a slow consumer would never read them).
-    /// Returns false when the connection was already closing.
-    pub fn close(&self, close: Bytes, discard_pending: bool) -> bool {
+    /// yet handed to a writer are dropped first (a slow consumer would never
+    /// read them). `None` when the connection was already closing.
+    pub fn close(&self, close: Bytes, discard_pending: bool) -> Option<Pushed> {
         let mut state = self.state.lock();
         if state.phase != Phase::Open {
-            return false;
+            return None;
         }
         if discard_pending {
             state.frames = VecDeque::new();
         }
+        let was_empty = state.frames.is_empty();
         state.frames.push_back(close);
         state.phase = Phase::Closing;
-        drop(state);
-        self.wake.raise();
-        true
+        Some(state.owed_flush(was_empty))
     }
 
-    /// Stops the writer without a close frame (the peer is gone).
-    pub fn kill(&self) {
-        self.state.lock().phase = Phase::Dead;
-        self.wake.raise();
+    /// Stops all writing without a close frame (the peer is gone). True when
+    /// nobody was writing, so the caller finishes the connection itself.
+    pub fn kill(&self) -> bool {
+        let mut state = self.state.lock();
+        let was_dead = state.phase == Phase::Dead;
+        state.phase = Phase::Dead;
+        state.frames = VecDeque::new();
+        !was_dead && state.writer == Writer::Nobody
     }
 
     pub fn phase(&self) -> Phase {
         self.state.lock().phase
     }
 
-    /// Everything queued, and the phase it was taken in.
-    pub fn take(&self) -> (VecDeque<Bytes>, Phase) {
+    /// For the pusher that owes a flush: takes the socket and the queue, or
+    /// says to start a writer task while the coalescing window is open.
+    pub fn claim(&self, window: Duration) -> Claim {
         let mut state = self.state.lock();
-        (std::mem::take(&mut state.frames), state.phase)
+        if state.writer != Writer::Nobody || state.frames.is_empty() || state.phase == Phase::Dead {
+            return Claim::Nothing;
+        }
+        if state.window_end(window).is_some_and(|end| end > Instant::now()) {
+            state.writer = Writer::Task;
+            return Claim::StartWriter;
+        }
+        state.writer = Writer::Inline;
+        Claim::Write(std::mem::take(&mut state.frames), state.phase)
     }
 
-    /// Waits until something was queued or the phase changed.
-    pub async fn changed(&self) {
-        self.wake.wait().await;
+    /// Gives the socket back after an inline write. `unwritten` is what the
+    /// socket did not take, to go out first; `closed` says the batch ended
+    /// with the close frame and all of it was written.
+    pub fn release_inline(&self, unwritten: VecDeque<Bytes>, closed: bool) -> AfterWrite {
+        let mut state = self.state.lock();
+        state.last_write = Some(Instant::now());
+        if closed || state.phase == Phase::Dead {
+            state.phase = Phase::Dead;
+            state.writer = Writer::Nobody;
+            return AfterWrite::Finish;
+        }
+        if !unwritten.is_empty() {
+            let queued_meanwhile = std::mem::replace(&mut state.frames, unwritten);
+            state.frames.extend(queued_meanwhile);
+        }
+        if state.frames.is_empty() {
+            state.writer = Writer::Nobody;
+            AfterWrite::Done
+        } else {
+            state.writer = Writer::Task;
+            AfterWrite::StartWriter
+        }
+    }
+
+    /// When the writer task may write next: the end of the window that the
+    /// last write opened, if it is still open.
+    pub fn writer_due(&self, window: Duration) -> Option<Instant> {
+        self.state.lock().window_end(window).filter(|end| *end > Instant::now())
+    }
+
+    /// For the writer task: everything queued, or its retirement when the
+    /// queue is empty.
+    pub fn next_for_writer(&self) -> Next {
+        let mut state = self.state.lock();
+        match state.phase {
+            Phase::Dead => {
+                state.writer = Writer::Nobody;
+                Next::Finish
+            }
+            _ if state.frames.is_empty() => {
+                state.writer = Writer::Nobody;
+                Next::Retired
+            }
+            phase => Next::Write(std::mem::take(&mut state.frames), phase),
+        }
+    }
+
+    /// The writer task wrote a batch: the window starts now.
+    pub fn wrote(&self) {
+        self.state.lock().last_write = Some(Instant::now());
+    }
+
+    /// The writer task gives up (write error, or the close frame is out).
+    pub fn writer_finished(&self) {
+        let mut state = self.state.lock();
+        state.phase = Phase::Dead;
+        state.frames = VecDeque::new();
+        state.writer = Writer::Nobody;
+    }
+}
+
+impl State {
+    /// Frames were just queued: the pusher owes a flush when the queue was
+    /// empty (else an earlier pusher owes it) and nobody writes.
+    fn owed_flush(&self, was_empty: bool) -> Pushed {
+        if was_empty && self.writer == Writer::Nobody {
+            Pushed::FlushNeeded
+        } else {
+            Pushed::Queued
+        }
+    }
+
+    fn window_end(&self, window: Duration) -> Option<Instant> {
+        self.last_write.map(|at| at + window)
     }
 }
 
@@ -130,53 +262,101 @@ mod tests {
         Bytes::from(vec![n])
     }
 
+    fn written(claim: Claim) -> (Vec<Bytes>, Phase) {
+        match claim {
+            Claim::Write(frames, phase) => (frames.into(), phase),
+            Claim::Nothing => panic!("claimed nothing"),
+            Claim::StartWriter => panic!("asked for a writer task"),
+        }
+    }
+
     #[test]
-    fn full_queue_refuses_and_take_empties_it() {
+    fn first_push_owes_the_flush_and_the_rest_ride_along() {
+        let q = Outbox::new(4);
+        assert_eq!(q.push(frame(1)), Ok(Pushed::FlushNeeded));
+        assert_eq!(q.push(frame(2)), Ok(Pushed::Queued));
+        assert_eq!(written(q.claim(Duration::ZERO)), (vec![frame(1), frame(2)], Phase::Open));
+        // While the flusher writes, pushes are queued for it.
+        assert_eq!(q.push(frame(3)), Ok(Pushed::Queued));
+        assert!(matches!(q.claim(Duration::ZERO), Claim::Nothing));
+        assert_eq!(q.release_inline(VecDeque::new(), false), AfterWrite::StartWriter);
+        match q.next_for_writer() {
+            Next::Write(frames, Phase::Open) => assert_eq!(frames, [frame(3)]),
+            _ => panic!("the writer task should get frame 3"),
+        }
+        assert!(matches!(q.next_for_writer(), Next::Retired));
+        assert_eq!(q.push(frame(4)), Ok(Pushed::FlushNeeded), "a retired writer leaves the flush to the pusher");
+    }
+
+    #[test]
+    fn full_queue_refuses() {
         let q = Outbox::new(2);
-        assert_eq!(q.push(frame(1)), Ok(()));
-        assert_eq!(q.push(frame(2)), Ok(()));
+        let _ = q.push(frame(1));
+        let _ = q.push(frame(2));
         assert_eq!(q.push(frame(3)), Err(PushError::Full));
-        let (frames, phase) = q.take();
-        assert_eq!(frames.len(), 2);
-        assert_eq!(phase, Phase::Open);
-        assert_eq!(q.push(frame(3)), Ok(()));
+    }
+
+    #[test]
+    fn unwritten_bytes_go_out_first() {
+        let q = Outbox::new(4);
+        let _ = q.push(frame(1));
+        let _ = written(q.claim(Duration::ZERO));
+        let _ = q.push(frame(2));
+        assert_eq!(q.release_inline(VecDeque::from([frame(1)]), false), AfterWrite::StartWriter);
+        match q.next_for_writer() {
+            Next::Write(frames, _) => assert_eq!(frames, [frame(1), frame(2)]),
+            _ => panic!("expected a batch"),
+        }
+    }
+
+    #[test]
+    fn a_write_inside_the_window_goes_to_a_writer_task() {
+        let q = Outbox::new(4);
+        let _ = q.push(frame(1));
+        let _ = written(q.claim(Duration::from_secs(60)));
+        assert_eq!(q.release_inline(VecDeque::new(), false), AfterWrite::Done);
+        assert_eq!(q.push(frame(2)), Ok(Pushed::FlushNeeded));
+        assert!(matches!(q.claim(Duration::from_secs(60)), Claim::StartWriter));
+        assert!(q.writer_due(Duration::from_secs(60)).is_some());
+        assert_eq!(q.push(frame(3)), Ok(Pushed::Queued), "the writer task will take it");
     }
 
     #[test]
     fn close_is_last_and_refuses_more() {
         let q = Outbox::new(4);
-        q.push(frame(1)).unwrap();
-        assert!(q.close(frame(9), false));
-        assert!(!q.close(frame(8), false));
+        let _ = q.push(frame(1));
+        assert_eq!(q.close(frame(9), false), Some(Pushed::Queued));
+        assert_eq!(q.close(frame(8), false), None);
         assert_eq!(q.push(frame(2)), Err(PushError::Closed));
-        let (frames, phase) = q.take();
-        assert_eq!(frames, [frame(1), frame(9)]);
-        assert_eq!(phase, Phase::Closing);
+        assert_eq!(written(q.claim(Duration::ZERO)), (vec![frame(1), frame(9)], Phase::Closing));
+        assert_eq!(q.release_inline(VecDeque::new(), true), AfterWrite::Finish);
+        assert_eq!(q.phase(), Phase::Dead);
     }
 
     #[test]
     fn slow_consumer_close_discards_pending() {
         let q = Outbox::new(1);
-        q.push(frame(1)).unwrap();
-        q.close(frame(9), true);
-        assert_eq!(q.take().0, [frame(9)]);
+        let _ = q.push(frame(1));
+        let _ = q.close(frame(9), true);
+        assert_eq!(written(q.claim(Duration::ZERO)).0, [frame(9)]);
     }
 
     #[test]
     fn replay_may_exceed_capacity() {
         let q = Outbox::new(1);
-        q.push_all((0..5).map(frame)).unwrap();
-        assert_eq!(q.take().0.len(), 5);
+        assert_eq!(q.push_all((0..5).map(frame)), Ok(Pushed::FlushNeeded));
+        assert_eq!(written(q.claim(Duration::ZERO)).0.len(), 5);
     }
 
-    #[tokio::test]
-    async fn push_wakes_a_waiting_writer() {
-        let q = std::sync::Arc::new(Outbox::new(4));
-        let waiter = tokio::spawn({
-            let q = q.clone();
-            async move { q.changed().await }
-        });
-        q.push(frame(1)).unwrap();
-        tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.unwrap().unwrap();
+    #[test]
+    fn kill_hands_the_finish_to_whoever_writes() {
+        let idle = Outbox::new(4);
+        assert!(idle.kill(), "nobody writes: the caller finishes");
+        assert!(!idle.kill(), "only once");
+        let busy = Outbox::new(4);
+        let _ = busy.push(frame(1));
+        let _ = written(busy.claim(Duration::ZERO));
+        assert!(!busy.kill(), "the inline writer finishes");
+        assert_eq!(busy.release_inline(VecDeque::new(), false), AfterWrite::Finish);
     }
 }

@@ -11,12 +11,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 
 use super::outbox::{Phase, PushError};
 use super::rate::{Limit, TokenBucket};
-use super::{writer, Connection};
+use super::{Connection, Setup};
 use crate::auth::Claims;
 use crate::protocol::outbound::{self, ErrorCode};
 use crate::protocol::{parse_request, Request, RequestKind};
@@ -50,13 +49,16 @@ pub fn run(
     claims: Claims,
     room: Option<RoomName>,
 ) -> impl Future<Output = ()> + Send {
-    let (mut read_half, write_half) = stream.into_split();
-    let id = state.next_connection_id();
-    let conn = Arc::new(Connection::new(id, state.config.send_queue, claims.exp, state.now_ms()));
-    state.connections.insert(id, conn.clone());
+    let setup = Setup {
+        id: state.next_connection_id(),
+        send_queue: state.config.send_queue,
+        expires_at: claims.exp,
+        now_ms: state.now_ms(),
+        writer: state.writer.clone(),
+    };
+    let conn = Arc::new(Connection::new(stream, setup));
+    state.connections.insert(conn.id, conn.clone());
     state.metrics.connections.inc();
-    let coalesce = state.config.write_coalesce;
-    let writer = tokio::spawn(writer::run(conn.clone(), write_half, coalesce, state.metrics.clone()));
     // `early` is a slice of hyper's read buffer: copy what it holds and let
     // the buffer go, or every connection keeps kilobytes it never uses.
     let mut reader = FrameReader::new(&early, state.config.max_message_bytes);
@@ -67,19 +69,19 @@ pub fn run(
         if let Some(room) = room {
             Box::pin(session.join(room, None, None)).await;
         }
-        session.read_until_closed(&mut reader, &mut read_half).await;
+        session.read_until_closed(&mut reader).await;
         session.end();
-        Box::pin(finish_writer(&session.conn, writer)).await;
+        Box::pin(finish_writing(&session.conn)).await;
     }
 }
 
 impl Session {
-    async fn read_until_closed(&mut self, reader: &mut FrameReader, socket: &mut OwnedReadHalf) {
+    async fn read_until_closed(&mut self, reader: &mut FrameReader) {
         loop {
             let incoming = tokio::select! {
                 biased;
                 () = self.conn.reader_stopped() => break,
-                incoming = reader.next(socket) => incoming,
+                incoming = reader.next(self.conn.socket()) => incoming,
             };
             self.conn.touch(self.state.now_ms());
             match incoming {
@@ -112,7 +114,7 @@ impl Session {
         }
         // Boxed, as are the other waits of a closing connection: their
         // timers would otherwise sit in every idle connection's future.
-        Box::pin(linger(reader, socket)).await;
+        Box::pin(linger(reader, self.conn.socket())).await;
     }
 
     async fn on_text(&mut self, text: &[u8]) {
@@ -252,7 +254,7 @@ impl Session {
         }
     }
 
-    /// Leaves every room and forgets the connection; the writer stops after
+    /// Leaves every room and forgets the connection; writing stops after
     /// the close frame, or at once if none was queued.
     fn end(&mut self) {
         for room in self.rooms.drain(..) {
@@ -262,7 +264,7 @@ impl Session {
             self.state.metrics.connections.dec();
         }
         if self.conn.outbox.phase() == Phase::Open {
-            self.conn.outbox.kill();
+            self.conn.kill();
         }
     }
 }
@@ -273,17 +275,17 @@ fn limit(state: &ServerState) -> Limit {
 
 /// Gives the writer the linger time to get the close frame out (it may be
 /// stuck on a peer that does not read), then stops it.
-async fn finish_writer(conn: &Connection, mut writer: tokio::task::JoinHandle<()>) {
-    if tokio::time::timeout(CLOSE_LINGER, &mut writer).await.is_err() {
+async fn finish_writing(conn: &Connection) {
+    if tokio::time::timeout(CLOSE_LINGER, conn.writing_finished()).await.is_err() {
         conn.abort_writer();
-        let _ = writer.await;
+        conn.writing_finished().await;
     }
 }
 
 /// After a close frame is queued, reads (and ignores) until the client's
 /// close or EOF, for a moment at most, so the client reads our close frame
 /// before the socket goes.
-async fn linger(reader: &mut FrameReader, socket: &mut OwnedReadHalf) {
+async fn linger(reader: &mut FrameReader, socket: &TcpStream) {
     let _ = tokio::time::timeout(CLOSE_LINGER, async {
         while let Ok(incoming) = reader.next(socket).await {
             if matches!(incoming, Incoming::Close(_)) {

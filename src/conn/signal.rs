@@ -1,7 +1,7 @@
 //! A wakeup for one waiting task, a few bytes in size.
 //!
-//! Every connection has three of these (data to write, stop reading, abort
-//! the writer), and an idle connection waits on two of them. A
+//! Every connection has three of these (stop reading, writing finished,
+//! abort the writer), and an idle connection waits on one of them. A
 //! `tokio::sync::Notify` costs about 40 bytes and its `notified()` future
 //! about 70 more, held for as long as the connection idles; this costs an
 //! `AtomicWaker` and a flag, and its wait holds only a reference.
@@ -23,6 +23,11 @@ impl Signal {
     pub fn raise(&self) {
         self.raised.store(true, Ordering::Release);
         self.waker.wake();
+    }
+
+    /// Drops the registered waker, if any: the waiter is gone for good.
+    pub fn forget_waiter(&self) {
+        drop(self.waker.take());
     }
 
     /// Waits for a raise and consumes it. Only one task may wait at a time.

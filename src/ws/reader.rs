@@ -7,8 +7,7 @@
 
 use super::opcode;
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::AsyncReadExt;
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpStream;
 
 /// How much to read at once when a frame starts.
 const READ_CHUNK: usize = 4096;
@@ -74,7 +73,7 @@ impl FrameReader {
     }
 
     /// Reads until a whole frame is there.
-    pub async fn next(&mut self, stream: &mut OwnedReadHalf) -> Result<Incoming, ReadError> {
+    pub async fn next(&mut self, stream: &TcpStream) -> Result<Incoming, ReadError> {
         loop {
             if let Some(incoming) = self.parse()? {
                 return Ok(incoming);
@@ -82,10 +81,7 @@ impl FrameReader {
             if self.buf.is_empty() {
                 self.read_when_idle(stream).await?;
             } else {
-                self.buf.reserve(READ_CHUNK);
-                if stream.read_buf(&mut self.buf).await? == 0 {
-                    return Err(ReadError::Eof);
-                }
+                self.read_more(stream).await?;
             }
         }
     }
@@ -93,16 +89,29 @@ impl FrameReader {
     /// Waits for readiness holding no buffer, then reads what is there.
     /// `poll_read_ready` keeps the waker in the socket's own slot, so the
     /// wait adds nothing to the connection's future.
-    async fn read_when_idle(&mut self, stream: &mut OwnedReadHalf) -> Result<(), ReadError> {
+    async fn read_when_idle(&mut self, stream: &TcpStream) -> Result<(), ReadError> {
         self.buf = BytesMut::new();
+        self.read_into_buf(stream, true).await
+    }
+
+    /// Reads more onto a frame already begun.
+    async fn read_more(&mut self, stream: &TcpStream) -> Result<(), ReadError> {
+        self.read_into_buf(stream, false).await
+    }
+
+    /// Waits until the socket is readable and reads what it holds. With
+    /// `idle`, a wakeup with nothing to read lets the buffer go again.
+    async fn read_into_buf(&mut self, stream: &TcpStream, idle: bool) -> Result<(), ReadError> {
         loop {
-            std::future::poll_fn(|cx| stream.as_ref().poll_read_ready(cx)).await?;
+            std::future::poll_fn(|cx| stream.poll_read_ready(cx)).await?;
             self.buf.reserve(READ_CHUNK);
             match stream.try_read_buf(&mut self.buf) {
                 Ok(0) => return Err(ReadError::Eof),
                 Ok(_) => return Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    self.buf = BytesMut::new();
+                    if idle {
+                        self.buf = BytesMut::new();
+                    }
                 }
                 Err(e) => return Err(e.into()),
             }
