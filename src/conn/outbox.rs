@@ -80,7 +80,8 @@ pub enum AfterWrite {
 
 /// What a writer task found when it came back for more.
 pub enum Next {
-    Write(VecDeque<Bytes>, Phase),
+    /// The batch is in the writer's buffer.
+    Write(Phase),
     /// The queue ran dry: the task ends, and the next pusher flushes.
     Retired,
     Finish,
@@ -207,9 +208,10 @@ impl Outbox {
         self.state.lock().window_end(window).filter(|end| *end > Instant::now())
     }
 
-    /// For the writer task: everything queued, or its retirement when the
-    /// queue is empty.
-    pub fn next_for_writer(&self) -> Next {
+    /// For the writer task: swaps everything queued into `batch` (empty,
+    /// its memory kept from the last batch, so a busy connection queues
+    /// without allocating), or retires the writer when the queue is empty.
+    pub fn next_for_writer(&self, batch: &mut VecDeque<Bytes>) -> Next {
         let mut state = self.state.lock();
         match state.phase {
             Phase::Dead => {
@@ -218,9 +220,14 @@ impl Outbox {
             }
             _ if state.frames.is_empty() => {
                 state.writer = Writer::Nobody;
+                // An idle connection keeps no queue memory.
+                state.frames = VecDeque::new();
                 Next::Retired
             }
-            phase => Next::Write(std::mem::take(&mut state.frames), phase),
+            phase => {
+                std::mem::swap(&mut state.frames, batch);
+                Next::Write(phase)
+            }
         }
     }
 
@@ -280,11 +287,11 @@ mod tests {
         assert_eq!(q.push(frame(3)), Ok(Pushed::Queued));
         assert!(matches!(q.claim(Duration::ZERO), Claim::Nothing));
         assert_eq!(q.release_inline(VecDeque::new(), false), AfterWrite::StartWriter);
-        match q.next_for_writer() {
-            Next::Write(frames, Phase::Open) => assert_eq!(frames, [frame(3)]),
-            _ => panic!("the writer task should get frame 3"),
-        }
-        assert!(matches!(q.next_for_writer(), Next::Retired));
+        let mut batch = VecDeque::new();
+        assert!(matches!(q.next_for_writer(&mut batch), Next::Write(Phase::Open)));
+        assert_eq!(batch, [frame(3)]);
+        batch.clear();
+        assert!(matches!(q.next_for_writer(&mut batch), Next::Retired));
         assert_eq!(q.push(frame(4)), Ok(Pushed::FlushNeeded), "a retired writer leaves the flush to the pusher");
     }
 
@@ -303,10 +310,9 @@ mod tests {
         let _ = written(q.claim(Duration::ZERO));
         let _ = q.push(frame(2));
         assert_eq!(q.release_inline(VecDeque::from([frame(1)]), false), AfterWrite::StartWriter);
-        match q.next_for_writer() {
-            Next::Write(frames, _) => assert_eq!(frames, [frame(1), frame(2)]),
-            _ => panic!("expected a batch"),
-        }
+        let mut batch = VecDeque::new();
+        assert!(matches!(q.next_for_writer(&mut batch), Next::Write(Phase::Open)));
+        assert_eq!(batch, [frame(1), frame(2)]);
     }
 
     #[test]
