@@ -49,7 +49,12 @@ impl ServerState {
 
     /// Milliseconds since the server started: the liveness clock.
     pub fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+        self.uptime().as_millis() as u64
+    }
+
+    /// Time since the server started: the rate limit's clock.
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
     }
 
     pub fn next_connection_id(&self) -> u64 {

@@ -11,6 +11,7 @@ pub mod writer;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
@@ -152,8 +153,8 @@ impl Connection {
         self.expires_at.store(exp, Ordering::Relaxed);
     }
 
-    pub async fn reader_stopped(&self) {
-        self.stop_reading.wait().await;
+    pub fn poll_reader_stopped(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.stop_reading.poll_wait(cx)
     }
 
     pub async fn writing_finished(&self) {

@@ -1,6 +1,6 @@
 //! The per-connection token bucket that limits frames per second.
 
-use std::time::Instant;
+use std::time::Duration;
 
 /// The configured limit: `rate` tokens a second, holding at most `burst`.
 #[derive(Debug, Clone, Copy)]
@@ -9,23 +9,26 @@ pub struct Limit {
     pub burst: u32,
 }
 
-/// One connection's bucket. The limit is passed in rather than stored: every
-/// connection keeps a bucket for as long as it lives.
+/// One connection's bucket. The limit is passed in rather than stored, and
+/// time is the server's uptime in microseconds rather than an `Instant`
+/// (8 bytes, not 16): every connection keeps a bucket for as long as it lives.
 pub struct TokenBucket {
     tokens: f64,
-    refilled: Instant,
+    refilled_us: u64,
 }
 
 impl TokenBucket {
-    pub fn new(limit: Limit, now: Instant) -> Self {
-        Self { tokens: f64::from(limit.burst.max(1)), refilled: now }
+    /// `now` is the server's uptime.
+    pub fn new(limit: Limit, now: Duration) -> Self {
+        Self { tokens: f64::from(limit.burst.max(1)), refilled_us: micros(now) }
     }
 
     /// Takes one token if there is one.
-    pub fn try_take(&mut self, limit: Limit, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+    pub fn try_take(&mut self, limit: Limit, now: Duration) -> bool {
+        let now_us = micros(now);
+        let elapsed = now_us.saturating_sub(self.refilled_us) as f64 / 1e6;
         self.tokens = (self.tokens + elapsed * limit.rate).min(f64::from(limit.burst.max(1)));
-        self.refilled = now;
+        self.refilled_us = now_us;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -35,14 +38,17 @@ impl TokenBucket {
     }
 }
 
+fn micros(uptime: Duration) -> u64 {
+    u64::try_from(uptime.as_micros()).unwrap_or(u64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn burst_then_rate() {
-        let t0 = Instant::now();
+        let t0 = Duration::from_secs(5);
         let limit = Limit { rate: 10.0, burst: 3 };
         let mut b = TokenBucket::new(limit, t0);
         assert!((0..3).all(|_| b.try_take(limit, t0)));

@@ -7,7 +7,8 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::task::Poll;
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -49,6 +50,8 @@ pub fn run(
     claims: Claims,
     room: Option<RoomName>,
 ) -> impl Future<Output = ()> + Send {
+    // Boxed: the future keeps it for as long as it lives (8 bytes, not 16).
+    let room = room.map(Box::new);
     let setup = Setup {
         id: state.next_connection_id(),
         send_queue: state.config.send_queue,
@@ -63,11 +66,11 @@ pub fn run(
     // the buffer go, or every connection keeps kilobytes it never uses.
     let mut reader = FrameReader::new(&early, state.config.max_message_bytes);
     drop(early);
-    let bucket = TokenBucket::new(limit(&state), Instant::now());
+    let bucket = TokenBucket::new(limit(&state), state.uptime());
     let mut session = Session { state, conn, claims, rooms: Vec::new(), bucket, refused_in_a_row: 0 };
     async move {
         if let Some(room) = room {
-            Box::pin(session.join(room, None, None)).await;
+            Box::pin(session.join(*room, None, None)).await;
         }
         session.read_until_closed(&mut reader).await;
         session.end();
@@ -78,16 +81,24 @@ pub fn run(
 impl Session {
     async fn read_until_closed(&mut self, reader: &mut FrameReader) {
         loop {
-            let incoming = tokio::select! {
-                biased;
-                () = self.conn.reader_stopped() => break,
-                incoming = reader.next(self.conn.socket()) => incoming,
+            // One poll function for both waits: the future keeps no state
+            // for them, and every idle connection waits here.
+            let conn = &self.conn;
+            let next = std::future::poll_fn(|cx| {
+                if conn.poll_reader_stopped(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                reader.poll_next(cx, conn.socket()).map(Some)
+            });
+            let Some(incoming) = next.await else {
+                break;
             };
             self.conn.touch(self.state.now_ms());
             match incoming {
-                // Boxed: a request may await Redis or the database, and that
-                // state should not make every idle connection's future larger.
-                Ok(Incoming::Text(text)) => Box::pin(self.on_text(&text)).await,
+                // Boxed, and owning the text: a request may await Redis or
+                // the database, and that state should not make every idle
+                // connection's future larger.
+                Ok(Incoming::Text(text)) => Box::pin(self.on_text(text)).await,
                 Ok(Incoming::Binary) => {
                     if self.admit(None) {
                         self.error(ErrorCode::BadRequest, "binary frames are not supported", None);
@@ -117,10 +128,10 @@ impl Session {
         Box::pin(linger(reader, self.conn.socket())).await;
     }
 
-    async fn on_text(&mut self, text: &[u8]) {
+    async fn on_text(&mut self, text: Bytes) {
         self.state.metrics.frames_in.inc();
         // The reader hands over only valid UTF-8.
-        let text = std::str::from_utf8(text).unwrap_or_default();
+        let text = std::str::from_utf8(&text).unwrap_or_default();
         match parse_request(text) {
             Ok(request) => {
                 if self.admit(request.reference.as_deref()) {
@@ -138,7 +149,7 @@ impl Session {
     /// Applies the token bucket: a refused frame gets `rate_limited`, and a
     /// client that keeps going for a whole burst more is cut with 1008.
     fn admit(&mut self, reference: Option<&str>) -> bool {
-        if self.bucket.try_take(limit(&self.state), Instant::now()) {
+        if self.bucket.try_take(limit(&self.state), self.state.uptime()) {
             self.refused_in_a_row = 0;
             return true;
         }

@@ -6,6 +6,8 @@
 //! read buffer only when bytes are there to read.
 
 use super::opcode;
+use std::task::{ready, Context, Poll};
+
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::net::TcpStream;
 
@@ -74,46 +76,35 @@ impl FrameReader {
 
     /// Reads until a whole frame is there.
     pub async fn next(&mut self, stream: &TcpStream) -> Result<Incoming, ReadError> {
+        std::future::poll_fn(|cx| self.poll_next(cx, stream)).await
+    }
+
+    /// Polls for the next whole frame. A poll function rather than an async
+    /// one: the caller's future holds no state of its own for the wait,
+    /// which every idle connection would carry.
+    ///
+    /// Between frames the buffer is let go and the wait is for readiness
+    /// only: `poll_read_ready` keeps the waker in the socket's own slot.
+    pub fn poll_next(&mut self, cx: &mut Context<'_>, stream: &TcpStream) -> Poll<Result<Incoming, ReadError>> {
         loop {
             if let Some(incoming) = self.parse()? {
-                return Ok(incoming);
+                return Poll::Ready(Ok(incoming));
             }
-            if self.buf.is_empty() {
-                self.read_when_idle(stream).await?;
-            } else {
-                self.read_more(stream).await?;
+            let idle = self.buf.is_empty();
+            if idle {
+                self.buf = BytesMut::new();
             }
-        }
-    }
-
-    /// Waits for readiness holding no buffer, then reads what is there.
-    /// `poll_read_ready` keeps the waker in the socket's own slot, so the
-    /// wait adds nothing to the connection's future.
-    async fn read_when_idle(&mut self, stream: &TcpStream) -> Result<(), ReadError> {
-        self.buf = BytesMut::new();
-        self.read_into_buf(stream, true).await
-    }
-
-    /// Reads more onto a frame already begun.
-    async fn read_more(&mut self, stream: &TcpStream) -> Result<(), ReadError> {
-        self.read_into_buf(stream, false).await
-    }
-
-    /// Waits until the socket is readable and reads what it holds. With
-    /// `idle`, a wakeup with nothing to read lets the buffer go again.
-    async fn read_into_buf(&mut self, stream: &TcpStream, idle: bool) -> Result<(), ReadError> {
-        loop {
-            std::future::poll_fn(|cx| stream.poll_read_ready(cx)).await?;
+            ready!(stream.poll_read_ready(cx))?;
             self.buf.reserve(READ_CHUNK);
             match stream.try_read_buf(&mut self.buf) {
-                Ok(0) => return Err(ReadError::Eof),
-                Ok(_) => return Ok(()),
+                Ok(0) => return Poll::Ready(Err(ReadError::Eof)),
+                Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if idle {
                         self.buf = BytesMut::new();
                     }
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Poll::Ready(Err(e.into())),
             }
         }
     }
