@@ -61,14 +61,16 @@ const DRAIN_EVERY: u64 = 32;
 struct Members {
     conns: Vec<Arc<Connection>>,
     clients: Vec<std::net::TcpStream>,
+    metrics: Arc<Metrics>,
 }
 
 impl Members {
-    fn connect(n: usize, coalesce: Duration) -> Self {
+    fn connect(n: usize, coalesce: Duration, runtime: &tokio::runtime::Runtime) -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let writer = Arc::new(WriterConfig { coalesce, metrics: Arc::new(Metrics::new()) });
-        let mut members = Members { conns: Vec::new(), clients: Vec::new() };
+        let metrics = Arc::new(Metrics::new());
+        let writer = Arc::new(WriterConfig { coalesce, metrics: metrics.clone() });
+        let mut members = Members { conns: Vec::new(), clients: Vec::new(), metrics };
         for id in 0..n as u64 {
             let client = std::net::TcpStream::connect(addr).expect("connect");
             client.set_nonblocking(true).expect("nonblocking");
@@ -85,6 +87,13 @@ impl Members {
             members.conns.push(Arc::new(Connection::new(socket, setup)));
             members.clients.push(client);
         }
+        // A socket counts as writable once the reactor has seen it so;
+        // before that, a write would go to a writer task.
+        runtime.block_on(async {
+            for conn in &members.conns {
+                std::future::poll_fn(|cx| conn.socket().poll_write_ready(cx)).await.expect("writable");
+            }
+        });
         members
     }
 
@@ -117,16 +126,19 @@ fn fanout(c: &mut Criterion) {
         for n in [1usize, 100, 1000] {
             let registry = Registry::new(1000, "bench".into());
             let lobby = room("lobby");
-            let members = Members::connect(n, coalesce);
+            let members = Members::connect(n, coalesce, &runtime);
             for conn in &members.conns {
                 registry.join_local(&lobby, conn, None, None);
             }
-            // In `queued`, the first publish is written and opens every
-            // member's window; the second finds it open and starts writers.
+            let joined_writes = members.metrics.writes.get();
             for _ in 0..2 {
                 let check = registry.publish(&lobby, "alice", TS, BODY);
                 assert_eq!((check.recipients, check.slow_consumers), (n, 0));
             }
+            // `joined` was written and opened the window: in `queued`, the
+            // publishes find it open and only queue.
+            let inline_writes = if mode == "to_sockets" { 2 * n as u64 } else { 0 };
+            assert_eq!(members.metrics.writes.get() - joined_writes, inline_writes, "{mode}: writes by the publisher");
             members.drain();
 
             // Elements are deliveries: criterion's rate is deliveries per second.
