@@ -2,7 +2,7 @@
 //! queued the frame, or from a short-lived writer task.
 //!
 //! A frame for a quiet connection is written by whoever queued it (fanout,
-//! a reply, a ping), with one non-blocking `writev` and no wakeup: on
+//! a reply, a ping), with one non-blocking `sendmsg` and no wakeup: on
 //! loopback a write costs about 6 µs, a task wakeup and poll about one more.
 //! A writer task starts only when the socket is full or the connection
 //! wrote less than a coalescing window ago; it writes at most once a window,
@@ -12,7 +12,10 @@
 //!
 //! A room's fanout flushes its members after the room's lock is released,
 //! spread over the runtime's threads ([`flush_all`]): one thread writing a
-//! thousand sockets would leave the other cores idle.
+//! thousand sockets would leave the other cores idle. (The chunks are
+//! spawned so that other workers can steal them; with fewer than two
+//! spawned chunks tokio keeps the one in its unstealable LIFO slot, and the
+//! fanout measured as slow as with no spreading at all.)
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -28,7 +31,7 @@ use super::outbox::{AfterWrite, Claim, Next, Phase};
 use super::Connection;
 use crate::metrics::Metrics;
 
-/// The most frames handed to one `writev` (Linux allows 1024 iovecs).
+/// The most frames handed to one `sendmsg` (Linux allows 1024 iovecs).
 const MAX_IOVECS: usize = 256;
 
 /// A small write's iovec array.
