@@ -64,7 +64,7 @@ pub struct ServeArgs {
     #[arg(long, env = "CHORUS_SEND_QUEUE", default_value_t = 1024)]
     pub send_queue: usize,
     /// A busy connection writes at most once per this window; frames that arrive meanwhile leave together.
-    #[arg(long, env = "CHORUS_WRITE_COALESCE", default_value = "5ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CHORUS_WRITE_COALESCE", default_value = "10ms", value_parser = humantime::parse_duration)]
     pub write_coalesce: Duration,
     /// Prefix of every Redis key and channel.
     #[arg(long, env = "CHORUS_REDIS_PREFIX", default_value = "chorus")]

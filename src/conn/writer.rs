@@ -7,8 +7,8 @@
 //! A writer task starts only when the socket is full or the connection
 //! wrote less than a coalescing window ago; it writes at most once a window,
 //! everything queued in one `sendmsg`, and ends when the queue runs dry. So
-//! at 1,000 messages a second a 5 ms window makes one write of five frames
-//! instead of five writes, and a slow room pays no latency for it.
+//! at 1,000 messages a second a 10 ms window makes one write of ten frames
+//! instead of ten writes, and a slow room pays no latency for it.
 //!
 //! A room's fanout flushes its members after the room's lock is released,
 //! spread over the runtime's threads ([`flush_all`]): one thread writing a
