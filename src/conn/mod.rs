@@ -75,9 +75,8 @@ impl Connection {
     /// Queues a frame and writes it now if nobody else is writing; a full
     /// queue cuts the connection as a slow consumer (and says `Full`).
     pub fn send(self: &Arc<Self>, frame: Bytes) -> Result<(), PushError> {
-        if self.queue(frame)? == Pushed::FlushNeeded {
-            writer::flush(self);
-        }
+        let pushed = self.queue(frame)?;
+        self.flush_if_owed(Some(pushed));
         Ok(())
     }
 

@@ -178,14 +178,13 @@ impl Outbox {
         Claim::Write(std::mem::take(&mut state.frames), state.phase)
     }
 
-    /// Gives the socket back after an inline write. `unwritten` is what the
-    /// socket did not take, to go out first; `closed` says the batch ended
-    /// with the close frame and all of it was written.
-    pub fn release_inline(&self, unwritten: VecDeque<Bytes>, closed: bool) -> AfterWrite {
+    /// Gives the socket back after an inline write that did not end the
+    /// connection. `unwritten` is what the socket did not take, to go out
+    /// first. Says `Finish` when the connection was killed meanwhile.
+    pub fn release_inline(&self, unwritten: VecDeque<Bytes>) -> AfterWrite {
         let mut state = self.state.lock();
         state.last_write = Some(Instant::now());
-        if closed || state.phase == Phase::Dead {
-            state.phase = Phase::Dead;
+        if state.phase == Phase::Dead {
             state.writer = Writer::Nobody;
             return AfterWrite::Finish;
         }
@@ -236,7 +235,8 @@ impl Outbox {
         self.state.lock().last_write = Some(Instant::now());
     }
 
-    /// The writer task gives up (write error, or the close frame is out).
+    /// Writing is over, for whoever writes: a write failed, or the close
+    /// frame is out.
     pub fn writer_finished(&self) {
         let mut state = self.state.lock();
         state.phase = Phase::Dead;
@@ -286,7 +286,7 @@ mod tests {
         // While the flusher writes, pushes are queued for it.
         assert_eq!(q.push(frame(3)), Ok(Pushed::Queued));
         assert!(matches!(q.claim(Duration::ZERO), Claim::Nothing));
-        assert_eq!(q.release_inline(VecDeque::new(), false), AfterWrite::StartWriter);
+        assert_eq!(q.release_inline(VecDeque::new()), AfterWrite::StartWriter);
         let mut batch = VecDeque::new();
         assert!(matches!(q.next_for_writer(&mut batch), Next::Write(Phase::Open)));
         assert_eq!(batch, [frame(3)]);
@@ -309,7 +309,7 @@ mod tests {
         let _ = q.push(frame(1));
         let _ = written(q.claim(Duration::ZERO));
         let _ = q.push(frame(2));
-        assert_eq!(q.release_inline(VecDeque::from([frame(1)]), false), AfterWrite::StartWriter);
+        assert_eq!(q.release_inline(VecDeque::from([frame(1)])), AfterWrite::StartWriter);
         let mut batch = VecDeque::new();
         assert!(matches!(q.next_for_writer(&mut batch), Next::Write(Phase::Open)));
         assert_eq!(batch, [frame(1), frame(2)]);
@@ -320,7 +320,7 @@ mod tests {
         let q = Outbox::new(4);
         let _ = q.push(frame(1));
         let _ = written(q.claim(Duration::from_secs(60)));
-        assert_eq!(q.release_inline(VecDeque::new(), false), AfterWrite::Done);
+        assert_eq!(q.release_inline(VecDeque::new()), AfterWrite::Done);
         assert_eq!(q.push(frame(2)), Ok(Pushed::FlushNeeded));
         assert!(matches!(q.claim(Duration::from_secs(60)), Claim::StartWriter));
         assert!(q.writer_due(Duration::from_secs(60)).is_some());
@@ -335,8 +335,9 @@ mod tests {
         assert_eq!(q.close(frame(8), false), None);
         assert_eq!(q.push(frame(2)), Err(PushError::Closed));
         assert_eq!(written(q.claim(Duration::ZERO)), (vec![frame(1), frame(9)], Phase::Closing));
-        assert_eq!(q.release_inline(VecDeque::new(), true), AfterWrite::Finish);
+        q.writer_finished();
         assert_eq!(q.phase(), Phase::Dead);
+        assert!(matches!(q.claim(Duration::ZERO), Claim::Nothing), "nothing more is written");
     }
 
     #[test]
@@ -363,6 +364,6 @@ mod tests {
         let _ = busy.push(frame(1));
         let _ = written(busy.claim(Duration::ZERO));
         assert!(!busy.kill(), "the inline writer finishes");
-        assert_eq!(busy.release_inline(VecDeque::new(), false), AfterWrite::Finish);
+        assert_eq!(busy.release_inline(VecDeque::new()), AfterWrite::Finish);
     }
 }

@@ -94,14 +94,14 @@ fn flush_one(conn: &Arc<Connection>) -> usize {
         Claim::Write(frames, phase) => (frames, phase),
     };
     let mut cursor = Cursor::default();
-    let after = match write_until_blocked(&conn.socket, &frames, &mut cursor) {
-        Err(_) => conn.outbox.release_inline(VecDeque::new(), true),
-        Ok(()) => {
-            let closed = phase == Phase::Closing && cursor.index == frames.len();
-            conn.outbox.release_inline(cursor.unwritten(frames), closed)
-        }
-    };
-    match after {
+    let written = write_until_blocked(&conn.socket, &frames, &mut cursor);
+    let close_is_out = phase == Phase::Closing && cursor.index == frames.len();
+    if written.is_err() || close_is_out {
+        conn.outbox.writer_finished();
+        conn.finish();
+        return cursor.index;
+    }
+    match conn.outbox.release_inline(cursor.unwritten(frames)) {
         AfterWrite::Done => {}
         AfterWrite::StartWriter => start_writer(conn),
         AfterWrite::Finish => conn.finish(),
