@@ -1,8 +1,8 @@
 //! The client side of a connection: resolve `ws://` URLs, open the TCP
 //! socket (bound to a spread of loopback source addresses when the server is
 //! local), do the HTTP/1.1 upgrade by hand with the `Authorization: Bearer`
-//! header, and turn the socket into a frame reader (fastwebsockets) plus a
-//! small frame writer that batches several frames into one write.
+//! header, and turn the socket into a frame reader ([`crate::frames`]) plus
+//! a small frame writer that batches several frames into one write.
 //!
 //! The handshake is hand-rolled rather than going through hyper: it is a
 //! single write and a read or two, it lets a refused upgrade (401/403) be
@@ -12,19 +12,17 @@
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use fastwebsockets::{FragmentCollectorRead, OpCode, Role};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use fastwebsockets::OpCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpSocket, TcpStream};
 
-/// Largest frame we accept from the server.
-const MAX_FRAME: usize = 16 << 20;
+use crate::frames::FrameReader;
+
 /// Largest upgrade response head we read.
 const MAX_HEAD: usize = 16 << 10;
 
@@ -197,16 +195,13 @@ pub struct Connector {
     timeout: Duration,
 }
 
-/// The frame reader of a connection.
-pub type Reader = FragmentCollectorRead<Prefixed<OwnedReadHalf>>;
-
 /// The frame writer of a connection, shared by the task that sends and the
 /// reader (which must answer pings and close frames).
 pub type SharedWriter = Arc<tokio::sync::Mutex<Writer>>;
 
 /// An upgraded connection.
 pub struct Conn {
-    pub reader: Reader,
+    pub reader: FrameReader,
     pub writer: SharedWriter,
     /// TCP connect + upgrade until the 101, nanoseconds.
     pub connect_ns: u64,
@@ -244,12 +239,8 @@ impl Connector {
         };
         let connect_ns = start.elapsed().as_nanos() as u64;
         let (rd, wr) = stream.into_split();
-        let (ws_read, _) =
-            fastwebsockets::after_handshake_split(Prefixed::new(prefix, rd), tokio::io::sink(), Role::Client);
-        let mut ws_read = ws_read;
-        ws_read.set_max_message_size(MAX_FRAME);
         Ok(Conn {
-            reader: FragmentCollectorRead::new(ws_read),
+            reader: FrameReader::new(rd, prefix),
             writer: Arc::new(tokio::sync::Mutex::new(Writer::new(wr))),
             connect_ns,
             target: ti,
@@ -360,36 +351,6 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
-}
-
-/// A reader that first yields bytes already read during the handshake.
-pub struct Prefixed<R> {
-    prefix: Vec<u8>,
-    pos: usize,
-    inner: R,
-}
-
-impl<R> Prefixed<R> {
-    pub fn new(prefix: Vec<u8>, inner: R) -> Self {
-        Self { prefix, pos: 0, inner }
-    }
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for Prefixed<R> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.pos < this.prefix.len() {
-            let n = buf.remaining().min(this.prefix.len() - this.pos);
-            buf.put_slice(&this.prefix[this.pos..this.pos + n]);
-            this.pos += n;
-            if this.pos == this.prefix.len() {
-                this.prefix = Vec::new();
-                this.pos = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
 }
 
 /// Client frame writer: frames are masked and appended to a buffer, and

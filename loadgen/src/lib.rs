@@ -14,6 +14,7 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod engine;
+pub mod frames;
 pub mod interrupt;
 pub mod limits;
 pub mod pacer;

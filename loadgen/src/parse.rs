@@ -100,11 +100,12 @@ impl<'a> Scanner<'a> {
         self.eat(b'"')?;
         let start = self.i;
         loop {
-            match *self.b.get(self.i)? {
-                b'"' => break,
-                b'\\' => self.i += 2,
-                _ => self.i += 1,
+            let rest = self.b.get(self.i..)?;
+            self.i += rest.iter().position(|&c| c == b'"' || c == b'\\')?;
+            if self.b[self.i] == b'"' {
+                break;
             }
+            self.i += 2;
         }
         let s = self.b.get(start..self.i)?;
         self.i += 1;
@@ -121,26 +122,34 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    /// A non-negative integer; other numbers are skipped and give None.
+    /// A non-negative integer; other numbers, and integers past `u64`, are
+    /// skipped and give None.
     fn number(&mut self) -> Option<u64> {
         self.ws();
-        let mut v: u64 = 0;
-        let start = self.i;
-        while let Some(c) = self.b.get(self.i) {
-            if c.is_ascii_digit() {
-                v = v.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
-                self.i += 1;
-            } else {
+        let rest = self.b.get(self.i..)?;
+        // One pass without an overflow check per digit (a delivery carries
+        // three 19-digit nanosecond times); only a 20th digit can overflow.
+        let (mut value, mut digits) = (0u64, 0usize);
+        for &c in rest {
+            let digit = c.wrapping_sub(b'0');
+            if digit > 9 {
                 break;
             }
+            value = value.wrapping_mul(10).wrapping_add(u64::from(digit));
+            digits += 1;
         }
-        let integral = self.i > start;
+        let value = if digits < 20 {
+            Some(value)
+        } else {
+            rest[..digits].iter().try_fold(0u64, |v, &c| v.checked_mul(10)?.checked_add(u64::from(c - b'0')))
+        };
+        self.i += digits;
         match self.b.get(self.i) {
             Some(b'.' | b'e' | b'E' | b'-' | b'+') => {
                 self.skip_scalar();
                 None
             }
-            _ if integral => Some(v),
+            _ if digits > 0 => value,
             _ => {
                 self.skip_value();
                 None
@@ -281,6 +290,17 @@ mod tests {
         assert_eq!(f.seq, Some(3));
         let f = parse(br#"{"type":"message","body":"text","seq":4,"room":"q"}"#).unwrap();
         assert_eq!((f.seq, f.room), (Some(4), Some("q")));
+    }
+
+    #[test]
+    fn numbers_past_u64_or_not_integers_give_none_and_are_skipped() {
+        let f = parse(br#"{"type":"message","seq":18446744073709551615,"room":"a"}"#).unwrap();
+        assert_eq!((f.seq, f.room), (Some(u64::MAX), Some("a")));
+        for seq in ["18446744073709551616", "123456789012345678901234", "1.5", "2e3", "-1", "null"] {
+            let frame = format!(r#"{{"type":"message","seq":{seq},"room":"b"}}"#);
+            let f = parse(frame.as_bytes()).unwrap();
+            assert_eq!((f.seq, f.room), (None, Some("b")), "seq {seq}");
+        }
     }
 
     #[test]

@@ -9,12 +9,13 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use fastwebsockets::{Frame, OpCode, WebSocketError};
+use fastwebsockets::OpCode;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 
-use crate::client::{Conn, Reader, SharedWriter};
+use crate::client::{Conn, SharedWriter};
 use crate::clock::Clock;
+use crate::frames::{Frame, FrameReader, ReadError};
 use crate::pacer::Schedule;
 use crate::parse::{parse, ServerFrame};
 use crate::stats::{SeqCheck, SeqTrack, Stats};
@@ -120,42 +121,57 @@ struct ReaderState {
     send: Option<Arc<SendSpec>>,
 }
 
-async fn read_loop(mut reader: Reader, writer: SharedWriter, mut st: ReaderState, sh: Arc<Shared>) {
+async fn read_loop(mut reader: FrameReader, writer: SharedWriter, mut st: ReaderState, sh: Arc<Shared>) {
     let end = match send_joins(&writer, &st, &sh).await {
         Err(e) => format!("io: {:?}", e.kind()),
-        Ok(()) => {
-            let w = writer.clone();
-            // Pongs and the close echo go out through the shared writer.
-            let mut send_fn = move |frame: Frame<'_>| {
-                let w = w.clone();
-                let op = frame.opcode;
-                let data = frame.payload.to_vec();
-                async move {
-                    let mut g = w.lock().await;
-                    if g.is_closed() {
-                        return Ok::<(), io::Error>(());
-                    }
-                    g.push(op, &data);
-                    let r = g.flush().await;
-                    if op == OpCode::Close {
-                        g.set_closed();
-                    }
-                    r
-                }
-            };
-            loop {
-                match reader.read_frame(&mut send_fn).await {
-                    Ok(frame) => match frame.opcode {
-                        OpCode::Text => st.on_text(&frame.payload, &sh),
-                        OpCode::Close => break close_key(&frame.payload),
-                        _ => {}
-                    },
-                    Err(e) => break error_key(&e),
-                }
-            }
-        }
+        Ok(()) => read_frames(&mut reader, &writer, &mut st, &sh).await,
     };
     st.on_end(&end, &sh);
+}
+
+/// Reads until the connection ends; returns how it ended. Every frame of
+/// one read gets the same receive time: they arrived together.
+async fn read_frames(reader: &mut FrameReader, writer: &SharedWriter, st: &mut ReaderState, sh: &Shared) -> String {
+    let mut now = sh.clock.now_ns();
+    loop {
+        loop {
+            match reader.next_frame() {
+                Ok(Some(Frame::Text(payload))) => st.on_text(payload, now, sh),
+                Ok(Some(Frame::Ping(payload))) => {
+                    let payload = payload.to_vec();
+                    // A failed pong shows up as the read's error.
+                    let _ = send_control(writer, OpCode::Pong, &payload).await;
+                }
+                Ok(Some(Frame::Close(payload))) => {
+                    let end = close_key(payload);
+                    let echo = payload.get(..2).map(<[u8]>::to_vec).unwrap_or_default();
+                    let _ = send_control(writer, OpCode::Close, &echo).await;
+                    return end;
+                }
+                Ok(Some(Frame::Binary(_) | Frame::Pong)) => {}
+                Ok(None) => break,
+                Err(e) => return error_key(&e),
+            }
+        }
+        if let Err(e) = reader.fill().await {
+            return error_key(&e);
+        }
+        now = sh.clock.now_ns();
+    }
+}
+
+/// Answers a ping, or echoes the server's close (then nothing more is sent).
+async fn send_control(writer: &SharedWriter, op: OpCode, payload: &[u8]) -> io::Result<()> {
+    let mut w = writer.lock().await;
+    if w.is_closed() {
+        return Ok(());
+    }
+    w.push(op, payload);
+    let r = w.flush().await;
+    if op == OpCode::Close {
+        w.set_closed();
+    }
+    r
 }
 
 async fn send_joins(writer: &SharedWriter, st: &ReaderState, sh: &Shared) -> io::Result<()> {
@@ -184,18 +200,17 @@ fn close_key(payload: &[u8]) -> String {
     }
 }
 
-fn error_key(e: &WebSocketError) -> String {
+fn error_key(e: &ReadError) -> String {
     match e {
-        WebSocketError::UnexpectedEOF => "eof without close frame".to_string(),
-        WebSocketError::IoError(io) => format!("io: {:?}", io.kind()),
-        WebSocketError::ConnectionClosed => "closed".to_string(),
-        other => format!("protocol: {other}"),
+        ReadError::Eof => "eof without close frame".to_string(),
+        ReadError::Io(io) => format!("io: {:?}", io.kind()),
+        ReadError::Protocol(what) => format!("protocol: {what}"),
     }
 }
 
 impl ReaderState {
-    fn on_text(&mut self, payload: &[u8], sh: &Shared) {
-        let now = sh.clock.now_ns();
+    /// A text frame received at `now` (Unix ns).
+    fn on_text(&mut self, payload: &[u8], now: u64, sh: &Shared) {
         let Some(f) = parse(payload) else {
             sh.stats
                 .issues()
@@ -448,18 +463,18 @@ mod tests {
         let sh = Shared::new(Stats::new(2, 1).unwrap(), Clock::new(), vec!["a".into(), "b".into()]);
         sh.stats.counting.store(true, Ordering::SeqCst);
         let mut st = state(&sh, vec![0, 1], None);
-        st.on_text(br#"{"type":"joined","room":"a","seq":10,"epoch":"e"}"#, &sh);
-        st.on_text(br#"{"type":"error","code":"forbidden","message":"no"}"#, &sh);
+        st.on_text(br#"{"type":"joined","room":"a","seq":10,"epoch":"e"}"#, sh.clock.now_ns(), &sh);
+        st.on_text(br#"{"type":"error","code":"forbidden","message":"no"}"#, sh.clock.now_ns(), &sh);
         assert_eq!(st.pending, 0);
         assert_eq!(sh.stats.join_pending.load(Ordering::SeqCst), 0);
         assert_eq!(sh.stats.joined.load(Ordering::SeqCst), 1);
         assert_eq!(sh.stats.join_failed.load(Ordering::SeqCst), 1);
         assert_eq!(sh.stats.issues().join.0["forbidden"].0, 1);
         for (seq, k) in [(11, 0), (12, 1), (15, 2), (15, 2), (13, 3), (16, 4)] {
-            st.on_text(&msg("a", seq, k), &sh);
+            st.on_text(&msg("a", seq, k), sh.clock.now_ns(), &sh);
         }
-        st.on_text(&msg("zzz", 1, 5), &sh);
-        st.on_text(br#"{"type":"message","room":"a","seq":17,"body":"hello"}"#, &sh);
+        st.on_text(&msg("zzz", 1, 5), sh.clock.now_ns(), &sh);
+        st.on_text(br#"{"type":"message","room":"a","seq":17,"body":"hello"}"#, sh.clock.now_ns(), &sh);
         let m = sh.stats.merged();
         assert_eq!((m.gaps, m.gap_seqs, m.duplicates, m.reorders), (1, 2, 1, 1));
         // 11, 12, 15, 13, 16 delivered; the duplicate 15 is not.
@@ -480,10 +495,14 @@ mod tests {
         let send =
             SendSpec { rooms: vec![0, 1], schedule: Schedule { offset_ns: 0, interval_ns: 1000.0 }, payload: 10 };
         let mut st = state(&sh, vec![], Some(send));
-        st.on_text(br#"{"type":"ack","ref":"0","room":"a","seq":1}"#, &sh);
-        st.on_text(br#"{"type":"ack","ref":"1","room":"b","seq":1}"#, &sh);
-        st.on_text(br#"{"type":"ack","ref":"3","room":"b","seq":2}"#, &sh);
-        st.on_text(br#"{"type":"error","code":"rate_limited","message":"slow down","ref":"2"}"#, &sh);
+        st.on_text(br#"{"type":"ack","ref":"0","room":"a","seq":1}"#, sh.clock.now_ns(), &sh);
+        st.on_text(br#"{"type":"ack","ref":"1","room":"b","seq":1}"#, sh.clock.now_ns(), &sh);
+        st.on_text(br#"{"type":"ack","ref":"3","room":"b","seq":2}"#, sh.clock.now_ns(), &sh);
+        st.on_text(
+            br#"{"type":"error","code":"rate_limited","message":"slow down","ref":"2"}"#,
+            sh.clock.now_ns(),
+            &sh,
+        );
         assert_eq!(sh.stats.acked.load(Ordering::SeqCst), 3);
         assert_eq!(sh.stats.acked_room[1].load(Ordering::SeqCst), 2);
         assert_eq!(sh.stats.issues().errors.0["rate_limited"].0, 1);
