@@ -14,7 +14,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
 use chorus::auth::{Expectations, NewToken, Verifier};
-use chorus::conn::{Connection, Setup, WriterConfig};
+use chorus::conn::{Coalescing, Connection, Setup, WriterConfig};
 use chorus::metrics::Metrics;
 use chorus::protocol::{outbound, parse_request};
 use chorus::registry::Registry;
@@ -69,7 +69,7 @@ impl Members {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         let metrics = Arc::new(Metrics::new());
-        let writer = Arc::new(WriterConfig { coalesce, metrics: metrics.clone() });
+        let writer = Arc::new(WriterConfig { coalescing: Coalescing::new(coalesce, 0.0), metrics: metrics.clone() });
         let mut members = Members { conns: Vec::new(), clients: Vec::new(), metrics };
         for id in 0..n as u64 {
             let client = std::net::TcpStream::connect(addr).expect("connect");

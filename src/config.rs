@@ -63,9 +63,12 @@ pub struct ServeArgs {
     /// Frames queued per connection before it counts as a slow consumer (closed with 1013).
     #[arg(long, env = "CHORUS_SEND_QUEUE", default_value_t = 1024)]
     pub send_queue: usize,
-    /// A busy connection writes at most once per this window; frames that arrive meanwhile leave together.
+    /// While the server is busy, a busy connection writes at most once per this window; frames that arrive meanwhile leave together.
     #[arg(long, env = "CHORUS_WRITE_COALESCE", default_value = "10ms", value_parser = humantime::parse_duration)]
     pub write_coalesce: Duration,
+    /// The window applies once the worker threads are busy this fraction of the time, until they fall under half of it; 0 applies it always.
+    #[arg(long, env = "CHORUS_WRITE_COALESCE_LOAD", default_value_t = 0.4)]
+    pub write_coalesce_load: f64,
     /// Prefix of every Redis key and channel.
     #[arg(long, env = "CHORUS_REDIS_PREFIX", default_value = "chorus")]
     pub redis_prefix: String,
@@ -118,6 +121,7 @@ pub struct Config {
     pub burst: u32,
     pub send_queue: usize,
     pub write_coalesce: Duration,
+    pub write_coalesce_load: f64,
     pub redis_url: Option<String>,
     pub redis_prefix: String,
     pub database_url: Option<String>,
@@ -155,6 +159,7 @@ impl Config {
             burst: args.burst,
             send_queue: args.send_queue,
             write_coalesce: args.write_coalesce,
+            write_coalesce_load: args.write_coalesce_load,
             redis_url: args.redis_url,
             redis_prefix: args.redis_prefix,
             database_url: args.database_url,
@@ -181,6 +186,9 @@ fn check_limits(args: &ServeArgs) -> Result<(), ConfigError> {
     }
     if !(args.rate.is_finite() && args.rate > 0.0) || args.burst == 0 {
         return invalid("--rate and --burst must be above zero");
+    }
+    if !(0.0..=1.0).contains(&args.write_coalesce_load) {
+        return invalid("--write-coalesce-load must be between 0 and 1");
     }
     if args.redis_prefix.is_empty() || args.redis_prefix.contains(|c: char| c.is_whitespace() || c == '{') {
         return invalid("--redis-prefix must be non-empty, without spaces or braces");
@@ -210,4 +218,35 @@ fn random_secret() -> String {
     use base64::Engine;
     let bytes: [u8; 32] = rand::random();
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn config(args: &[&str]) -> Result<Config, ConfigError> {
+        let cli = Cli::try_parse_from(std::iter::once("chorus").chain(args.iter().copied())).expect("parses");
+        Config::from_args(cli.serve)
+    }
+
+    #[test]
+    fn the_coalescing_load_is_a_fraction() {
+        let c = config(&["--jwt-secret", "s"]).unwrap();
+        assert_eq!((c.write_coalesce, c.write_coalesce_load), (Duration::from_millis(10), 0.4));
+        let c = config(&["--jwt-secret", "s", "--write-coalesce", "5ms", "--write-coalesce-load", "0"]).unwrap();
+        assert_eq!((c.write_coalesce, c.write_coalesce_load), (Duration::from_millis(5), 0.0));
+        for bad in ["1.5", "-0.1", "NaN"] {
+            let arg = format!("--write-coalesce-load={bad}");
+            let err = config(&["--jwt-secret", "s", &arg]).err().expect(bad);
+            assert!(err.to_string().contains("--write-coalesce-load"), "{bad}: {err}");
+        }
+    }
 }

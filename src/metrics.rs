@@ -4,6 +4,7 @@
 //! one process, as in tests, keep their figures apart. Hot-path updates are
 //! single atomic adds; fanout adds once per message, not once per member.
 
+use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
 use prometheus_client::encoding::text::encode;
@@ -24,6 +25,10 @@ pub struct Metrics {
     pub frames_out: Counter,
     /// Socket writes: frames_out / writes is how many frames a write carries.
     pub writes: Counter,
+    /// Fraction of the last sample period the runtime's workers were busy.
+    pub runtime_busy_ratio: Gauge<f64, AtomicU64>,
+    /// The coalescing window in force (zero while the server is not busy).
+    pub write_window_seconds: Gauge<f64, AtomicU64>,
     pub messages_published: Counter,
     pub deliveries: Counter,
     pub slow_consumers: Counter,
@@ -52,6 +57,8 @@ impl Metrics {
         let frames_in = Counter::default();
         let frames_out = Counter::default();
         let writes = Counter::default();
+        let runtime_busy_ratio = Gauge::<f64, AtomicU64>::default();
+        let write_window_seconds = Gauge::<f64, AtomicU64>::default();
         let messages_published = Counter::default();
         let deliveries = Counter::default();
         let slow_consumers = Counter::default();
@@ -65,6 +72,16 @@ impl Metrics {
         registry.register("frames_in", "WebSocket data frames received", frames_in.clone());
         registry.register("frames_out", "WebSocket frames written", frames_out.clone());
         registry.register("writes", "Socket writes (each may carry many frames)", writes.clone());
+        registry.register(
+            "runtime_busy_ratio",
+            "Fraction of the last 100 ms the worker threads were busy",
+            runtime_busy_ratio.clone(),
+        );
+        registry.register(
+            "write_window_seconds",
+            "Coalescing window in force (zero while the server is not busy)",
+            write_window_seconds.clone(),
+        );
         registry.register("messages_published", "Messages given a seq", messages_published.clone());
         registry.register("deliveries", "Message frames queued to members", deliveries.clone());
         registry.register("slow_consumers", "Connections cut with 1013", slow_consumers.clone());
@@ -103,6 +120,8 @@ impl Metrics {
             frames_in,
             frames_out,
             writes,
+            runtime_busy_ratio,
+            write_window_seconds,
             messages_published,
             deliveries,
             slow_consumers,

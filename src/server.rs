@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::redis::{RedisBus, RedisSettings};
 use crate::bus::{fresh_epoch, local, Bus, Persistence};
 use crate::config::Config;
+use crate::conn::coalesce;
 use crate::history::writer::WriteBehind;
 use crate::history::Database;
 use crate::metrics::Metrics;
@@ -42,6 +43,8 @@ impl Server {
         let state = Arc::new(build_state(config).await?);
         let accept = tokio::spawn(accept_loop(state.clone(), listener));
         let sweep = tokio::spawn(liveness::run(state.clone()));
+        // Ends by itself at shutdown.
+        tokio::spawn(coalesce::run(state.writer.clone(), state.shutdown.clone()));
         if let Some(ttl) = state.config.history_ttl {
             // Ends by itself at shutdown; nothing waits for it.
             tokio::spawn(eviction::run(state.clone(), ttl));

@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::bus::Bus;
 use crate::config::Config;
-use crate::conn::{Connection, WriterConfig};
+use crate::conn::{Coalescing, Connection, WriterConfig};
 use crate::metrics::Metrics;
 
 pub struct ServerState {
@@ -33,7 +33,8 @@ pub struct ServerState {
 
 impl ServerState {
     pub fn new(config: Config, bus: Bus, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Self {
-        let writer = Arc::new(WriterConfig { coalesce: config.write_coalesce, metrics: metrics.clone() });
+        let coalescing = Coalescing::new(config.write_coalesce, config.write_coalesce_load);
+        let writer = Arc::new(WriterConfig { coalescing, metrics: metrics.clone() });
         Self {
             config,
             bus,

@@ -2,6 +2,7 @@
 //! shutdown hold ([`Connection`]). It owns the socket: the session reads
 //! from it, and whoever flushes the outgoing queue writes to it.
 
+pub mod coalesce;
 pub mod outbox;
 pub mod rate;
 pub mod session;
@@ -17,6 +18,7 @@ use bytes::Bytes;
 use tokio::net::TcpStream;
 
 use crate::ws;
+pub use coalesce::Coalescing;
 use outbox::{Outbox, PushError, Pushed};
 use signal::Signal;
 pub use writer::{flush_all, WriterConfig};

@@ -20,13 +20,13 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::runtime::{Handle, RuntimeFlavor};
 
+use super::coalesce::Coalescing;
 use super::outbox::{AfterWrite, Claim, Next, Phase};
 use super::Connection;
 use crate::metrics::Metrics;
@@ -42,8 +42,9 @@ const FLUSH_CHUNK: usize = 64;
 
 /// What every connection's writing shares.
 pub struct WriterConfig {
-    /// At most one write per connection per window while frames keep coming.
-    pub coalesce: Duration,
+    /// At most one write per connection per window while frames keep
+    /// coming, and the server is busy.
+    pub coalescing: Coalescing,
     pub metrics: Arc<Metrics>,
 }
 
@@ -85,7 +86,7 @@ fn flush_many(conns: &[Arc<Connection>]) {
 
 /// The inline flush of one connection; returns how many frames went out.
 fn flush_one(conn: &Arc<Connection>) -> usize {
-    let (frames, phase) = match conn.outbox.claim(conn.writer.coalesce) {
+    let (frames, phase) = match conn.outbox.claim(conn.writer.coalescing.window()) {
         Claim::Nothing => return 0,
         Claim::StartWriter => {
             start_writer(conn);
@@ -119,7 +120,7 @@ fn start_writer(conn: &Arc<Connection>) {
 async fn run_writer(conn: Arc<Connection>) {
     let mut batch = VecDeque::new();
     loop {
-        if let Some(due) = conn.outbox.writer_due(conn.writer.coalesce) {
+        if let Some(due) = conn.outbox.writer_due(conn.writer.coalescing.window()) {
             tokio::time::sleep_until(due.into()).await;
         }
         let phase = match conn.outbox.next_for_writer(&mut batch) {
@@ -237,7 +238,8 @@ mod tests {
         let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         peer.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let (socket, _) = listener.accept().await.unwrap();
-        let writer = Arc::new(WriterConfig { coalesce, metrics: Arc::new(Metrics::new()) });
+        let writer =
+            Arc::new(WriterConfig { coalescing: Coalescing::new(coalesce, 0.0), metrics: Arc::new(Metrics::new()) });
         let setup = Setup { id: 1, send_queue, expires_at: u64::MAX, now_ms: 0, writer };
         (Arc::new(Connection::new(socket, setup)), peer)
     }
