@@ -35,6 +35,10 @@ const SEND_LEAD: Duration = Duration::from_millis(20);
 /// Run the scenario of `cli` and return its figures. Fails when the run
 /// could not be done at all (bad options, nothing to connect to, every
 /// connection or join refused).
+/// Shortest phase whose CPU share is reported: CPU time comes in 10 ms
+/// ticks, so over a few milliseconds one tick reads as hundreds of percent.
+pub const MIN_PHASE_FOR_PERCENT: f64 = 0.5;
+
 pub async fn run(cli: Cli) -> Result<Summary> {
     let common = &cli.common;
     let clock = Clock::new();
@@ -239,7 +243,7 @@ pub async fn run(cli: Cli) -> Result<Summary> {
         threads: common.threads,
         cpu_s_connect: self_cpu_connect,
         cpu_s: self_cpu,
-        cpu_percent: if phase_secs > 0.0 { self_cpu * 100.0 / phase_secs } else { 0.0 },
+        cpu_percent: if phase_secs >= MIN_PHASE_FOR_PERCENT { self_cpu * 100.0 / phase_secs } else { 0.0 },
         rss_bytes: proc::rss_bytes("self").unwrap_or(0),
         open_files_limit: fd_limit,
     };

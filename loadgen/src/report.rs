@@ -92,14 +92,18 @@ pub fn table(s: &Summary) -> String {
         let _ = writeln!(o, "{:<13} pid {}: {}", "server", pids.join(","), parts.join(", "));
     }
     let l = &s.loadgen;
+    let phase = if s.phases.send_s > 0.0 { "send" } else { "hold" };
+    let share = if s.phases.send_s.max(s.phases.hold_s) >= crate::engine::MIN_PHASE_FOR_PERCENT {
+        format!("{:.0}% of a core, ", l.cpu_percent)
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         o,
-        "{:<13} cpu {:.2} s connecting, {:.2} s in the {} phase ({:.0}% of a core, {} threads), rss {}",
+        "{:<13} cpu {:.2} s connecting, {:.2} s in the {phase} phase ({share}{} threads), rss {}",
         "loadgen",
         l.cpu_s_connect,
         l.cpu_s,
-        if s.phases.send_s > 0.0 { "send" } else { "hold" },
-        l.cpu_percent,
         l.threads,
         bytes(l.rss_bytes as f64)
     );
