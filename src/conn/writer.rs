@@ -34,8 +34,13 @@ use crate::metrics::Metrics;
 /// The most frames handed to one `sendmsg` (Linux allows 1024 iovecs).
 const MAX_IOVECS: usize = 256;
 
-/// A small write's iovec array.
+/// A small write's iovec array: a quiet connection's one frame, a few
+/// replies.
 const FEW_IOVECS: usize = 8;
+
+/// A coalesced write's: about ten frames per 10 ms window at 1,000
+/// messages a second.
+const SOME_IOVECS: usize = 32;
 
 /// Members one thread flushes before the rest are handed to other threads.
 const FLUSH_CHUNK: usize = 64;
@@ -191,11 +196,12 @@ fn write_until_blocked(socket: &TcpStream, frames: &VecDeque<Bytes>, cursor: &mu
 /// skips the file-position lock and the VFS layer, measured 0.4 µs (7%)
 /// cheaper per write on loopback.
 fn write_some(socket: &TcpStream, frames: &VecDeque<Bytes>, cursor: &mut Cursor) -> io::Result<()> {
-    // Most writes carry a few frames: spare them a 4 KiB iovec array.
-    if frames.len() - cursor.index <= FEW_IOVECS {
-        send_from::<FEW_IOVECS>(socket, frames, cursor)
-    } else {
-        send_from::<MAX_IOVECS>(socket, frames, cursor)
+    // Most writes carry a few frames: spare them zeroing a 4 KiB iovec
+    // array (at 100,000 writes a second that alone is 400 MB/s of memset).
+    match frames.len() - cursor.index {
+        n if n <= FEW_IOVECS => send_from::<FEW_IOVECS>(socket, frames, cursor),
+        n if n <= SOME_IOVECS => send_from::<SOME_IOVECS>(socket, frames, cursor),
+        _ => send_from::<MAX_IOVECS>(socket, frames, cursor),
     }
 }
 
@@ -300,6 +306,23 @@ mod tests {
         let rest = tokio::task::spawn_blocking(move || read_exactly(&mut peer, 2));
         assert_eq!(rest.await.unwrap(), b"bc");
         assert_eq!(conn.writer.metrics.writes.get(), 2, "b and c went out in one write");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn batches_of_any_size_go_out_whole_and_in_order() {
+        let (conn, mut peer) = pair(8, Duration::ZERO).await;
+        // Both sides of each iovec array size, and past the largest.
+        let batches: Vec<VecDeque<Bytes>> = [1, 8, 9, 32, 33, 256, 257, 600]
+            .into_iter()
+            .map(|n| (0..n).map(|i| Bytes::from(format!("{n}:{i};"))).collect())
+            .collect();
+        let expected: Vec<u8> = batches.iter().flatten().flat_map(|frame| frame.to_vec()).collect();
+        let len = expected.len();
+        let reader = tokio::task::spawn_blocking(move || read_exactly(&mut peer, len));
+        for batch in &batches {
+            write_all(&conn.socket, batch).await.unwrap();
+        }
+        assert_eq!(reader.await.unwrap(), expected);
     }
 
     #[tokio::test(flavor = "current_thread")]
