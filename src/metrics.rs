@@ -27,7 +27,7 @@ pub struct Metrics {
     pub writes: Counter,
     /// Fraction of the last sample period the runtime's workers were busy.
     pub runtime_busy_ratio: Gauge<f64, AtomicU64>,
-    /// The coalescing window in force (zero while the server is not busy).
+    /// The coalescing window in force (the full one only while the server is busy).
     pub write_window_seconds: Gauge<f64, AtomicU64>,
     pub messages_published: Counter,
     pub deliveries: Counter,
@@ -79,7 +79,7 @@ impl Metrics {
         );
         registry.register(
             "write_window_seconds",
-            "Coalescing window in force (zero while the server is not busy)",
+            "Coalescing window in force (the full one only while the server is busy)",
             write_window_seconds.clone(),
         );
         registry.register("messages_published", "Messages given a seq", messages_published.clone());

@@ -8,7 +8,8 @@
 //! wrote less than a coalescing window ago; it writes at most once a window,
 //! everything queued in one `sendmsg`, and ends when the queue runs dry. So
 //! at 1,000 messages a second a 10 ms window makes one write of ten frames
-//! instead of ten writes, and a slow room pays no latency for it.
+//! instead of ten writes, and a slow room pays no latency for it. (The
+//! full window applies only while the server is busy: [`super::coalesce`].)
 //!
 //! A room's fanout flushes its members after the room's lock is released,
 //! spread over the runtime's threads ([`flush_all`]): one thread writing a
