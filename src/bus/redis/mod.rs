@@ -6,7 +6,7 @@
 //! PUBLISHes it, atomically, so every node receives each room's messages in
 //! `seq` order. Concurrent publishes share the multiplexed connection and are
 //! pipelined: none waits for another to come back. With a database, the same
-//! script queues the message for it (see [`persist`]), and history and
+//! script queues the message for it (see its `persist` module), and history and
 //! recovery reach back past what Redis holds.
 
 mod acks;
