@@ -112,6 +112,24 @@ impl Members {
     }
 }
 
+/// Times `iters` calls of `run`; after every `every` of them, `drain`
+/// (untimed) empties the sockets and queues they filled.
+fn timed_between_drains(iters: u64, every: u64, mut run: impl FnMut(), drain: impl Fn()) -> Duration {
+    let mut timed = Duration::ZERO;
+    let mut done = 0;
+    while done < iters {
+        let batch = (iters - done).min(every);
+        let started = Instant::now();
+        for _ in 0..batch {
+            run();
+        }
+        timed += started.elapsed();
+        drain();
+        done += batch;
+    }
+    timed
+}
+
 /// `fanout/to_sockets/N`: a publish to N members whose connections are
 /// quiet, so the publisher writes each member's socket itself (one
 /// `writev` per member, the kernel's loopback TCP path included).
@@ -146,19 +164,12 @@ fn fanout(c: &mut Criterion) {
             group.throughput(Throughput::Elements(n as u64));
             group.bench_function(BenchmarkId::new(mode, n), |b| {
                 b.iter_custom(|iters| {
-                    let mut timed = Duration::ZERO;
-                    let mut done = 0;
-                    while done < iters {
-                        let batch = (iters - done).min(DRAIN_EVERY);
-                        let started = Instant::now();
-                        for _ in 0..batch {
-                            black_box(registry.publish(&lobby, "alice", TS, black_box(BODY)));
-                        }
-                        timed += started.elapsed();
-                        members.drain();
-                        done += batch;
-                    }
-                    timed
+                    timed_between_drains(
+                        iters,
+                        DRAIN_EVERY,
+                        || drop(black_box(registry.publish(&lobby, "alice", TS, black_box(BODY)))),
+                        || members.drain(),
+                    )
                 });
             });
             let last = registry.publish(&lobby, "alice", TS, BODY);
@@ -194,21 +205,7 @@ fn coalesced_write(c: &mut Criterion) {
         members.drain();
         group.throughput(Throughput::Elements(k));
         group.bench_function(BenchmarkId::new("coalesced", k), |b| {
-            b.iter_custom(|iters| {
-                let mut timed = Duration::ZERO;
-                let mut done = 0;
-                while done < iters {
-                    let batch = (iters - done).min(drain_every);
-                    let started = Instant::now();
-                    for _ in 0..batch {
-                        write();
-                    }
-                    timed += started.elapsed();
-                    members.drain();
-                    done += batch;
-                }
-                timed
-            });
+            b.iter_custom(|iters| timed_between_drains(iters, drain_every, write, || members.drain()));
         });
     }
     group.finish();
