@@ -60,13 +60,8 @@ impl Coalescing {
         }
     }
 
-    /// Whether the window depends on the load at all.
-    pub fn adapts(&self) -> bool {
-        !self.busy_window.is_zero() && self.open_at > 0.0
-    }
-
     /// Takes the busy fraction of the last period; returns whether the
-    /// window is open now.
+    /// full window applies now (always, with a threshold of 0).
     pub fn observe(&self, busy: f64) -> bool {
         let was_open = self.open.load(Ordering::Relaxed);
         let open = if was_open { busy >= self.open_at / 2.0 } else { busy >= self.open_at };
@@ -93,9 +88,7 @@ pub async fn run(writer: Arc<WriterConfig>, shutdown: CancellationToken) {
         let capacity = now.duration_since(last_at).as_secs_f64() * runtime.num_workers() as f64;
         let fraction = if capacity > 0.0 { busy.saturating_sub(last_busy).as_secs_f64() / capacity } else { 0.0 };
         (last_at, last_busy) = (now, busy);
-        if coalescing.adapts() {
-            coalescing.observe(fraction);
-        }
+        coalescing.observe(fraction);
         metrics.runtime_busy_ratio.set(fraction);
         metrics.write_window_seconds.set(coalescing.window().as_secs_f64());
     }
@@ -120,8 +113,7 @@ mod tests {
     }
 
     /// The sampler opens the full window while the workers are kept busy
-    /// and closes it once they idle. (Polled without a deadline short
-    /// enough to be flaky: each state is waited for up to 20 s.)
+    /// and closes it once they idle.
     #[test]
     fn the_sampler_follows_the_workers_busy_time() {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -143,33 +135,36 @@ mod tests {
                     }
                 });
             }
-            let window_becomes = |want: Duration| {
-                let writer = writer.clone();
-                async move {
-                    for _ in 0..2000 {
-                        if writer.coalescing.window() == want {
-                            return;
-                        }
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                    panic!("the window never became {want:?}");
-                }
-            };
-            window_becomes(Duration::from_millis(10)).await;
-            assert!(writer.metrics.render().contains("chorus_write_window_seconds 0.01"));
+            let exported =
+                |seconds: &str| writer.metrics.render().contains(&format!("write_window_seconds {seconds}\n"));
+            eventually("the full window opens", || writer.coalescing.window() == Duration::from_millis(10)).await;
+            eventually("the full window is exported", || exported("0.01")).await;
             busy.store(false, Ordering::Relaxed);
-            window_becomes(Duration::from_millis(2)).await;
+            eventually("the light window is back", || writer.coalescing.window() == Duration::from_millis(2)).await;
+            eventually("the light window is exported", || exported("0.002")).await;
             shutdown.cancel();
         });
+    }
+
+    /// Waits up to 20 s for `done`: no deadline short enough to be flaky.
+    async fn eventually(what: &str, done: impl Fn() -> bool) {
+        for _ in 0..2000 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("never: {what}");
     }
 
     #[test]
     fn a_zero_load_threshold_keeps_the_window_open() {
         let c = Coalescing::new(Duration::from_millis(10), 0.0);
-        assert!(!c.adapts());
+        assert_eq!(c.window(), Duration::from_millis(10));
+        assert!(c.observe(0.0));
         assert_eq!(c.window(), Duration::from_millis(10));
         let never = Coalescing::new(Duration::ZERO, 0.4);
-        assert!(!never.adapts());
+        never.observe(1.0);
         assert_eq!(never.window(), Duration::ZERO);
     }
 }
