@@ -132,7 +132,7 @@ fn timed_between_drains(iters: u64, every: u64, mut run: impl FnMut(), drain: im
 
 /// `fanout/to_sockets/N`: a publish to N members whose connections are
 /// quiet, so the publisher writes each member's socket itself (one
-/// `writev` per member, the kernel's loopback TCP path included).
+/// `sendmsg` per member, the kernel's loopback TCP path included).
 /// `fanout/queued/N`: the same with every member's writer busy (a room
 /// under load), so a publish only queues: the part under the room's lock.
 fn fanout(c: &mut Criterion) {

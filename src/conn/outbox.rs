@@ -8,7 +8,7 @@
 //! from its own thread, or, when the socket is full or the connection wrote
 //! less than a coalescing window ago, hands the queue to a writer task that
 //! lives only until the queue runs dry. So a message to a quiet connection
-//! costs one `writev` and no wakeup, an idle connection holds no task, and a
+//! costs one `sendmsg` and no wakeup, an idle connection holds no task, and a
 //! busy one keeps a single task that writes everything queued once a window.
 
 use std::collections::VecDeque;

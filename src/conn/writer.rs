@@ -180,7 +180,7 @@ async fn write_all(socket: &TcpStream, frames: &VecDeque<Bytes>) -> io::Result<(
     Ok(())
 }
 
-/// Writes as much as the socket takes without waiting, as few `writev`
+/// Writes as much as the socket takes without waiting, as few `sendmsg`
 /// calls as the kernel allows. Stops early, without error, when it is full.
 fn write_until_blocked(socket: &TcpStream, frames: &VecDeque<Bytes>, cursor: &mut Cursor) -> io::Result<()> {
     while cursor.index < frames.len() {
