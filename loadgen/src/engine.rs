@@ -32,13 +32,13 @@ use crate::verdict;
 /// Lead time between arming the pacer and the first due message.
 const SEND_LEAD: Duration = Duration::from_millis(20);
 
-/// Run the scenario of `cli` and return its figures. Fails when the run
-/// could not be done at all (bad options, nothing to connect to, every
-/// connection or join refused).
 /// Shortest phase whose CPU share is reported: CPU time comes in 10 ms
 /// ticks, so over a few milliseconds one tick reads as hundreds of percent.
 pub const MIN_PHASE_FOR_PERCENT: f64 = 0.5;
 
+/// Run the scenario of `cli` and return its figures. Fails when the run
+/// could not be done at all (bad options, nothing to connect to, every
+/// connection or join refused).
 pub async fn run(cli: Cli) -> Result<Summary> {
     let common = &cli.common;
     let clock = Clock::new();
