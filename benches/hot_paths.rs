@@ -15,7 +15,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
 use chorus::auth::{Expectations, NewToken, Verifier};
 use chorus::conn::outbox::Pushed;
-use chorus::conn::{writer, Coalescing, Connection, Setup, WriterConfig};
+use chorus::conn::{cork, writer, Coalescing, Connection, Setup, WriterConfig};
 use chorus::metrics::Metrics;
 use chorus::protocol::{outbound, parse_request};
 use chorus::registry::Registry;
@@ -131,13 +131,15 @@ fn timed_between_drains(iters: u64, every: u64, mut run: impl FnMut(), drain: im
 }
 
 /// `fanout/to_sockets/N`: a publish to N members whose connections are
-/// quiet, so the publisher writes each member's socket itself (one
-/// `sendmsg` per member, the kernel's loopback TCP path included).
+/// quiet, and the end of its round, which writes each member's socket (one
+/// `sendmsg` per member, the kernel's loopback TCP path included; the
+/// round's task and a `block_on` too).
 /// `fanout/queued/N`: the same with every member's writer busy (a room
 /// under load), so a publish only queues: the part under the room's lock.
 fn fanout(c: &mut Criterion) {
-    // The connections' sockets need a reactor; its tasks never run, so a
-    // writer task started for `queued` stays "busy" for the whole bench.
+    // The connections' sockets need a reactor. A writer task started for
+    // `queued` sleeps out its hour-long window: it stays "busy" for the
+    // whole bench.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let _entered = runtime.enter();
     let mut group = c.benchmark_group("fanout");
@@ -149,9 +151,17 @@ fn fanout(c: &mut Criterion) {
             for conn in &members.conns {
                 registry.join_local(&lobby, conn, None, None);
             }
+            // A publish and the end of its round, when the members are written.
+            let publish = || {
+                runtime.block_on(async {
+                    let delivery = registry.publish(&lobby, "alice", TS, black_box(BODY));
+                    cork::round_flushed().await;
+                    delivery
+                })
+            };
             let joined_writes = members.metrics.writes.get();
             for _ in 0..2 {
-                let check = registry.publish(&lobby, "alice", TS, BODY);
+                let check = publish();
                 assert_eq!((check.recipients, check.slow_consumers), (n, 0));
             }
             // `joined` was written and opened the window: in `queued`, the
@@ -167,12 +177,12 @@ fn fanout(c: &mut Criterion) {
                     timed_between_drains(
                         iters,
                         DRAIN_EVERY,
-                        || drop(black_box(registry.publish(&lobby, "alice", TS, black_box(BODY)))),
+                        || drop(black_box(publish())),
                         || members.drain(),
                     )
                 });
             });
-            let last = registry.publish(&lobby, "alice", TS, BODY);
+            let last = publish();
             assert_eq!(last.slow_consumers, 0, "a member was cut: the bench drained too late");
         }
     }
@@ -197,7 +207,7 @@ fn coalesced_write(c: &mut Criterion) {
         let write = || {
             let pushed = conn.outbox.push_all(std::iter::repeat_n(frame.clone(), k as usize));
             assert_eq!(pushed, Ok(Pushed::FlushNeeded), "the connection was not quiet");
-            writer::flush(conn);
+            writer::flush_spread(vec![conn.clone()]);
         };
         let writes_before = members.metrics.writes.get();
         write();

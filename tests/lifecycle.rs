@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -76,7 +78,7 @@ async fn server_pings_and_closes_silent_connections() {
     let mut replies = 0;
     for i in 0..25 {
         chatty.send_text(&json!({"type": "ping", "ref": format!("c{i}")}).to_string()).await;
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         // Drain: server pings and our pongs.
         loop {
             let (opcode, payload) = chatty.read_frame().await.expect("still open");
@@ -144,6 +146,82 @@ async fn slow_consumer_is_cut_with_1013_and_the_room_does_not_wait() {
     assert!((seqs.len() as u64) < published, "the slow member got everything: it was not cut");
     assert_eq!(close, Some((1013, "slow consumer".to_owned())));
     assert!(server.metric("chorus_slow_consumers_total").await >= 1.0);
+}
+
+/// A flood of 4 KB messages with `--send-queue 16`: the member that stops
+/// reading is cut with 1013, the member that reads at its own pace gets
+/// every message in order, whatever batching the server applies (its rounds
+/// alone, or a coalescing window held open throughout). Only frames the
+/// socket refused count toward the bound, never frames the server chose to
+/// hold back.
+#[tokio::test]
+async fn a_reader_that_keeps_up_is_never_cut_by_the_servers_own_batching() {
+    for batching in [&["--write-coalesce", "10ms"][..], &["--write-coalesce", "10ms", "--write-coalesce-load", "0"]] {
+        let mut args = vec!["--send-queue", "16", "--rate", "100000", "--burst", "100000"];
+        args.extend_from_slice(batching);
+        flood_with_one_stopped_and_one_reading_member(&args).await;
+    }
+}
+
+async fn flood_with_one_stopped_and_one_reading_member(args: &[&str]) {
+    use futures_util::{SinkExt, StreamExt};
+    const MESSAGES: u64 = 3000;
+    /// Sends the publisher keeps in flight: a flood, bounded by its acks.
+    const IN_FLIGHT: u64 = 256;
+    let server = TestServer::start(args).await;
+    let alice = token("alice", None, 3600);
+
+    let request = with_bearer(ws_request(server.addr, "/ws/flood"), &alice);
+    let mut stopped = try_connect(server.addr, request, Some(4096)).await.expect("stopped member connects");
+    assert_eq!(stopped.recv_type("joined").await["seq"], 0);
+
+    let (reading, _) = server.connect_joined("flood", &alice).await;
+    let reading = tokio::spawn(async move {
+        let mut reading = reading;
+        let mut seqs = Vec::new();
+        while (seqs.len() as u64) < MESSAGES {
+            match reading.recv_message().await {
+                Message::Text(text) => {
+                    let frame: Value = serde_json::from_str(text.as_str()).unwrap();
+                    assert_eq!(frame["type"], "message", "the reading member got {frame}");
+                    seqs.push(frame["seq"].as_u64().unwrap());
+                }
+                other => panic!("the reading member got {other:?}"),
+            }
+        }
+        seqs
+    });
+
+    let publisher = server.connect("/ws", &alice).await;
+    let (mut sink, mut stream) = publisher.ws.split();
+    let (acked_tx, mut acked_rx) = tokio::sync::watch::channel(0u64);
+    let acks = tokio::spawn(async move {
+        let mut acked = 0u64;
+        while acked < MESSAGES {
+            let Some(Ok(Message::Text(text))) = stream.next().await else { panic!("the publisher lost its connection") };
+            let frame: Value = serde_json::from_str(text.as_str()).unwrap();
+            assert_eq!(frame["type"], "ack", "the publisher got {frame}");
+            acked += 1;
+            let _ = acked_tx.send(acked);
+        }
+    });
+    let pad = "x".repeat(4000);
+    for i in 1..=MESSAGES {
+        while i > *acked_rx.borrow() + IN_FLIGHT {
+            acked_rx.changed().await.unwrap();
+        }
+        let frame = json!({"type": "send", "room": "flood", "ref": format!("m{i}"), "body": {"i": i, "pad": pad}});
+        sink.send(Message::text(frame.to_string())).await.unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(60), acks).await.expect("acks hung").unwrap();
+    let seqs = tokio::time::timeout(Duration::from_secs(60), reading).await.expect("the reading member hung").unwrap();
+    assert_eq!(seqs, (1..=MESSAGES).collect::<Vec<_>>(), "{args:?}: the reading member missed messages");
+
+    let (messages, close) = stopped.recv_until_close().await;
+    let seqs: Vec<u64> = messages.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "the stopped member's prefix has a gap");
+    assert_eq!(close, Some((1013, "slow consumer".to_owned())), "{args:?}");
+    assert_eq!(server.metric("chorus_slow_consumers_total").await, 1.0, "{args:?}: only the stopped member is cut");
 }
 
 /// A member that never reads at all is still released: its socket is full,

@@ -1,21 +1,17 @@
-//! The coalescing window: the full one only while the server is busy.
+//! The coalescing window: only while the server is saturated.
 //!
-//! A window (`--write-coalesce`) lets a busy connection write at most once
-//! per window, so frames that arrive meanwhile share one `sendmsg`. That
-//! saves CPU when CPU is short: at a million deliveries a second a 10 ms
-//! window took the server from about 1.0 to 0.7 µs per delivery. When CPU
-//! is not short it only adds latency: up to a window to every frame of a
-//! connection that receives more than one frame per window (a publisher's
-//! acks at 100 messages a second, a chat room's members).
-//!
-//! So the full window applies once the runtime's worker threads were busy
-//! for at least `--write-coalesce-load` of the last sample period, until
-//! they fall under half of that: the gap keeps it from flapping, since the
-//! window itself lowers the load that opened it. Otherwise a fifth of it
-//! applies, not none: a connection written once per frame costs about
-//! 6 µs a frame on loopback, and a load that rises faster than the sampling
-//! would pile up faster than it drains (a 100 × 100 chat run with no window
-//! fell seconds behind; with a fifth of the window it keeps up).
+//! Batches follow the backlog ([`super::cork`]): what a connection has
+//! queued by the end of a round leaves in one write, so under light load a
+//! frame goes out at once and under heavy load batches grow by themselves.
+//! At saturation a window (`--write-coalesce`) can still save CPU: a busy
+//! connection then writes at most once per window, and frames that arrive
+//! meanwhile share its `sendmsg`. It costs every frame of such a connection
+//! up to a window of latency, so it applies only once the runtime's worker
+//! threads were busy for at least `--write-coalesce-load` of the last
+//! sample period, until they fall under half of that: the gap keeps it from
+//! flapping, since the window itself lowers the load that opened it. Below
+//! that no window applies at all. Frames held back by the window never count
+//! toward the slow-consumer bound (see [`super::outbox`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -29,14 +25,10 @@ use super::WriterConfig;
 /// How often the workers' busy time is sampled.
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
-/// The window while the server is not busy, as a fraction of the full one.
-const LIGHT_LOAD_SHARE: u32 = 5;
-
-/// The windows and which one applies now.
+/// The window and whether it applies now.
 pub struct Coalescing {
     busy_window: Duration,
-    light_window: Duration,
-    /// Busy fraction at which the full window opens; 0 keeps it open.
+    /// Busy fraction at which the window opens; 0 keeps it open.
     open_at: f64,
     open: AtomicBool,
 }
@@ -45,23 +37,23 @@ impl Coalescing {
     pub fn new(window: Duration, open_at: f64) -> Self {
         Self {
             busy_window: window,
-            light_window: window / LIGHT_LOAD_SHARE,
             open_at,
             open: AtomicBool::new(open_at <= 0.0),
         }
     }
 
-    /// The window a busy connection's writes keep now.
+    /// The window a busy connection's writes keep now: zero unless the
+    /// server is saturated.
     pub fn window(&self) -> Duration {
         if self.open.load(Ordering::Relaxed) {
             self.busy_window
         } else {
-            self.light_window
+            Duration::ZERO
         }
     }
 
     /// Takes the busy fraction of the last period; returns whether the
-    /// full window applies now (always, with a threshold of 0).
+    /// window applies now (always, with a threshold of 0).
     pub fn observe(&self, busy: f64) -> bool {
         let was_open = self.open.load(Ordering::Relaxed);
         let open = if was_open { busy >= self.open_at / 2.0 } else { busy >= self.open_at };
@@ -99,20 +91,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_full_window_opens_when_busy_and_closes_under_half_the_load() {
+    fn the_window_opens_when_busy_and_closes_under_half_the_load() {
         let c = Coalescing::new(Duration::from_millis(10), 0.4);
-        assert_eq!(c.window(), Duration::from_millis(2));
+        assert_eq!(c.window(), Duration::ZERO);
         assert!(!c.observe(0.39));
         assert!(c.observe(0.4));
         assert_eq!(c.window(), Duration::from_millis(10));
         // The window lowered the load, but not under half the threshold.
         assert!(c.observe(0.25));
         assert!(!c.observe(0.19));
-        assert_eq!(c.window(), Duration::from_millis(2));
+        assert_eq!(c.window(), Duration::ZERO);
         assert!(!c.observe(0.3));
     }
 
-    /// The sampler opens the full window while the workers are kept busy
+    /// The sampler opens the window while the workers are kept busy
     /// and closes it once they idle.
     #[test]
     fn the_sampler_follows_the_workers_busy_time() {
@@ -137,11 +129,11 @@ mod tests {
             }
             let exported =
                 |seconds: &str| writer.metrics.render().contains(&format!("write_window_seconds {seconds}\n"));
-            eventually("the full window opens", || writer.coalescing.window() == Duration::from_millis(10)).await;
-            eventually("the full window is exported", || exported("0.01")).await;
+            eventually("the window opens", || writer.coalescing.window() == Duration::from_millis(10)).await;
+            eventually("the window is exported", || exported("0.01")).await;
             busy.store(false, Ordering::Relaxed);
-            eventually("the light window is back", || writer.coalescing.window() == Duration::from_millis(2)).await;
-            eventually("the light window is exported", || exported("0.002")).await;
+            eventually("the window is closed again", || writer.coalescing.window() == Duration::ZERO).await;
+            eventually("the closed window is exported", || exported("0.0")).await;
             shutdown.cancel();
         });
     }

@@ -3,6 +3,7 @@
 //! from it, and whoever flushes the outgoing queue writes to it.
 
 pub mod coalesce;
+pub mod cork;
 pub mod outbox;
 pub mod rate;
 pub mod session;

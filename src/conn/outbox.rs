@@ -4,12 +4,15 @@
 //! reported to the caller, who cuts that member. There is no writer task
 //! waiting on an idle connection. Whoever pushes the first frame into an
 //! empty queue with no writer takes on the flush ([`Pushed::FlushNeeded`]):
-//! it claims the socket ([`Outbox::claim`]) and writes the queue at once
-//! from its own thread, or, when the socket is full or the connection wrote
-//! less than a coalescing window ago, hands the queue to a writer task that
-//! lives only until the queue runs dry. So a message to a quiet connection
-//! costs one `sendmsg` and no wakeup, an idle connection holds no task, and a
-//! busy one keeps a single task that writes everything queued once a window.
+//! at the end of its round ([`super::cork`]) the flusher claims the socket
+//! ([`Outbox::claim`]) and writes everything queued by then, or, when the
+//! socket is full or a saturated server's window is open, hands the queue to
+//! a writer task that lives only until the queue runs dry. So an idle
+//! connection holds no task, and a busy one keeps at most a single task.
+//!
+//! Only the socket makes a reader slow: the bound counts the frames queued
+//! while the socket refuses more (the last write stopped short), never the
+//! frames the server holds back by its own choice (a round, a window).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -20,7 +23,8 @@ use parking_lot::Mutex;
 /// Why a frame was not queued.
 #[derive(Debug, PartialEq, Eq)]
 pub enum PushError {
-    /// The queue holds `capacity` frames: the peer is not reading.
+    /// The socket refuses more and `capacity` frames wait behind it: the
+    /// peer is not reading.
     Full,
     /// A close frame is queued or the connection is finished.
     Closed,
@@ -93,6 +97,9 @@ struct State {
     writer: Writer,
     /// When the last batch went out: the start of the coalescing window.
     last_write: Option<Instant>,
+    /// The last write stopped short: the socket is full. Only then does a
+    /// long queue make the peer a slow consumer.
+    refused: bool,
 }
 
 pub struct Outbox {
@@ -102,17 +109,24 @@ pub struct Outbox {
 
 impl Outbox {
     pub fn new(capacity: usize) -> Self {
-        let state = State { frames: VecDeque::new(), phase: Phase::Open, writer: Writer::Nobody, last_write: None };
+        let state = State {
+            frames: VecDeque::new(),
+            phase: Phase::Open,
+            writer: Writer::Nobody,
+            last_write: None,
+            refused: false,
+        };
         Self { state: Mutex::new(state), capacity }
     }
 
-    /// Queues a frame unless the queue is full or closed.
+    /// Queues a frame unless the connection is closed, or the socket
+    /// refuses more and the queue behind it is full.
     pub fn push(&self, frame: Bytes) -> Result<Pushed, PushError> {
         let mut state = self.state.lock();
         if state.phase != Phase::Open {
             return Err(PushError::Closed);
         }
-        if state.frames.len() >= self.capacity {
+        if state.refused && state.frames.len() >= self.capacity {
             return Err(PushError::Full);
         }
         let was_empty = state.frames.is_empty();
@@ -179,11 +193,16 @@ impl Outbox {
     }
 
     /// Gives the socket back after an inline write that did not end the
-    /// connection. `unwritten` is what the socket did not take, to go out
-    /// first. Says `Finish` when the connection was killed meanwhile.
-    pub fn release_inline(&self, unwritten: VecDeque<Bytes>) -> AfterWrite {
+    /// connection. `unwritten` is what the socket did not take (it refused
+    /// more), to go out first. Says `Finish` when the connection was killed
+    /// meanwhile.
+    pub fn release_inline(&self, unwritten: VecDeque<Bytes>, window: Duration) -> AfterWrite {
         let mut state = self.state.lock();
-        state.last_write = Some(Instant::now());
+        // The clock is read only when a window may hold the next write back.
+        if !window.is_zero() {
+            state.last_write = Some(Instant::now());
+        }
+        state.refused = !unwritten.is_empty();
         if state.phase == Phase::Dead {
             state.writer = Writer::Nobody;
             return AfterWrite::Finish;
@@ -230,9 +249,20 @@ impl Outbox {
         }
     }
 
-    /// The writer task wrote a batch: the window starts now.
-    pub fn wrote(&self) {
-        self.state.lock().last_write = Some(Instant::now());
+    /// The writer task's write stopped short: the socket refuses more, and
+    /// what is queued from now on counts toward the slow-consumer bound.
+    pub fn refused(&self) {
+        self.state.lock().refused = true;
+    }
+
+    /// The writer task wrote a whole batch: the socket takes frames again,
+    /// and the window starts now.
+    pub fn wrote(&self, window: Duration) {
+        let mut state = self.state.lock();
+        state.refused = false;
+        if !window.is_zero() {
+            state.last_write = Some(Instant::now());
+        }
     }
 
     /// Writing is over, for whoever writes: a write failed, or the close
@@ -286,7 +316,7 @@ mod tests {
         // While the flusher writes, pushes are queued for it.
         assert_eq!(q.push(frame(3)), Ok(Pushed::Queued));
         assert!(matches!(q.claim(Duration::ZERO), Claim::Nothing));
-        assert_eq!(q.release_inline(VecDeque::new()), AfterWrite::StartWriter);
+        assert_eq!(q.release_inline(VecDeque::new(), Duration::ZERO), AfterWrite::StartWriter);
         let mut batch = VecDeque::new();
         assert!(matches!(q.next_for_writer(&mut batch), Next::Write(Phase::Open)));
         assert_eq!(batch, [frame(3)]);
@@ -296,11 +326,23 @@ mod tests {
     }
 
     #[test]
-    fn full_queue_refuses() {
+    fn only_a_queue_behind_a_refusing_socket_is_full() {
         let q = Outbox::new(2);
         let _ = q.push(frame(1));
         let _ = q.push(frame(2));
-        assert_eq!(q.push(frame(3)), Err(PushError::Full));
+        assert_eq!(q.push(frame(3)), Ok(Pushed::Queued), "held back by the server, not refused by the socket");
+        let _ = written(q.claim(Duration::ZERO));
+        // The socket took one frame of three.
+        assert_eq!(q.release_inline(VecDeque::from([frame(2), frame(3)]), Duration::ZERO), AfterWrite::StartWriter);
+        assert_eq!(q.push(frame(4)), Err(PushError::Full), "two wait behind a full socket");
+        let mut batch = VecDeque::new();
+        assert!(matches!(q.next_for_writer(&mut batch), Next::Write(Phase::Open)));
+        assert_eq!(q.push(frame(4)), Ok(Pushed::Queued), "the writer holds the batch; one waits");
+        q.refused();
+        assert_eq!(q.push(frame(5)), Ok(Pushed::Queued));
+        assert_eq!(q.push(frame(6)), Err(PushError::Full));
+        q.wrote(Duration::ZERO);
+        assert_eq!(q.push(frame(6)), Ok(Pushed::Queued), "the socket took the batch");
     }
 
     #[test]
@@ -309,7 +351,7 @@ mod tests {
         let _ = q.push(frame(1));
         let _ = written(q.claim(Duration::ZERO));
         let _ = q.push(frame(2));
-        assert_eq!(q.release_inline(VecDeque::from([frame(1)])), AfterWrite::StartWriter);
+        assert_eq!(q.release_inline(VecDeque::from([frame(1)]), Duration::ZERO), AfterWrite::StartWriter);
         let mut batch = VecDeque::new();
         assert!(matches!(q.next_for_writer(&mut batch), Next::Write(Phase::Open)));
         assert_eq!(batch, [frame(1), frame(2)]);
@@ -320,7 +362,7 @@ mod tests {
         let q = Outbox::new(4);
         let _ = q.push(frame(1));
         let _ = written(q.claim(Duration::from_secs(60)));
-        assert_eq!(q.release_inline(VecDeque::new()), AfterWrite::Done);
+        assert_eq!(q.release_inline(VecDeque::new(), Duration::from_secs(60)), AfterWrite::Done);
         assert_eq!(q.push(frame(2)), Ok(Pushed::FlushNeeded));
         assert!(matches!(q.claim(Duration::from_secs(60)), Claim::StartWriter));
         assert!(q.writer_due(Duration::from_secs(60)).is_some());
@@ -364,6 +406,6 @@ mod tests {
         let _ = busy.push(frame(1));
         let _ = written(busy.claim(Duration::ZERO));
         assert!(!busy.kill(), "the inline writer finishes");
-        assert_eq!(busy.release_inline(VecDeque::new()), AfterWrite::Finish);
+        assert_eq!(busy.release_inline(VecDeque::new(), Duration::ZERO), AfterWrite::Finish);
     }
 }

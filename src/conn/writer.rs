@@ -1,22 +1,20 @@
-//! Writing a connection's queue to its socket: inline from the thread that
-//! queued the frame, or from a short-lived writer task.
+//! Writing a connection's queue to its socket: from the flush at the end
+//! of a round, or from a short-lived writer task.
 //!
-//! A frame for a quiet connection is written by whoever queued it (fanout,
-//! a reply, a ping), with one non-blocking `sendmsg` and no wakeup: on
-//! loopback a write costs about 6 µs, a task wakeup and poll about one more.
-//! A writer task starts only when the socket is full or the connection
-//! wrote less than a coalescing window ago; it writes at most once a window,
-//! everything queued in one `sendmsg`, and ends when the queue runs dry. So
-//! at 1,000 messages a second a 10 ms window makes one write of ten frames
-//! instead of ten writes, and a slow room pays no latency for it. (The
-//! full window applies only while the server is busy: [`super::coalesce`].)
+//! Whoever queues a frame for a quiet connection leaves its write to the
+//! end of the round ([`super::cork`]); the round's flush then writes each
+//! connection's whole queue with one non-blocking `sendmsg` (on loopback a
+//! write costs about 6 µs; one round's task, shared by every connection it
+//! flushes, well under one). A writer task starts only when the socket is
+//! full, or when a saturated server holds busy connections to one write per
+//! window ([`super::coalesce`]); it writes everything queued in one
+//! `sendmsg` and ends when the queue runs dry.
 //!
-//! A room's fanout flushes its members after the room's lock is released,
-//! spread over the runtime's threads ([`flush_all`]): one thread writing a
-//! thousand sockets would leave the other cores idle. (The chunks are
-//! spawned so that other workers can steal them; with fewer than two
-//! spawned chunks tokio keeps the one in its unstealable LIFO slot, and the
-//! fanout measured as slow as with no spreading at all.)
+//! A round's flush is spread over the runtime's threads ([`flush_spread`]):
+//! one thread writing a thousand sockets would leave the other cores idle.
+//! (The chunks are spawned so that other workers can steal them; with fewer
+//! than two spawned chunks tokio keeps the one in its unstealable LIFO slot,
+//! and the fanout measured as slow as with no spreading at all.)
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -28,6 +26,7 @@ use tokio::net::TcpStream;
 use tokio::runtime::{Handle, RuntimeFlavor};
 
 use super::coalesce::Coalescing;
+use super::cork;
 use super::outbox::{AfterWrite, Claim, Next, Phase};
 use super::Connection;
 use crate::metrics::Metrics;
@@ -49,20 +48,26 @@ const FLUSH_CHUNK: usize = 64;
 /// What every connection's writing shares.
 pub struct WriterConfig {
     /// At most one write per connection per window while frames keep
-    /// coming, and the server is busy.
+    /// coming, and the server is saturated.
     pub coalescing: Coalescing,
     pub metrics: Arc<Metrics>,
 }
 
-/// Writes what `conn` has queued, now if the socket takes it, else through
-/// a writer task. Called by the pusher that was told `FlushNeeded`.
+/// Writes what `conn` has queued at the end of this round. Called by the
+/// pusher that was told `FlushNeeded`.
 pub fn flush(conn: &Arc<Connection>) {
-    flush_many(std::slice::from_ref(conn));
+    cork::defer_one(conn);
 }
 
-/// Flushes every connection in `pending`, spread over the runtime's threads
-/// when there are many.
-pub fn flush_all(mut pending: Vec<Arc<Connection>>) {
+/// Writes what every connection in `pending` has queued at the end of this
+/// round.
+pub fn flush_all(pending: Vec<Arc<Connection>>) {
+    cork::defer(pending);
+}
+
+/// Flushes every connection in `pending` now, spread over the runtime's
+/// threads when there are many: the end of a round.
+pub fn flush_spread(mut pending: Vec<Arc<Connection>>) {
     let multi_threaded = Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread);
     if multi_threaded {
         while pending.len() > FLUSH_CHUNK {
@@ -92,7 +97,8 @@ fn flush_many(conns: &[Arc<Connection>]) {
 
 /// The inline flush of one connection; returns how many frames went out.
 fn flush_one(conn: &Arc<Connection>) -> usize {
-    let (frames, phase) = match conn.outbox.claim(conn.writer.coalescing.window()) {
+    let window = conn.writer.coalescing.window();
+    let (frames, phase) = match conn.outbox.claim(window) {
         Claim::Nothing => return 0,
         Claim::StartWriter => {
             start_writer(conn);
@@ -108,7 +114,7 @@ fn flush_one(conn: &Arc<Connection>) -> usize {
         conn.finish();
         return cursor.index;
     }
-    match conn.outbox.release_inline(cursor.unwritten(frames)) {
+    match conn.outbox.release_inline(cursor.unwritten(frames), window) {
         AfterWrite::Done => {}
         AfterWrite::StartWriter => start_writer(conn),
         AfterWrite::Finish => conn.finish(),
@@ -120,13 +126,14 @@ fn start_writer(conn: &Arc<Connection>) {
     tokio::spawn(run_writer(conn.clone()));
 }
 
-/// The writer task: waits out the window, writes everything queued
-/// (waiting for the socket as long as it takes), and ends when nothing
-/// came during a window.
+/// The writer task: waits out a saturated server's window, writes
+/// everything queued (waiting for the socket as long as it takes), and ends
+/// when the queue ran dry.
 async fn run_writer(conn: Arc<Connection>) {
     let mut batch = VecDeque::new();
     loop {
-        if let Some(due) = conn.outbox.writer_due(conn.writer.coalescing.window()) {
+        let window = conn.writer.coalescing.window();
+        if let Some(due) = conn.outbox.writer_due(window) {
             tokio::time::sleep_until(due.into()).await;
         }
         let phase = match conn.outbox.next_for_writer(&mut batch) {
@@ -136,7 +143,7 @@ async fn run_writer(conn: Arc<Connection>) {
         };
         // A peer that stopped reading blocks the write until it is aborted.
         let written = tokio::select! {
-            written = write_all(&conn.socket, &batch) => written,
+            written = write_all(&conn.socket, &batch, || conn.outbox.refused()) => written,
             () = conn.writer_aborted() => Err(io::ErrorKind::TimedOut.into()),
         };
         if written.is_err() || phase == Phase::Closing {
@@ -145,7 +152,7 @@ async fn run_writer(conn: Arc<Connection>) {
         }
         conn.writer.metrics.frames_out.inc_by(batch.len() as u64);
         conn.writer.metrics.writes.inc();
-        conn.outbox.wrote();
+        conn.outbox.wrote(window);
         batch.clear();
     }
 }
@@ -168,12 +175,17 @@ impl Cursor {
     }
 }
 
-/// Writes every frame, waiting for the socket when it is full.
-async fn write_all(socket: &TcpStream, frames: &VecDeque<Bytes>) -> io::Result<()> {
+/// Writes every frame, waiting for the socket when it is full; calls
+/// `refused` once when it first has to wait.
+async fn write_all(socket: &TcpStream, frames: &VecDeque<Bytes>, refused: impl FnOnce()) -> io::Result<()> {
     let mut cursor = Cursor::default();
+    let mut refused = Some(refused);
     while cursor.index < frames.len() {
         write_until_blocked(socket, frames, &mut cursor)?;
         if cursor.index < frames.len() {
+            if let Some(refused) = refused.take() {
+                refused();
+            }
             std::future::poll_fn(|cx| socket.poll_write_ready(cx)).await?;
         }
     }
@@ -258,11 +270,19 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
-    async fn a_quiet_connection_is_written_by_the_sender_itself() {
-        let (conn, mut peer) = pair(8, Duration::from_millis(2)).await;
-        conn.send(Bytes::from_static(b"hello")).unwrap();
-        // No task ran in between: the send itself wrote the socket.
+    async fn a_round_writes_everything_it_queued_in_one_write() {
+        let (conn, mut peer) = pair(8, Duration::ZERO).await;
+        conn.send(Bytes::from_static(b"hel")).unwrap();
+        conn.send(Bytes::from_static(b"lo")).unwrap();
+        assert_eq!(conn.writer.metrics.writes.get(), 0, "nothing is written before the round ends");
+        cork::round_flushed().await;
         assert_eq!(read_exactly(&mut peer, 5), b"hello");
+        assert_eq!(conn.writer.metrics.writes.get(), 1);
+        // A quiet connection's next frame leaves with the next round: no window.
+        conn.send(Bytes::from_static(b"!")).unwrap();
+        cork::round_flushed().await;
+        assert_eq!(read_exactly(&mut peer, 1), b"!");
+        assert_eq!(conn.writer.metrics.writes.get(), 2);
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -284,6 +304,7 @@ mod tests {
             match conn.outbox.push(Bytes::from_static(b"!")).unwrap() {
                 Pushed::FlushNeeded => {
                     flush(&conn);
+                    cork::round_flushed().await;
                     assert_eq!(read_exactly(&mut peer, 1), b"!");
                     break;
                 }
@@ -298,12 +319,14 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
-    async fn frames_inside_the_window_leave_together_after_it() {
+    async fn frames_inside_an_open_window_leave_together_after_it() {
         let (conn, mut peer) = pair(8, Duration::from_secs(1)).await;
         conn.send(Bytes::from_static(b"a")).unwrap();
+        cork::round_flushed().await;
         conn.send(Bytes::from_static(b"b")).unwrap();
+        cork::round_flushed().await;
         conn.send(Bytes::from_static(b"c")).unwrap();
-        assert_eq!(read_exactly(&mut peer, 1), b"a", "the first is written at once");
+        assert_eq!(read_exactly(&mut peer, 1), b"a", "the first is written at the end of its round");
         let rest = tokio::task::spawn_blocking(move || read_exactly(&mut peer, 2));
         assert_eq!(rest.await.unwrap(), b"bc");
         assert_eq!(conn.writer.metrics.writes.get(), 2, "b and c went out in one write");
@@ -321,7 +344,7 @@ mod tests {
         let len = expected.len();
         let reader = tokio::task::spawn_blocking(move || read_exactly(&mut peer, len));
         for batch in &batches {
-            write_all(&conn.socket, batch).await.unwrap();
+            write_all(&conn.socket, batch, || {}).await.unwrap();
         }
         assert_eq!(reader.await.unwrap(), expected);
     }
