@@ -174,12 +174,7 @@ fn fanout(c: &mut Criterion) {
             group.throughput(Throughput::Elements(n as u64));
             group.bench_function(BenchmarkId::new(mode, n), |b| {
                 b.iter_custom(|iters| {
-                    timed_between_drains(
-                        iters,
-                        DRAIN_EVERY,
-                        || drop(black_box(publish())),
-                        || members.drain(),
-                    )
+                    timed_between_drains(iters, DRAIN_EVERY, || drop(black_box(publish())), || members.drain())
                 });
             });
             let last = publish();

@@ -60,14 +60,14 @@ pub struct ServeArgs {
     /// Frames a connection may send at once before the rate applies.
     #[arg(long, env = "CHORUS_BURST", default_value_t = 200)]
     pub burst: u32,
-    /// Frames queued per connection before it counts as a slow consumer (closed with 1013).
+    /// Frames waiting behind a socket that refuses more before the connection counts as a slow consumer (closed with 1013).
     #[arg(long, env = "CHORUS_SEND_QUEUE", default_value_t = 1024)]
     pub send_queue: usize,
-    /// While the server is busy, a busy connection writes at most once per this window; frames that arrive meanwhile leave together.
+    /// While the server is saturated, a busy connection writes at most once per this window; frames that arrive meanwhile leave together. 0 turns it off.
     #[arg(long, env = "CHORUS_WRITE_COALESCE", default_value = "10ms", value_parser = humantime::parse_duration)]
     pub write_coalesce: Duration,
-    /// The window applies once the worker threads are busy this fraction of the time, until they fall under half of it; 0 applies it always.
-    #[arg(long, env = "CHORUS_WRITE_COALESCE_LOAD", default_value_t = 0.4)]
+    /// The window applies while writing without it takes this fraction of the machine's cores (process CPU time, measured without the window); 0 applies it always.
+    #[arg(long, env = "CHORUS_WRITE_COALESCE_LOAD", default_value_t = 0.35)]
     pub write_coalesce_load: f64,
     /// Prefix of every Redis key and channel.
     #[arg(long, env = "CHORUS_REDIS_PREFIX", default_value = "chorus")]
@@ -240,7 +240,7 @@ mod tests {
     #[test]
     fn the_coalescing_load_is_a_fraction() {
         let c = config(&["--jwt-secret", "s"]).unwrap();
-        assert_eq!((c.write_coalesce, c.write_coalesce_load), (Duration::from_millis(10), 0.4));
+        assert_eq!((c.write_coalesce, c.write_coalesce_load), (Duration::from_millis(10), 0.35));
         let c = config(&["--jwt-secret", "s", "--write-coalesce", "5ms", "--write-coalesce-load", "0"]).unwrap();
         assert_eq!((c.write_coalesce, c.write_coalesce_load), (Duration::from_millis(5), 0.0));
         for bad in ["1.5", "-0.1", "NaN"] {

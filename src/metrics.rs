@@ -25,8 +25,8 @@ pub struct Metrics {
     pub frames_out: Counter,
     /// Socket writes: frames_out / writes is how many frames a write carries.
     pub writes: Counter,
-    /// Fraction of the last sample period the runtime's workers were busy.
-    pub runtime_busy_ratio: Gauge<f64, AtomicU64>,
+    /// The process's CPU time over the last sample, as a fraction of the cores.
+    pub cpu_ratio: Gauge<f64, AtomicU64>,
     /// The coalescing window in force (the full one only while the server is busy).
     pub write_window_seconds: Gauge<f64, AtomicU64>,
     pub messages_published: Counter,
@@ -57,7 +57,7 @@ impl Metrics {
         let frames_in = Counter::default();
         let frames_out = Counter::default();
         let writes = Counter::default();
-        let runtime_busy_ratio = Gauge::<f64, AtomicU64>::default();
+        let cpu_ratio = Gauge::<f64, AtomicU64>::default();
         let write_window_seconds = Gauge::<f64, AtomicU64>::default();
         let messages_published = Counter::default();
         let deliveries = Counter::default();
@@ -73,13 +73,13 @@ impl Metrics {
         registry.register("frames_out", "WebSocket frames written", frames_out.clone());
         registry.register("writes", "Socket writes (each may carry many frames)", writes.clone());
         registry.register(
-            "runtime_busy_ratio",
-            "Fraction of the last 100 ms the worker threads were busy",
-            runtime_busy_ratio.clone(),
+            "cpu_ratio",
+            "The process's CPU time over the last sample, as a fraction of the machine's cores",
+            cpu_ratio.clone(),
         );
         registry.register(
             "write_window_seconds",
-            "Coalescing window in force (the full one only while the server is busy)",
+            "Coalescing window in force (zero unless the server is saturated)",
             write_window_seconds.clone(),
         );
         registry.register("messages_published", "Messages given a seq", messages_published.clone());
@@ -120,7 +120,7 @@ impl Metrics {
             frames_in,
             frames_out,
             writes,
-            runtime_busy_ratio,
+            cpu_ratio,
             write_window_seconds,
             messages_published,
             deliveries,

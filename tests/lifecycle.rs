@@ -198,7 +198,9 @@ async fn flood_with_one_stopped_and_one_reading_member(args: &[&str]) {
     let acks = tokio::spawn(async move {
         let mut acked = 0u64;
         while acked < MESSAGES {
-            let Some(Ok(Message::Text(text))) = stream.next().await else { panic!("the publisher lost its connection") };
+            let Some(Ok(Message::Text(text))) = stream.next().await else {
+                panic!("the publisher lost its connection")
+            };
             let frame: Value = serde_json::from_str(text.as_str()).unwrap();
             assert_eq!(frame["type"], "ack", "the publisher got {frame}");
             acked += 1;

@@ -8,8 +8,11 @@
 //! meanwhile share its `sendmsg` (at a million deliveries a second, 0.4
 //! instead of 0.84 µs per delivery on this project's 2-core machine). It
 //! costs every frame of such a connection up to a window of latency, so it
-//! applies only while writing without it would keep the runtime's worker
-//! threads busy for at least `--write-coalesce-load` of the time.
+//! applies only while writing without it would take at least
+//! `--write-coalesce-load` of the machine's cores: the process's CPU time
+//! over a sample, not the workers' busy wall time, which a machine shared
+//! with other processes inflates (preempted workers count as busy, and the
+//! window opened at everyday loads on a busy machine).
 //!
 //! That load is measured without the window: it opens after two samples in
 //! a row at or above the threshold (a burst of connections does not open
@@ -27,7 +30,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
 use super::WriterConfig;
@@ -68,12 +70,7 @@ struct Gate {
 
 impl Coalescing {
     pub fn new(window: Duration, open_at: f64) -> Self {
-        Self {
-            busy_window: window,
-            open_at,
-            open: AtomicBool::new(open_at <= 0.0),
-            gate: Mutex::new(Gate::default()),
-        }
+        Self { busy_window: window, open_at, open: AtomicBool::new(open_at <= 0.0), gate: Mutex::new(Gate::default()) }
     }
 
     /// The window a busy connection's writes keep now: zero unless the
@@ -122,26 +119,38 @@ impl Coalescing {
     }
 }
 
-/// Samples the runtime's busy time until shutdown and opens or closes the
+/// The CPU time this process has used, user and system, all threads.
+fn process_cpu_time() -> Duration {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a whole `rusage` into the pointer it is given,
+    // which points to one; RUSAGE_SELF cannot fail on Linux.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+/// Samples the process's CPU time until shutdown and opens or closes the
 /// window; exports both as metrics.
 pub async fn run(writer: Arc<WriterConfig>, shutdown: CancellationToken) {
     let (coalescing, metrics) = (&writer.coalescing, &writer.metrics);
-    let runtime = Handle::current().metrics();
-    let busy_total = || (0..runtime.num_workers()).map(|w| runtime.worker_total_busy_duration(w)).sum::<Duration>();
-    let (mut last_at, mut last_busy) = (Instant::now(), busy_total());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let (mut last_at, mut last_cpu) = (Instant::now(), process_cpu_time());
     let mut next_sample = SAMPLE_EVERY;
     loop {
         tokio::select! {
             () = tokio::time::sleep(next_sample) => {}
             () = shutdown.cancelled() => return,
         }
-        let (now, busy) = (Instant::now(), busy_total());
-        let capacity = now.duration_since(last_at).as_secs_f64() * runtime.num_workers() as f64;
-        let fraction = if capacity > 0.0 { busy.saturating_sub(last_busy).as_secs_f64() / capacity } else { 0.0 };
-        (last_at, last_busy) = (now, busy);
+        let (now, cpu) = (Instant::now(), process_cpu_time());
+        let capacity = now.duration_since(last_at).as_secs_f64() * cores;
+        let fraction = if capacity > 0.0 { cpu.saturating_sub(last_cpu).as_secs_f64() / capacity } else { 0.0 };
+        (last_at, last_cpu) = (now, cpu);
         coalescing.observe(fraction);
         next_sample = if coalescing.probing() { PROBE_LENGTH } else { SAMPLE_EVERY };
-        metrics.runtime_busy_ratio.set(fraction);
+        metrics.cpu_ratio.set(fraction);
         metrics.write_window_seconds.set(coalescing.window().as_secs_f64());
     }
 }
@@ -176,14 +185,15 @@ mod tests {
         assert!(c.observe(0.45));
     }
 
-    /// The sampler opens the window while the workers are kept busy
-    /// and closes it once they idle.
+    /// The sampler opens the window while two threads burn CPU and closes
+    /// it once they idle.
     #[test]
-    fn the_sampler_follows_the_workers_busy_time() {
+    fn the_sampler_follows_the_process_cpu_time() {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         runtime.block_on(async {
             let writer = Arc::new(WriterConfig {
-                coalescing: Coalescing::new(Duration::from_millis(10), 0.4),
+                // Two spinning threads are a fifth of any machine up to ten cores.
+                coalescing: Coalescing::new(Duration::from_millis(10), 0.2),
                 metrics: Arc::new(crate::metrics::Metrics::new()),
             });
             let shutdown = CancellationToken::new();
@@ -191,10 +201,13 @@ mod tests {
             let busy = Arc::new(AtomicBool::new(true));
             for _ in 0..2 {
                 let busy = busy.clone();
-                // A blocking loop keeps a worker busy: it never parks.
+                // A worker that spins burns CPU: it never parks.
                 tokio::spawn(async move {
                     while busy.load(Ordering::Relaxed) {
-                        std::thread::sleep(Duration::from_millis(1));
+                        let spin_until = Instant::now() + Duration::from_millis(1);
+                        while Instant::now() < spin_until {
+                            std::hint::spin_loop();
+                        }
                         tokio::task::yield_now().await;
                     }
                 });
