@@ -170,13 +170,13 @@ mod tests {
         assert_eq!(c.window(), Duration::from_millis(10));
         // The window lowers the load it is judged by: it stays open until
         // the probe, whatever it reads.
-        for _ in 1..PROBE_EVERY - 1 {
+        for _ in 0..PROBE_EVERY - 1 {
             assert!(c.observe(0.1));
         }
         assert!(!c.observe(0.1), "the probe runs one sample without the window");
         assert_eq!(c.window(), Duration::ZERO);
         assert!(c.observe(0.45), "without the window the load is still over: it reopens at once");
-        for _ in 1..PROBE_EVERY - 1 {
+        for _ in 0..PROBE_EVERY - 1 {
             assert!(c.observe(0.2));
         }
         assert!(!c.observe(0.2), "the next probe");
