@@ -247,7 +247,7 @@ async fn a_database_outage_loses_nothing_acked_and_a_full_queue_answers_unavaila
     assert!(ready.text().await.unwrap().contains("database"));
     // Send until the queue is full: then `unavailable`, and no ack.
     let mut refused = 0;
-    for i in 0..40 {
+    for i in 0..100 {
         let reference = format!("q{i}");
         client.send_json(&json!({"type": "send", "room": "out", "body": i, "ref": reference})).await;
         let frame = client.recv_json().await;
