@@ -17,6 +17,9 @@ use prometheus_client::registry::Registry;
 /// Label set of the auth-failure counter: `reason`.
 type Reason = [(&'static str, &'static str); 1];
 
+/// Label set of the close-linger counter: `ended`.
+type Ended = [(&'static str, &'static str); 1];
+
 pub struct Metrics {
     registry: Registry,
     pub connections: Gauge,
@@ -35,6 +38,8 @@ pub struct Metrics {
     pub rate_limited: Counter,
     pub rooms_evicted: Counter,
     auth_failures: Family<Reason, Counter>,
+    /// How the drains after a server close ended, by `ended`.
+    close_lingers: Family<Ended, Counter>,
     /// Seconds from a publish's arrival to its frame queued for every local member.
     pub fanout_seconds: Histogram,
     pub bus_publish_seconds: Histogram,
@@ -65,6 +70,7 @@ impl Metrics {
         let rate_limited = Counter::default();
         let rooms_evicted = Counter::default();
         let auth_failures = Family::<Reason, Counter>::default();
+        let close_lingers = Family::<Ended, Counter>::default();
         // 1 µs to about 1 s.
         let fanout_seconds = Histogram::new(exponential_buckets(1e-6, 2.0, 21));
         registry.register("connections", "Open WebSocket connections", connections.clone());
@@ -88,6 +94,11 @@ impl Metrics {
         registry.register("rate_limited", "Frames refused by the rate limit", rate_limited.clone());
         registry.register("rooms_evicted", "Idle rooms whose history left memory", rooms_evicted.clone());
         registry.register("auth_failures", "Requests refused for their token", auth_failures.clone());
+        registry.register(
+            "close_lingers",
+            "Drains after a server close, by how they ended (a bound cut a client still sending)",
+            close_lingers.clone(),
+        );
         registry.register("fanout_seconds", "Publish to queued at every local member", fanout_seconds.clone());
         let bus_publish_seconds = Histogram::new(exponential_buckets(1e-5, 2.0, 18));
         let bus_messages_received = Counter::default();
@@ -128,6 +139,7 @@ impl Metrics {
             rate_limited,
             rooms_evicted,
             auth_failures,
+            close_lingers,
             fanout_seconds,
             bus_publish_seconds,
             bus_messages_received,
@@ -151,6 +163,10 @@ impl Metrics {
 
     pub fn auth_failure(&self, reason: &'static str) {
         self.auth_failures.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    pub fn close_linger(&self, ended: &'static str) {
+        self.close_lingers.get_or_create(&[("ended", ended)]).inc();
     }
 
     /// The Prometheus text exposition of every metric.

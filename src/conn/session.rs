@@ -23,9 +23,10 @@ use crate::protocol::{parse_request, Request, RequestKind};
 use crate::registry::Since;
 use crate::room::RoomName;
 use crate::state::ServerState;
+use crate::ws::linger::Bounds;
 use crate::ws::{self, FrameReader, Incoming};
 
-/// How long a closing connection waits for the client's close frame.
+/// How long a closing connection waits for its close frame to be written.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 struct Session {
@@ -125,7 +126,18 @@ impl Session {
         }
         // Boxed, as are the other waits of a closing connection: their
         // timers would otherwise sit in every idle connection's future.
-        Box::pin(linger(reader, self.conn.socket())).await;
+        Box::pin(self.linger(reader)).await;
+    }
+
+    /// The server has sent or queued its close: drains what the client still
+    /// sends until its own close, within bounds, so that it reads ours
+    /// rather than a reset (see [`ws::linger`]).
+    async fn linger(&self, reader: &mut FrameReader) {
+        let ended = ws::linger::drain(self.conn.socket(), reader.take_buffered(), Bounds::DEFAULT).await;
+        self.state.metrics.close_linger(ended.label());
+        if ended.cut() {
+            tracing::debug!(conn = self.conn.id, ended = ended.label(), "client kept sending after the close");
+        }
     }
 
     async fn on_text(&mut self, text: Bytes) {
@@ -291,18 +303,4 @@ async fn finish_writing(conn: &Connection) {
         conn.abort_writer();
         conn.writing_finished().await;
     }
-}
-
-/// After a close frame is queued, reads (and ignores) until the client's
-/// close or EOF, for a moment at most, so the client reads our close frame
-/// before the socket goes.
-async fn linger(reader: &mut FrameReader, socket: &TcpStream) {
-    let _ = tokio::time::timeout(CLOSE_LINGER, async {
-        while let Ok(incoming) = reader.next(socket).await {
-            if matches!(incoming, Incoming::Close(_)) {
-                break;
-            }
-        }
-    })
-    .await;
 }

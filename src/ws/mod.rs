@@ -9,6 +9,7 @@
 //! a 1009 close.
 
 pub mod frame;
+pub mod linger;
 pub mod reader;
 
 /// Frame opcodes (RFC 6455 section 5.2).

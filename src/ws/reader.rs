@@ -74,6 +74,14 @@ impl FrameReader {
         Self { buf: BytesMut::from(initial), max_message, partial: None }
     }
 
+    /// Hands over the bytes read but not yet used, and drops any message
+    /// half reassembled: the connection is closing. The bytes start at a
+    /// frame boundary, since frames leave the buffer whole.
+    pub fn take_buffered(&mut self) -> BytesMut {
+        self.partial = None;
+        std::mem::take(&mut self.buf)
+    }
+
     /// Reads until a whole frame is there.
     pub async fn next(&mut self, stream: &TcpStream) -> Result<Incoming, ReadError> {
         std::future::poll_fn(|cx| self.poll_next(cx, stream)).await

@@ -555,6 +555,12 @@ impl RawClient {
         Self { stream, buf }
     }
 
+    /// The socket and the bytes already read past the handshake, for tests
+    /// that read and write at once.
+    pub fn into_parts(self) -> (TcpStream, Vec<u8>) {
+        (self.stream, self.buf)
+    }
+
     /// Writes one frame; `mask: None` sends it unmasked (a protocol error
     /// for a client).
     pub async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) {
