@@ -1,0 +1,71 @@
+"""Close-matrix driver for Python's `websockets` library (asyncio client).
+
+Why it exists: tests/close_matrix.rs checks that every close the server sends
+reaches the application of real client libraries with its code and reason.
+This script plays the cases of the spec file given as its only argument, all
+at once, and prints one line `RESULTS <json>`: for each case, the code and
+reason that `websockets` hands the application, i.e. the `rcvd` close frame of
+the `ConnectionClosed` exception that `recv()` raises (1006 when it has none).
+"""
+
+import asyncio
+import json
+import sys
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+
+async def until_closed(ws):
+    """Reads (and ignores) messages until the library reports the close."""
+    while True:
+        try:
+            await ws.recv()
+        except ConnectionClosed as closed:
+            if closed.rcvd is None:
+                return 1006, ""
+            return closed.rcvd.code, closed.rcvd.reason
+
+
+async def play(case):
+    # No keepalive pings of our own: a ping timeout must be the server's.
+    async with connect(case["url"], ping_interval=None, open_timeout=10, close_timeout=5) as ws:
+        action = case["do"]
+        try:
+            if action == "close":
+                await ws.close(case["code"], case["reason"])
+            elif action == "send":
+                await ws.send(case["text"])
+            elif action == "big":
+                await ws.send("x" * case["bytes"])
+            elif action == "flood":
+                for _ in range(case["count"]):
+                    await ws.send('{"type":"ping"}')
+            elif action == "stall":
+                await ws.recv()  # `joined`: a member of the room from here on.
+                # Not calling recv() is how an application stops reading: past
+                # its receive queue, the library stops reading the socket.
+                await asyncio.sleep(case["ms"] / 1000)
+        except ConnectionClosed:
+            pass  # The server closed while we were still at it: the point of some cases.
+        return await until_closed(ws)
+
+
+async def run(case, timeout_s):
+    try:
+        code, reason = await asyncio.wait_for(play(case), timeout_s)
+        return {"case": case["name"], "code": code, "reason": reason}
+    except Exception as failure:  # Reported in the cell, so one case never hides the others.
+        return {"case": case["name"], "code": None, "reason": f"{type(failure).__name__}: {failure}"}
+
+
+async def main():
+    with open(sys.argv[1], encoding="utf-8") as spec_file:
+        spec = json.load(spec_file)
+    timeout_s = spec["timeout_ms"] / 1000
+    results = await asyncio.gather(*(run(case, timeout_s) for case in spec["cases"]))
+    print("RESULTS " + json.dumps(results), flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
