@@ -4,6 +4,7 @@
 //! docs/ARCHITECTURE.md walks through the modules and the path of a message.
 
 pub mod auth;
+pub mod build_info;
 pub mod bus;
 pub mod config;
 pub mod conn;

@@ -11,7 +11,7 @@ use chorus::config::KeySource;
 use chorus::{Config, ServeArgs, Server};
 
 #[derive(Parser)]
-#[command(name = "chorus", version, about = "A real-time chat and fanout WebSocket server")]
+#[command(name = "chorus", version = chorus::build_info::VERSION_LINE, about = "A real-time chat and fanout WebSocket server")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -77,6 +77,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // right after it must shut down gracefully, not kill the process.
     let signal = shutdown_signal()?;
     let banner = Banner::from_config(&config);
+    tracing::info!("chorus {}", chorus::build_info::VERSION_LINE);
     let server = Server::start(config).await.context("cannot start the server")?;
     banner.print(server.local_addr())?;
     signal.await;

@@ -14,11 +14,16 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::build_info;
+
 /// Label set of the auth-failure counter: `reason`.
 type Reason = [(&'static str, &'static str); 1];
 
 /// Label set of the close-linger counter: `ended`.
 type Ended = [(&'static str, &'static str); 1];
+
+/// Label set of the build-info gauge: `version`, `commit`, `dirty`.
+type Build = [(&'static str, &'static str); 3];
 
 pub struct Metrics {
     registry: Registry,
@@ -57,6 +62,16 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("chorus");
+        // Constant 1; the labels say which build answers (PromQL can join on them).
+        let build_info = Family::<Build, Gauge>::default();
+        build_info
+            .get_or_create(&[
+                ("version", build_info::VERSION),
+                ("commit", build_info::COMMIT),
+                ("dirty", build_info::DIRTY),
+            ])
+            .set(1);
+        registry.register("build_info", "The version and commit this server was built from", build_info);
         let connections = Gauge::default();
         let rooms = Gauge::default();
         let frames_in = Counter::default();

@@ -99,7 +99,22 @@ async fn metrics_expose_the_documented_series() {
     assert!(metric_value(&text, "chorus_fanout_seconds_sum").is_some(), "{text}");
     assert!(text.contains("chorus_fanout_seconds_bucket{le=\"+Inf\"} 1"), "{text}");
     assert!(text.lines().any(|l| l.starts_with("chorus_auth_failures_total{")), "{text}");
-    for kind in ["chorus_connections gauge", "chorus_fanout_seconds histogram"] {
+    // The build this is: one constant series whose labels name it.
+    let build = text
+        .lines()
+        .find_map(|l| l.strip_prefix("chorus_build_info{"))
+        .unwrap_or_else(|| panic!("no chorus_build_info:\n{text}"));
+    let (labels, value) = build.split_once("} ").unwrap();
+    assert_eq!(value, "1", "{build}");
+    let label = |name: &str| {
+        let start =
+            labels.find(&format!("{name}=\"")).unwrap_or_else(|| panic!("no {name} in {labels}")) + name.len() + 2;
+        labels[start..].split('"').next().unwrap().to_owned()
+    };
+    assert_eq!(label("version"), env!("CARGO_PKG_VERSION"));
+    assert_is_checkout_commit(&label("commit"));
+    assert!(["true", "false", "unknown"].contains(&label("dirty").as_str()), "{build}");
+    for kind in ["chorus_connections gauge", "chorus_build_info gauge", "chorus_fanout_seconds histogram"] {
         assert!(text.contains(&format!("# TYPE {kind}")), "no # TYPE {kind}:\n{text}");
     }
 

@@ -1,7 +1,7 @@
 //! Connection and process lifecycle against the real binary: token expiry
 //! and refresh, keep-alive pings and the ping timeout, slow consumers,
 //! graceful shutdown on SIGTERM / SIGINT, and the `chorus token` / keyless
-//! `chorus serve` command lines.
+//! `chorus serve` / `chorus --version` command lines.
 
 mod common;
 
@@ -354,6 +354,30 @@ fn jwt_claims(token: &str) -> Value {
     use base64::Engine;
     let payload = token.split('.').nth(1).unwrap();
     serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
+}
+
+/// `chorus --version` names the crate version, the commit of this checkout
+/// and whether the tree was dirty: `chorus 0.1.0 (commit 32a6c31, clean)`.
+#[test]
+fn version_names_the_commit_it_was_built_from() {
+    for flag in ["--version", "-V"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_chorus")).arg(flag).output().expect("run chorus");
+        assert!(out.status.success(), "chorus {flag}: {}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let rest = stdout
+            .trim_end()
+            .strip_prefix(&format!("chorus {} (commit ", env!("CARGO_PKG_VERSION")))
+            .and_then(|rest| rest.strip_suffix(')'))
+            .unwrap_or_else(|| panic!("chorus {flag} printed {stdout:?}"));
+        let commit = match rest.split_once(", ") {
+            Some((commit, state)) => {
+                assert!(state == "clean" || state == "dirty", "{stdout:?}");
+                commit
+            }
+            None => rest,
+        };
+        assert_is_checkout_commit(commit);
+    }
 }
 
 #[tokio::test]

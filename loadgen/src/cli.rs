@@ -15,7 +15,8 @@ use serde::Serialize;
 
 /// Load generator for the chorus WebSocket server.
 #[derive(Parser, Debug, Clone, Serialize)]
-#[command(name = "loadgen", version, about, long_about = None)]
+// The version line carries the commit (see ../build.rs).
+#[command(name = "loadgen", version = env!("BUILD_VERSION_LINE"), about, long_about = None)]
 pub struct Cli {
     #[command(flatten)]
     pub common: Common,

@@ -400,3 +400,30 @@ async fn connect_and_idle_run_one_after_the_other() {
     assert!(v["server"]["rss_connected_bytes"].is_u64());
     assert!(v["server"]["bytes_per_connection"].is_f64());
 }
+
+/// `loadgen --version` names the commit of this checkout (a prefix of
+/// `git rev-parse HEAD`), or `unknown` where git cannot tell.
+#[test]
+fn version_names_the_commit_it_was_built_from() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_loadgen")).arg("--version").output().expect("run loadgen");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let rest = stdout
+        .trim_end()
+        .strip_prefix(&format!("loadgen {} (commit ", env!("CARGO_PKG_VERSION")))
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("loadgen --version printed {stdout:?}"));
+    let (commit, state) = rest.split_once(", ").unwrap_or((rest, "unknown"));
+    assert!(["clean", "dirty", "unknown"].contains(&state), "{stdout:?}");
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8(out.stdout).unwrap().trim().to_owned());
+    match head {
+        Some(head) => assert!(commit.len() >= 7 && head.starts_with(commit), "{stdout:?}, checkout at {head}"),
+        None => assert_eq!(commit, "unknown", "{stdout:?}"),
+    }
+}

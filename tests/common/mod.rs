@@ -671,3 +671,23 @@ pub async fn upgrade_refusal(url: &str, headers: &[(&str, &str)]) -> (u16, Value
     assert_eq!(content_type.as_deref(), Some("application/json"), "refusal body: {text}");
     (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("refusal body is not JSON ({e}): {text}")))
 }
+
+/// Checks a commit a binary says it was built from against the checkout the
+/// tests run in: a prefix of `git rev-parse HEAD` (at least 7 digits), or
+/// `unknown` where git cannot tell (a tarball, no git installed).
+pub fn assert_is_checkout_commit(printed: &str) {
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8(out.stdout).unwrap().trim().to_owned());
+    match head {
+        Some(head) => assert!(
+            printed.len() >= 7 && printed.chars().all(|c| c.is_ascii_hexdigit()) && head.starts_with(printed),
+            "built from commit {printed:?}, but the checkout is at {head}"
+        ),
+        None => assert_eq!(printed, "unknown", "no git checkout here, yet the build names a commit"),
+    }
+}
