@@ -10,11 +10,11 @@
 // - `BUILD_VERSION_LINE`: what `--version` prints after the program's name,
 //   e.g. `0.1.0 (commit 32a6c31, clean)`.
 //
-// Cargo reruns it when HEAD moves (a commit, a checkout), when the branch
-// HEAD names moves, when the index changes (staging, `git status` refreshing
-// it), and when the crate's own sources change. A worktree's `.git` is a
-// file pointing elsewhere, so the files to watch come from
-// `git rev-parse --git-path`, which knows where each one lives.
+// Cargo reruns it when HEAD moves (a commit, a checkout, a reset: HEAD, its
+// reflog and the branch it names are watched), when the index changes
+// (staging, `git status` refreshing it), and when the crate's own sources
+// change. A worktree's `.git` is a file pointing elsewhere, so the files to
+// watch come from `git rev-parse --git-path`, which knows where each lives.
 //
 // (Plain comments, not `//!`: loadgen/build.rs include!s this file, where an
 // inner doc comment is not allowed.)
@@ -59,18 +59,22 @@ fn main() {
     println!("cargo:rustc-env=BUILD_VERSION_LINE={version} (commit {commit}{state})");
 }
 
-/// Asks cargo to rerun this script when HEAD, the branch it names, the packed
-/// refs or the index change. Only existing files are named: cargo treats a
+/// Asks cargo to rerun this script when HEAD, its reflog, the branch it names,
+/// the packed refs or the index change. Only existing files are named: cargo treats a
 /// missing one as always changed.
 fn watch_git_state(dir: &Path) {
-    let mut watched = vec!["HEAD".to_owned(), "index".to_owned(), "packed-refs".to_owned()];
+    // logs/HEAD, the worktree's reflog, grows with every commit, checkout and
+    // reset, even when the branch lives only in packed-refs (a fresh clone)
+    // and the commit writes a loose ref file nobody watched yet.
+    let mut watched = ["HEAD", "logs/HEAD", "index", "packed-refs"].map(str::to_owned).to_vec();
     if let Some(branch) = git(dir, &["symbolic-ref", "-q", "HEAD"]) {
         watched.push(branch); // refs/heads/<name>, in the common directory
     }
     for name in watched {
-        if let Some(path) = git(dir, &["rev-parse", "--path-format=absolute", "--git-path", &name]) {
-            if Path::new(&path).exists() {
-                println!("cargo:rerun-if-changed={path}");
+        // Relative to `dir` when git prints a relative path (joining keeps an absolute one).
+        if let Some(path) = git(dir, &["rev-parse", "--git-path", &name]).map(|p| dir.join(p)) {
+            if path.exists() {
+                println!("cargo:rerun-if-changed={}", path.display());
             }
         }
     }
