@@ -104,7 +104,7 @@ impl Members {
         for client in &self.clients {
             while matches!((&*client).read(&mut buf), Ok(n) if n > 0) {}
         }
-        let mut batch = std::collections::VecDeque::new();
+        let mut batch = chorus::conn::outbox::Frames::new();
         for conn in &self.conns {
             let _ = conn.outbox.next_for_writer(&mut batch);
             batch.clear();

@@ -14,11 +14,17 @@
 //! while the socket refuses more (the last write stopped short), never the
 //! frames the server holds back by its own choice (a round, a window).
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
+use smallvec::SmallVec;
+
+/// A queue of frames, the first held inline: a quiet connection's queue
+/// rarely holds more than one, and a heap queue would cost a malloc and a
+/// free per delivery (3.5% of the server's CPU at 1 x 1,000 members,
+/// 20 messages a second, in perf).
+pub type Frames = SmallVec<[Bytes; 1]>;
 
 /// Why a frame was not queued.
 #[derive(Debug, PartialEq, Eq)]
@@ -65,7 +71,7 @@ pub enum Claim {
     /// Nothing to do: the queue is empty or someone else writes.
     Nothing,
     /// Write these now; the phase says whether they end with a close frame.
-    Write(VecDeque<Bytes>, Phase),
+    Write(Frames, Phase),
     /// The last write was less than a window ago: start a writer task,
     /// which waits out the window and writes what gathered by then.
     StartWriter,
@@ -92,7 +98,7 @@ pub enum Next {
 }
 
 struct State {
-    frames: VecDeque<Bytes>,
+    frames: Frames,
     phase: Phase,
     writer: Writer,
     /// When the last batch went out: the start of the coalescing window.
@@ -110,7 +116,7 @@ pub struct Outbox {
 impl Outbox {
     pub fn new(capacity: usize) -> Self {
         let state = State {
-            frames: VecDeque::new(),
+            frames: Frames::new(),
             phase: Phase::Open,
             writer: Writer::Nobody,
             last_write: None,
@@ -130,7 +136,7 @@ impl Outbox {
             return Err(PushError::Full);
         }
         let was_empty = state.frames.is_empty();
-        state.frames.push_back(frame);
+        state.frames.push(frame);
         Ok(state.owed_flush(was_empty))
     }
 
@@ -155,10 +161,10 @@ impl Outbox {
             return None;
         }
         if discard_pending {
-            state.frames = VecDeque::new();
+            state.frames = Frames::new();
         }
         let was_empty = state.frames.is_empty();
-        state.frames.push_back(close);
+        state.frames.push(close);
         state.phase = Phase::Closing;
         Some(state.owed_flush(was_empty))
     }
@@ -169,7 +175,7 @@ impl Outbox {
         let mut state = self.state.lock();
         let was_dead = state.phase == Phase::Dead;
         state.phase = Phase::Dead;
-        state.frames = VecDeque::new();
+        state.frames = Frames::new();
         !was_dead && state.writer == Writer::Nobody
     }
 
@@ -196,7 +202,7 @@ impl Outbox {
     /// connection. `unwritten` is what the socket did not take (it refused
     /// more), to go out first. Says `Finish` when the connection was killed
     /// meanwhile.
-    pub fn release_inline(&self, unwritten: VecDeque<Bytes>, window: Duration) -> AfterWrite {
+    pub fn release_inline(&self, unwritten: Frames, window: Duration) -> AfterWrite {
         let mut state = self.state.lock();
         // The clock is read only when a window may hold the next write back.
         if !window.is_zero() {
@@ -229,7 +235,7 @@ impl Outbox {
     /// For the writer task: swaps everything queued into `batch` (empty,
     /// its memory kept from the last batch, so a busy connection queues
     /// without allocating), or retires the writer when the queue is empty.
-    pub fn next_for_writer(&self, batch: &mut VecDeque<Bytes>) -> Next {
+    pub fn next_for_writer(&self, batch: &mut Frames) -> Next {
         let mut state = self.state.lock();
         match state.phase {
             Phase::Dead => {
@@ -239,7 +245,7 @@ impl Outbox {
             _ if state.frames.is_empty() => {
                 state.writer = Writer::Nobody;
                 // An idle connection keeps no queue memory.
-                state.frames = VecDeque::new();
+                state.frames = Frames::new();
                 Next::Retired
             }
             phase => {
@@ -270,7 +276,7 @@ impl Outbox {
     pub fn writer_finished(&self) {
         let mut state = self.state.lock();
         state.phase = Phase::Dead;
-        state.frames = VecDeque::new();
+        state.frames = Frames::new();
         state.writer = Writer::Nobody;
     }
 }
@@ -301,7 +307,7 @@ mod tests {
 
     fn written(claim: Claim) -> (Vec<Bytes>, Phase) {
         match claim {
-            Claim::Write(frames, phase) => (frames.into(), phase),
+            Claim::Write(frames, phase) => (frames.into_vec(), phase),
             Claim::Nothing => panic!("claimed nothing"),
             Claim::StartWriter => panic!("asked for a writer task"),
         }
@@ -316,10 +322,10 @@ mod tests {
         // While the flusher writes, pushes are queued for it.
         assert_eq!(q.push(frame(3)), Ok(Pushed::Queued));
         assert!(matches!(q.claim(Duration::ZERO), Claim::Nothing));
-        assert_eq!(q.release_inline(VecDeque::new(), Duration::ZERO), AfterWrite::StartWriter);
-        let mut batch = VecDeque::new();
+        assert_eq!(q.release_inline(Frames::new(), Duration::ZERO), AfterWrite::StartWriter);
+        let mut batch = Frames::new();
         assert!(matches!(q.next_for_writer(&mut batch), Next::Write(Phase::Open)));
-        assert_eq!(batch, [frame(3)]);
+        assert_eq!(batch.as_slice(), [frame(3)]);
         batch.clear();
         assert!(matches!(q.next_for_writer(&mut batch), Next::Retired));
         assert_eq!(q.push(frame(4)), Ok(Pushed::FlushNeeded), "a retired writer leaves the flush to the pusher");
@@ -333,9 +339,9 @@ mod tests {
         assert_eq!(q.push(frame(3)), Ok(Pushed::Queued), "held back by the server, not refused by the socket");
         let _ = written(q.claim(Duration::ZERO));
         // The socket took one frame of three.
-        assert_eq!(q.release_inline(VecDeque::from([frame(2), frame(3)]), Duration::ZERO), AfterWrite::StartWriter);
+        assert_eq!(q.release_inline(Frames::from_iter([frame(2), frame(3)]), Duration::ZERO), AfterWrite::StartWriter);
         assert_eq!(q.push(frame(4)), Err(PushError::Full), "two wait behind a full socket");
-        let mut batch = VecDeque::new();
+        let mut batch = Frames::new();
         assert!(matches!(q.next_for_writer(&mut batch), Next::Write(Phase::Open)));
         assert_eq!(q.push(frame(4)), Ok(Pushed::Queued), "the writer holds the batch; one waits");
         q.refused();
@@ -351,10 +357,10 @@ mod tests {
         let _ = q.push(frame(1));
         let _ = written(q.claim(Duration::ZERO));
         let _ = q.push(frame(2));
-        assert_eq!(q.release_inline(VecDeque::from([frame(1)]), Duration::ZERO), AfterWrite::StartWriter);
-        let mut batch = VecDeque::new();
+        assert_eq!(q.release_inline(Frames::from_iter([frame(1)]), Duration::ZERO), AfterWrite::StartWriter);
+        let mut batch = Frames::new();
         assert!(matches!(q.next_for_writer(&mut batch), Next::Write(Phase::Open)));
-        assert_eq!(batch, [frame(1), frame(2)]);
+        assert_eq!(batch.as_slice(), [frame(1), frame(2)]);
     }
 
     #[test]
@@ -362,7 +368,7 @@ mod tests {
         let q = Outbox::new(4);
         let _ = q.push(frame(1));
         let _ = written(q.claim(Duration::from_secs(60)));
-        assert_eq!(q.release_inline(VecDeque::new(), Duration::from_secs(60)), AfterWrite::Done);
+        assert_eq!(q.release_inline(Frames::new(), Duration::from_secs(60)), AfterWrite::Done);
         assert_eq!(q.push(frame(2)), Ok(Pushed::FlushNeeded));
         assert!(matches!(q.claim(Duration::from_secs(60)), Claim::StartWriter));
         assert!(q.writer_due(Duration::from_secs(60)).is_some());
@@ -406,6 +412,6 @@ mod tests {
         let _ = busy.push(frame(1));
         let _ = written(busy.claim(Duration::ZERO));
         assert!(!busy.kill(), "the inline writer finishes");
-        assert_eq!(busy.release_inline(VecDeque::new(), Duration::ZERO), AfterWrite::Finish);
+        assert_eq!(busy.release_inline(Frames::new(), Duration::ZERO), AfterWrite::Finish);
     }
 }
