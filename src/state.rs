@@ -14,11 +14,14 @@ use crate::bus::Bus;
 use crate::config::Config;
 use crate::conn::{Coalescing, Connection, WriterConfig};
 use crate::metrics::Metrics;
+use crate::presence::Presence;
 
 pub struct ServerState {
     pub config: Config,
     pub bus: Bus,
     pub metrics: Arc<Metrics>,
+    /// Who is in each room (PROTOCOL.md section 8).
+    pub presence: Presence,
     /// What every connection's writing shares.
     pub writer: Arc<WriterConfig>,
     /// Every open connection, for the liveness sweep and shutdown.
@@ -38,6 +41,7 @@ impl ServerState {
         Self {
             config,
             bus,
+            presence: Presence::new(metrics.clone()),
             metrics,
             writer,
             connections: DashMap::new(),
