@@ -38,10 +38,11 @@ impl ServerState {
     pub fn new(config: Config, bus: Bus, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Self {
         let coalescing = Coalescing::new(config.write_coalesce, config.write_coalesce_load);
         let writer = Arc::new(WriterConfig { coalescing, metrics: metrics.clone() });
+        let presence = presence(&config, metrics.clone(), &shutdown);
         Self {
+            presence,
             config,
             bus,
-            presence: Presence::new(metrics.clone()),
             metrics,
             writer,
             connections: DashMap::new(),
@@ -64,6 +65,21 @@ impl ServerState {
 
     pub fn next_connection_id(&self) -> u64 {
         self.next_connection_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Presence of a single node, or, with `--redis-url`, of a cluster node
+/// (its own Redis connections and node id).
+fn presence(config: &Config, metrics: Arc<Metrics>, shutdown: &CancellationToken) -> Presence {
+    let Some(url) = &config.redis_url else { return Presence::new(metrics) };
+    let node = crate::bus::fresh_epoch();
+    match crate::presence::Cluster::new(url, &config.redis_prefix, node, config.presence_ttl) {
+        Ok(cluster) => Presence::clustered(metrics, cluster, shutdown.clone()),
+        // The bus opened the same URL already.
+        Err(e) => {
+            tracing::error!("presence cannot use redis ({e}); it stays local to this node");
+            Presence::new(metrics)
+        }
     }
 }
 

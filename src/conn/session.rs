@@ -199,7 +199,10 @@ impl Session {
             RequestKind::Ping => self.send(outbound::pong(reference)),
             RequestKind::Presence { room } => {
                 if self.allowed(&room, reference) {
-                    self.send(self.state.presence.answer(&room, reference));
+                    match self.state.presence.answer(&room, reference).await {
+                        Ok(answer) => self.send(answer),
+                        Err(e) => self.error(ErrorCode::Unavailable, &e.to_string(), reference),
+                    }
                 }
             }
         }
@@ -238,7 +241,7 @@ impl Session {
     async fn join(&mut self, room: RoomName, since: Option<Since<'_>>, presence: bool, reference: Option<&str>) {
         match self.state.bus.join(&room, &self.conn, since).await {
             Ok(()) => {
-                self.state.presence.join(&room, &self.conn, &self.claims.sub, presence);
+                self.state.presence.join(&room, &self.conn, &self.claims.sub, presence).await;
                 if !self.rooms.contains(&room) {
                     // One room at a time: most connections join one, and every
                     // connection keeps this list for as long as it lives.

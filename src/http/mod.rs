@@ -37,7 +37,7 @@ async fn route(state: &Arc<ServerState>, req: Request<Incoming>) -> Result<HttpR
         (&Method::GET, ["ws", room]) => upgrade::upgrade(state, req, Some(room)),
         (&Method::POST, ["rooms", room, "messages"]) => api::publish(state, req, room).await,
         (&Method::GET, ["rooms", room, "history"]) => api::history(state, req, room).await,
-        (&Method::GET, ["rooms", room, "presence"]) => api::presence(state, &req, room),
+        (&Method::GET, ["rooms", room, "presence"]) => api::presence(state, &req, room).await,
         (
             _,
             ["healthz" | "readyz" | "metrics" | "ws"] | ["ws", _] | ["rooms", _, "messages" | "history" | "presence"],

@@ -6,47 +6,92 @@
 //! rooms: the publish path never looks at it (a message costs nothing more
 //! in a room with presence), and joins and leaves, which do change it, are
 //! rare next to messages. Each room has its own lock, held only for map
-//! updates and for queueing frames, never across an `.await`. Diffs are
-//! batched: the first change after a quiet period schedules one flush task
-//! for the room, at most every [`DIFF_INTERVAL`], that sends every
-//! subscriber the net change since what it last received.
+//! updates and for queueing frames, never across an `.await`. Changes are
+//! batched: the first one after a quiet period starts the room's one sync
+//! task, which runs at most every [`DIFF_INTERVAL`]: in a cluster it writes
+//! this node's contribution to Redis and reads the other nodes' (see
+//! [`cluster`]), then it sends every subscriber the net change since what
+//! it last received.
 
+mod cluster;
 mod room;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
+use futures_util::StreamExt;
 use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
 
 use crate::conn::outbox::{PushError, Pushed};
 use crate::conn::{flush_all, Connection};
 use crate::metrics::Metrics;
-use crate::protocol::outbound;
+use crate::protocol::outbound::{self, PresenceView, PresentUser};
 use crate::room::RoomName;
+pub use cluster::Cluster;
 use room::RoomPresence;
 pub use room::{DIFF_INTERVAL, MAX_LISTED};
 
 type RoomCell = Arc<Mutex<RoomPresence>>;
+type Rooms = Arc<DashMap<RoomName, RoomCell>>;
+
+/// Redis did not answer a presence read.
+#[derive(Debug, thiserror::Error)]
+#[error("redis is unavailable: {0}")]
+pub struct PresenceError(String);
 
 pub struct Presence {
-    rooms: DashMap<RoomName, RoomCell>,
+    rooms: Rooms,
     metrics: Arc<Metrics>,
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Presence {
+    /// A single node's presence.
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { rooms: DashMap::new(), metrics }
+        Self { rooms: Arc::default(), metrics, cluster: None }
+    }
+
+    /// A cluster node's presence: starts the heartbeat and the listener for
+    /// other nodes' notices, which run until `shutdown`.
+    pub fn clustered(metrics: Arc<Metrics>, cluster: Cluster, shutdown: CancellationToken) -> Self {
+        let presence = Self { rooms: Arc::default(), metrics, cluster: Some(Arc::new(cluster)) };
+        tokio::spawn(presence.handle().heartbeat(shutdown.clone()));
+        tokio::spawn(presence.handle().listen(shutdown));
+        presence
+    }
+
+    fn handle(&self) -> Handle {
+        Handle { rooms: self.rooms.clone(), metrics: self.metrics.clone(), cluster: self.cluster.clone() }
     }
 
     /// Counts `conn` (user `sub`) as joined to `room`; with `subscribe`, it
     /// gets the room's state now and diffs from then on, and without, a
     /// subscription from an earlier join ends. Call after `joined` is queued.
-    pub fn join(&self, room: &RoomName, conn: &Arc<Connection>, sub: &str, subscribe: bool) {
-        self.with_room(room, |presence, to_flush| {
+    pub async fn join(&self, room: &RoomName, conn: &Arc<Connection>, sub: &str, subscribe: bool) {
+        // A node's first subscriber in a room needs the other nodes' users
+        // for its state; read before taking the lock (a change read too
+        // early is caught by the read the sync task does next).
+        let mut remote = None;
+        if let (Some(cluster), true) = (&self.cluster, subscribe) {
+            if !self.rooms.get(room).is_some_and(|cell| cell.lock().wants_remote()) {
+                match cluster.read(room, false).await {
+                    Ok(users) => remote = Some(users),
+                    Err(e) => tracing::warn!(%room, "cannot read presence from redis: {e}"),
+                }
+            }
+        }
+        let clustered = self.cluster.is_some();
+        self.handle().with_room(room, |presence, to_flush| {
             presence.add_conn(conn.id, sub);
+            presence.sync.local_dirty |= clustered;
             if subscribe {
-                let (new, pushed) = presence.subscribe(room, conn);
+                // A failed read is retried by the sync task.
+                presence.sync.remote_due |= clustered && remote.is_none();
+                let (new, pushed) = presence.subscribe(room, conn, remote);
                 self.metrics.presence_states.inc();
                 if new {
                     self.metrics.presence_subscribers.inc();
@@ -68,46 +113,83 @@ impl Presence {
     /// last connection here.
     pub fn leave(&self, room: &RoomName, conn_id: u64) {
         let Some(cell) = self.rooms.get(room).map(|r| r.clone()) else { return };
+        let handle = self.handle();
         {
             let mut presence = cell.lock();
             if presence.unsubscribe(conn_id) {
                 self.metrics.presence_subscribers.dec();
             }
             if presence.remove_conn(conn_id) {
-                self.schedule_flush(room, &cell, &mut presence);
+                presence.sync.local_dirty |= self.cluster.is_some();
             }
+            handle.schedule(room, &cell, &mut presence);
         }
         self.rooms.remove_if(room, |_, cell| {
             let mut presence = cell.lock();
-            let idle = presence.is_idle();
+            // A cluster room waits for its sync task to write the last leave.
+            let idle = presence.is_idle() && !presence.sync.local_dirty;
             presence.removed |= idle;
             idle
         });
     }
 
-    /// The answer to a `presence` request.
-    pub fn answer(&self, room: &RoomName, reference: Option<&str>) -> Bytes {
-        match self.rooms.get(room).map(|r| r.clone()) {
-            Some(cell) => outbound::presence(room, cell.lock().view(), reference),
-            None => outbound::presence(room, RoomPresence::default().view(), reference),
+    /// The answer to a `presence` request: this node's view on a single
+    /// node, what every node wrote to Redis in a cluster.
+    pub async fn answer(&self, room: &RoomName, reference: Option<&str>) -> Result<Bytes, PresenceError> {
+        match &self.cluster {
+            None => Ok(self.with_local_view(room, |view| outbound::presence(room, view, reference))),
+            Some(cluster) => {
+                let users = cluster_users(cluster, room).await?;
+                Ok(outbound::presence(room, sorted_view(&users), reference))
+            }
         }
     }
 
     /// `GET /rooms/{room}/presence`'s body.
-    pub fn json(&self, room: &RoomName) -> Vec<u8> {
-        match self.rooms.get(room).map(|r| r.clone()) {
-            Some(cell) => outbound::presence_json(room, cell.lock().view()),
-            None => outbound::presence_json(room, RoomPresence::default().view()),
+    pub async fn json(&self, room: &RoomName) -> Result<Vec<u8>, PresenceError> {
+        match &self.cluster {
+            None => Ok(self.with_local_view(room, |view| outbound::presence_json(room, view))),
+            Some(cluster) => {
+                let users = cluster_users(cluster, room).await?;
+                Ok(outbound::presence_json(room, sorted_view(&users)))
+            }
         }
     }
 
-    /// Local presence subscribers in `room` (for tests and metrics).
-    pub fn subscribers(&self, room: &RoomName) -> usize {
-        self.rooms.get(room).map_or(0, |cell| cell.lock().subscribers())
+    fn with_local_view<R>(
+        &self,
+        room: &RoomName,
+        f: impl FnOnce(PresenceView<&mut dyn Iterator<Item = PresentUser<'_>>>) -> R,
+    ) -> R {
+        let cell = self.rooms.get(room).map(|r| r.clone()).unwrap_or_default();
+        let presence = cell.lock();
+        let view = presence.view();
+        let mut members = view.members;
+        f(PresenceView::new(view.count, &mut members, view.truncated))
     }
+}
 
+async fn cluster_users(cluster: &Cluster, room: &RoomName) -> Result<BTreeMap<String, u32>, PresenceError> {
+    let users = cluster.read(room, true).await.map_err(|e| PresenceError(e.to_string()))?;
+    Ok(users.into_iter().collect())
+}
+
+fn sorted_view(users: &BTreeMap<String, u32>) -> PresenceView<impl Iterator<Item = PresentUser<'_>>> {
+    let members = users.iter().take(MAX_LISTED).map(|(sub, conns)| PresentUser { sub, conns: *conns });
+    PresenceView::new(users.len(), members, users.len() > MAX_LISTED)
+}
+
+/// What the background tasks share with [`Presence`].
+#[derive(Clone)]
+struct Handle {
+    rooms: Rooms,
+    metrics: Arc<Metrics>,
+    cluster: Option<Arc<Cluster>>,
+}
+
+impl Handle {
     /// Runs `f` under the room's lock, creating the room if needed; then
-    /// schedules the flush a change calls for and writes what `f` queued.
+    /// starts the sync task a change calls for and writes what `f` queued.
     fn with_room<R>(&self, name: &RoomName, f: impl FnOnce(&mut RoomPresence, &mut Vec<Arc<Connection>>) -> R) -> R {
         let mut to_flush = Vec::new();
         let mut f = Some(f);
@@ -119,7 +201,7 @@ impl Presence {
             }
             if let Some(f) = f.take() {
                 let result = f(&mut presence, &mut to_flush);
-                self.schedule_flush(name, &cell, &mut presence);
+                self.schedule(name, &cell, &mut presence);
                 break result;
             }
         };
@@ -129,18 +211,125 @@ impl Presence {
         result
     }
 
-    /// Starts the task that sends the room's next diffs, when a change
-    /// calls for one and none is on its way.
-    fn schedule_flush(&self, name: &RoomName, cell: &RoomCell, presence: &mut RoomPresence) {
-        let Some(at) = presence.flush_due() else { return };
-        let (name, cell, metrics) = (name.clone(), cell.clone(), self.metrics.clone());
-        tokio::spawn(async move {
+    /// Starts the room's sync task when it has work and is not running.
+    fn schedule(&self, name: &RoomName, cell: &RoomCell, presence: &mut RoomPresence) {
+        let Some(at) = presence.sync_due() else { return };
+        tokio::spawn(self.clone().sync(name.clone(), cell.clone(), at));
+    }
+
+    /// The room's sync task: rounds at most every [`DIFF_INTERVAL`] while
+    /// there is work: write this node's users, read the others', send diffs.
+    async fn sync(self, name: RoomName, cell: RoomCell, mut at: std::time::Instant) {
+        loop {
             tokio::time::sleep_until(at.into()).await;
+            let (local, read_remote) = cell.lock().start_round();
+            if let Some(cluster) = &self.cluster {
+                if let Some(local) = local {
+                    if let Err(e) = cluster.write(&name, &local).await {
+                        // The next heartbeat writes it again.
+                        tracing::warn!(room = %name, "cannot write presence to redis: {e}");
+                    }
+                }
+                if read_remote {
+                    match cluster.read(&name, false).await {
+                        Ok(users) => cell.lock().set_remote(users),
+                        Err(e) => tracing::warn!(room = %name, "cannot read presence from redis: {e}"),
+                    }
+                }
+            }
             let mut to_flush = Vec::new();
-            cell.lock().flush(&name, &metrics, &mut to_flush);
+            let next = {
+                let mut presence = cell.lock();
+                presence.flush(&name, &self.metrics, &mut to_flush);
+                presence.sync_again()
+            };
             if !to_flush.is_empty() {
                 flush_all(to_flush);
             }
+            match next {
+                Some(next) => at = next,
+                None => break,
+            }
+        }
+        // A room kept for its last write may go now.
+        self.rooms.remove_if(&name, |_, cell| {
+            let mut presence = cell.lock();
+            let idle = presence.is_idle() && !presence.sync.local_dirty;
+            presence.removed |= idle;
+            idle
         });
+    }
+
+    /// Cluster: rewrites this node's contribution to every room it has
+    /// users in (so it does not expire), and re-reads the rooms it has
+    /// subscribers in (so a dead node's users leave). Only this node's
+    /// rooms: no sweep reads every room.
+    async fn heartbeat(self, shutdown: CancellationToken) {
+        let Some(cluster) = &self.cluster else { return };
+        let mut beats = tokio::time::interval(cluster.heartbeat());
+        loop {
+            tokio::select! {
+                _ = beats.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            let rooms: Vec<(RoomName, RoomCell)> =
+                self.rooms.iter().map(|e| (e.key().clone(), e.value().clone())).collect();
+            for (name, cell) in rooms {
+                let mut presence = cell.lock();
+                presence.sync.local_dirty |= !presence.is_idle();
+                presence.sync.remote_due |= presence.wants_remote();
+                self.schedule(&name, &cell, &mut presence);
+            }
+        }
+    }
+
+    /// Cluster: hears the notices other nodes publish after writing, and
+    /// has the rooms with subscribers here read again. Reconnects with a
+    /// pause; after a reconnect every such room is read again.
+    async fn listen(self, shutdown: CancellationToken) {
+        let Some(cluster) = self.cluster.clone() else { return };
+        loop {
+            let listened = tokio::select! {
+                result = self.listen_once(&cluster) => result,
+                () = shutdown.cancelled() => return,
+            };
+            if let Err(e) = listened {
+                tracing::warn!("presence pub/sub connection lost: {e}");
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    async fn listen_once(&self, cluster: &Cluster) -> redis::RedisResult<()> {
+        let mut pubsub = cluster.client.get_async_pubsub().await?;
+        pubsub.psubscribe(cluster.pattern()).await?;
+        // Whatever was missed while not listening.
+        self.mark_remote_due(|_| true);
+        let mut stream = pubsub.on_message();
+        while let Some(message) = stream.next().await {
+            let node = message.get_payload_bytes();
+            if node == cluster.node.as_bytes() {
+                continue;
+            }
+            if let Some(room) = cluster.room_of_channel(message.get_channel_name()) {
+                self.mark_remote_due(|name| *name == room);
+            }
+        }
+        Err(redis::RedisError::from((redis::ErrorKind::Io, "pub/sub stream ended")))
+    }
+
+    fn mark_remote_due(&self, which: impl Fn(&RoomName) -> bool) {
+        let rooms: Vec<(RoomName, RoomCell)> =
+            self.rooms.iter().filter(|e| which(e.key())).map(|e| (e.key().clone(), e.value().clone())).collect();
+        for (name, cell) in rooms {
+            let mut presence = cell.lock();
+            if presence.wants_remote() {
+                presence.sync.remote_due = true;
+                self.schedule(&name, &cell, &mut presence);
+            }
+        }
     }
 }

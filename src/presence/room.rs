@@ -26,6 +26,9 @@ use crate::room::RoomName;
 /// sent as a diff (a larger one goes out as a fresh state).
 pub const MAX_LISTED: usize = 1000;
 
+/// This node's users and their connections here, as a cluster node writes them.
+pub(super) type LocalUsers = Vec<(Arc<str>, u32)>;
+
 /// Diffs go out at most this often per room.
 pub const DIFF_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -38,22 +41,35 @@ pub(super) struct RoomPresence {
     conns: HashMap<u64, Arc<str>>,
     /// Present only while a local connection subscribes.
     live: Option<Box<Live>>,
+    /// What the room's sync task has to do.
+    pub(super) sync: SyncState,
     /// Set when the room left the map; whoever raced with that looks again.
     pub(super) removed: bool,
+}
+
+/// The room's one sync task: whether it runs, and what it has to do.
+#[derive(Default)]
+pub(super) struct SyncState {
+    /// The task is on its way.
+    scheduled: bool,
+    /// Cluster: this node's contribution must be written to Redis.
+    pub(super) local_dirty: bool,
+    /// Cluster: the other nodes' contributions must be read again.
+    pub(super) remote_due: bool,
+    last_run: Option<Instant>,
 }
 
 struct Live {
     subscribers: Vec<Subscriber>,
     /// The users who came (`true`) or went since the last flush, in order.
     log: Vec<(Arc<str>, bool)>,
-    /// A flush task is on its way.
-    scheduled: bool,
-    last_flush: Option<Instant>,
+    /// Cluster: the other nodes' users and connections, as last read.
+    remote: HashMap<Arc<str>, u32>,
 }
 
 impl Live {
     fn new() -> Box<Self> {
-        Box::new(Live { subscribers: Vec::new(), log: Vec::new(), scheduled: false, last_flush: None })
+        Box::new(Live { subscribers: Vec::new(), log: Vec::new(), remote: HashMap::new() })
     }
 }
 
@@ -116,10 +132,22 @@ impl RoomPresence {
     }
 
     /// Subscribes `conn` (again) and queues its state; returns whether it
-    /// is a new subscriber and what the push said.
-    pub(super) fn subscribe(&mut self, room: &RoomName, conn: &Arc<Connection>) -> (bool, Result<Pushed, PushError>) {
+    /// is a new subscriber and what the push said. In a cluster, the first
+    /// subscriber brings the other nodes' users, read just before.
+    pub(super) fn subscribe(
+        &mut self,
+        room: &RoomName,
+        conn: &Arc<Connection>,
+        remote: Option<HashMap<String, u32>>,
+    ) -> (bool, Result<Pushed, PushError>) {
+        if self.live.is_none() {
+            self.live = Some(Live::new());
+            if let Some(remote) = remote {
+                self.set_remote(remote);
+            }
+        }
         let state = outbound::presence_state(room, self.view());
-        let live = self.live.get_or_insert_with(Live::new);
+        let Some(live) = self.live.as_mut() else { return (false, Err(PushError::Closed)) };
         let from = live.log.len();
         let new = match live.subscribers.iter_mut().find(|s| s.conn.id == conn.id) {
             Some(subscriber) => {
@@ -141,28 +169,103 @@ impl RoomPresence {
         live.subscribers.retain(|s| s.conn.id != id);
         let was = live.subscribers.len() != before;
         if live.subscribers.is_empty() {
+            // Nobody here needs the other nodes' users any more.
+            let remote = std::mem::take(&mut live.remote);
             self.live = None;
+            for (sub, conns) in remote {
+                self.remove_user_conns(&sub, conns);
+            }
         }
         was
     }
 
-    /// When a flush should run, if one is owed and none is on its way.
-    pub(super) fn flush_due(&mut self) -> Option<Instant> {
-        let live = self.live.as_mut()?;
-        if live.scheduled || live.log.is_empty() {
+    /// Cluster: whether some local connection subscribes, so the other
+    /// nodes' contributions are worth reading.
+    pub(super) fn wants_remote(&self) -> bool {
+        self.live.is_some()
+    }
+
+    /// Whether the sync task has anything to do.
+    fn has_work(&self) -> bool {
+        self.sync.local_dirty || self.sync.remote_due || self.live.as_ref().is_some_and(|l| !l.log.is_empty())
+    }
+
+    /// When the sync task should run, if it has work and is not on its way
+    /// already; the caller starts it.
+    pub(super) fn sync_due(&mut self) -> Option<Instant> {
+        if self.sync.scheduled || !self.has_work() {
             return None;
         }
-        live.scheduled = true;
+        self.sync.scheduled = true;
+        Some(self.next_run())
+    }
+
+    /// At the end of a sync task's round: when to run again, or `None`
+    /// (and the task ends) when nothing is left to do.
+    pub(super) fn sync_again(&mut self) -> Option<Instant> {
+        if !self.has_work() {
+            self.sync.scheduled = false;
+            return None;
+        }
+        Some(self.next_run())
+    }
+
+    /// Rounds run at most every [`DIFF_INTERVAL`].
+    fn next_run(&self) -> Instant {
         let now = Instant::now();
-        Some(live.last_flush.map_or(now, |last| (last + DIFF_INTERVAL).max(now)))
+        self.sync.last_run.map_or(now, |last| (last + DIFF_INTERVAL).max(now))
+    }
+
+    /// The start of a sync task's round: what it has to write (this node's
+    /// users and connections) and whether to read the other nodes.
+    pub(super) fn start_round(&mut self) -> (Option<LocalUsers>, bool) {
+        self.sync.last_run = Some(Instant::now());
+        let local = std::mem::take(&mut self.sync.local_dirty).then(|| self.local_users());
+        let remote = std::mem::take(&mut self.sync.remote_due) && self.live.is_some();
+        (local, remote)
+    }
+
+    /// This node's users and their connections here.
+    pub(super) fn local_users(&self) -> LocalUsers {
+        let mut counts: HashMap<&Arc<str>, u32> = HashMap::new();
+        for sub in self.conns.values() {
+            *counts.entry(sub).or_insert(0) += 1;
+        }
+        counts.into_iter().map(|(sub, n)| (sub.clone(), n)).collect()
+    }
+
+    /// Cluster: replaces the other nodes' contributions with what was just
+    /// read; users who came or went through it go into the diffs.
+    pub(super) fn set_remote(&mut self, fresh: HashMap<String, u32>) {
+        let Some(live) = &mut self.live else { return };
+        let old = std::mem::take(&mut live.remote);
+        let mut remote = HashMap::with_capacity(fresh.len());
+        for (sub, conns) in &old {
+            let now = fresh.get(&**sub).copied().unwrap_or(0);
+            if now < *conns {
+                self.remove_user_conns(sub, conns - now);
+            }
+        }
+        for (sub, conns) in fresh {
+            let sub = match self.users.get_key_value(sub.as_str()) {
+                Some((key, _)) => key.clone(),
+                None => Arc::from(sub),
+            };
+            let before = old.get(&sub).copied().unwrap_or(0);
+            if conns > before {
+                self.add_user_conns(&sub, conns - before);
+            }
+            remote.insert(sub, conns);
+        }
+        if let Some(live) = &mut self.live {
+            live.remote = remote;
+        }
     }
 
     /// Sends every subscriber the net change since what it last received,
     /// as a diff, or as a state when more than [`MAX_LISTED`] users changed.
     pub(super) fn flush(&mut self, room: &RoomName, metrics: &Metrics, to_flush: &mut Vec<Arc<Connection>>) {
         let Some(mut live) = self.live.take() else { return };
-        live.scheduled = false;
-        live.last_flush = Some(Instant::now());
         let log = std::mem::take(&mut live.log);
         // Most subscribers start at 0; those that joined since the last
         // flush each have their own starting point.
@@ -208,10 +311,6 @@ impl RoomPresence {
     pub(super) fn view(&self) -> PresenceView<impl Iterator<Item = PresentUser<'_>>> {
         let members = self.users.iter().take(MAX_LISTED).map(|(sub, conns)| PresentUser { sub, conns: *conns });
         PresenceView::new(self.users.len(), members, self.users.len() > MAX_LISTED)
-    }
-
-    pub(super) fn subscribers(&self) -> usize {
-        self.live.as_ref().map_or(0, |l| l.subscribers.len())
     }
 
     /// Nothing left worth keeping: no local connection, no subscriber, no user.
@@ -293,8 +392,8 @@ mod tests {
         assert!(matches!(room.change(&room_name, &log), Change::State));
         assert!(matches!(room.change(&room_name, &log[1..]), Change::Diff(_)));
         assert!(matches!(room.change(&room_name, &[]), Change::None));
-        assert!(room.flush_due().is_some());
-        assert!(room.flush_due().is_none(), "one flush at a time");
+        assert!(room.sync_due().is_some());
+        assert!(room.sync_due().is_none(), "one sync task at a time");
     }
 
     #[test]
