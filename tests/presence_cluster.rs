@@ -152,3 +152,23 @@ async fn a_killed_node_users_leave_within_the_presence_ttl() {
     assert_eq!(http_presence(&a, room).await["members"], json!([{"sub":"alice","conns":1},{"sub":"erin","conns":1}]));
     drop(on_doomed);
 }
+
+#[tokio::test]
+async fn a_node_that_stops_gracefully_says_goodbye() {
+    let prefix = keyspace::TestPrefix::new("presence-bye", &redis_url());
+    // The default --presence-ttl (30 s) is longer than every wait here: the
+    // leave can only come from the stopping node's goodbye.
+    let a = node(prefix.as_str(), &[]).await;
+    let mut stopping = node(prefix.as_str(), &[]).await;
+    let room = "lobby";
+    let mut alice = a.connect("/ws", &token("alice", None, 3600)).await;
+    join_presence(&mut alice, room).await;
+    let mut frank = stopping.connect("/ws", &token("frank", None, 3600)).await;
+    frank.join(room).await;
+    assert_eq!(alice.recv_type("presence_diff").await["joins"], json!(["frank"]));
+    stopping.sigterm();
+    assert_eq!(frank.recv_close().await.0, 1001);
+    assert!(stopping.wait_exit().await.success());
+    let diff = alice.recv_type("presence_diff").await;
+    assert_eq!(diff, json!({"type":"presence_diff","room":room,"joins":[],"leaves":["frank"],"count":1}));
+}

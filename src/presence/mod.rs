@@ -156,6 +156,18 @@ impl Presence {
         }
     }
 
+    /// At shutdown, after the connections closed: removes this node's
+    /// users from every room it still has in Redis, so the other nodes see
+    /// them leave now rather than after `--presence-ttl`.
+    pub async fn goodbye(&self, grace: Duration) {
+        let Some(cluster) = &self.cluster else { return };
+        let rooms: Vec<RoomName> = self.rooms.iter().map(|e| e.key().clone()).collect();
+        let writes = rooms.iter().map(|room| cluster.write(room, &[]));
+        if tokio::time::timeout(grace, futures_util::future::join_all(writes)).await.is_err() {
+            tracing::warn!("presence goodbye not written in {grace:?}; other nodes drop this one's users by expiry");
+        }
+    }
+
     fn with_local_view<R>(
         &self,
         room: &RoomName,
