@@ -7,6 +7,8 @@ mod common;
 mod keyspace;
 #[path = "common/presence.rs"]
 mod presence;
+#[path = "common/proxy.rs"]
+mod proxy;
 
 use std::time::{Duration, Instant};
 
@@ -24,6 +26,13 @@ async fn node(prefix: &str, extra: &[&str]) -> TestServer {
     let mut args = vec!["--redis-url", &url, "--redis-prefix", prefix];
     args.extend_from_slice(extra);
     TestServer::start(&args).await
+}
+
+fn redis_addr() -> std::net::SocketAddr {
+    let url = redis_url();
+    let host_port = url.trim_start_matches("redis://").split('/').next().unwrap_or("127.0.0.1:6379").to_owned();
+    let host_port = host_port.rsplit('@').next().unwrap_or(&host_port).to_owned();
+    std::net::ToSocketAddrs::to_socket_addrs(&host_port).unwrap().next().unwrap()
 }
 
 async fn http_presence(server: &TestServer, room: &str) -> Value {
@@ -171,4 +180,47 @@ async fn a_node_that_stops_gracefully_says_goodbye() {
     assert!(stopping.wait_exit().await.success());
     let diff = alice.recv_type("presence_diff").await;
     assert_eq!(diff, json!({"type":"presence_diff","room":room,"joins":[],"leaves":["frank"],"count":1}));
+}
+
+#[tokio::test]
+async fn redis_cut_off_answers_unavailable_and_presence_comes_back() {
+    let prefix = keyspace::TestPrefix::new("presence-cut", &redis_url());
+    let proxy = proxy::Proxy::start(redis_addr()).await;
+    let proxied = format!("redis://{}", proxy.addr);
+    let a = TestServer::start(&["--redis-url", &proxied, "--redis-prefix", prefix.as_str()]).await;
+    let room = "lobby";
+    let mut alice = a.connect("/ws", &token("alice", None, 3600)).await;
+    join_presence(&mut alice, room).await;
+    tokio::time::sleep(SETTLE).await;
+    assert_eq!(ask_presence(&mut alice, room).await["count"], 1);
+
+    proxy.cut();
+    alice.send_json(&json!({"type": "presence", "room": room, "ref": "down"})).await;
+    alice.recv_error("unavailable", Some("down")).await;
+    let response = http_client()
+        .get(a.url(&format!("/rooms/{room}/presence")))
+        .bearer_auth(token("reader", None, 3600))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+    assert_eq!(body["error"], "unavailable");
+    // The connection and the server go on.
+    alice.ping_pong().await;
+
+    proxy.restore();
+    let deadline = Instant::now() + GUARD;
+    loop {
+        let reference = unique_ref("back");
+        alice.send_json(&json!({"type": "presence", "room": room, "ref": reference})).await;
+        let answer = alice.recv_json().await;
+        if answer["type"] == "presence" {
+            assert_eq!(answer["members"], json!([{"sub":"alice","conns":1}]));
+            break;
+        }
+        assert_eq!(answer["code"], "unavailable", "{answer}");
+        assert!(Instant::now() < deadline, "presence did not come back after redis did");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
