@@ -280,3 +280,46 @@ async fn more_than_a_thousand_users_are_truncated_and_counted() {
     assert_eq!(state["members"].as_array().unwrap().len(), 1000);
     drop(members);
 }
+
+#[tokio::test]
+async fn a_slow_consumer_cut_ends_presence_in_every_room() {
+    // A cut connection whose peer reads nothing more cannot take its close
+    // frame; its session, and with it its presence, ends at the ping timeout.
+    let server = TestServer::start(&[
+        "--send-queue",
+        "8",
+        "--rate",
+        "100000",
+        "--burst",
+        "100000",
+        "--ping-interval",
+        "200ms",
+        "--ping-timeout",
+        "2s",
+    ])
+    .await;
+    let mut alice = server.connect("/ws", &token("alice", None, 3600)).await;
+    join_presence(&mut alice, "lobby").await;
+    // bob joins the lobby and a busy room, with a small receive buffer,
+    // and then reads nothing.
+    let request = with_bearer(ws_request(server.addr, "/ws/firehose"), &token("bob", None, 3600));
+    let mut bob = try_connect(server.addr, request, Some(4096)).await.expect("bob connects");
+    bob.recv_type("joined").await;
+    bob.join("lobby").await;
+    assert_eq!(alice.recv_type("presence_diff").await["joins"], json!(["bob"]));
+
+    let mut publisher = server.connect("/ws", &token("pub", None, 3600)).await;
+    let pad = "x".repeat(30 * 1024);
+    let mut cut = false;
+    for i in 1..=2000u64 {
+        publisher.publish("firehose", json!({"i": i, "pad": pad})).await;
+        if i % 10 == 0 && server.metric("chorus_slow_consumers_total").await >= 1.0 {
+            cut = true;
+            break;
+        }
+    }
+    assert!(cut, "bob was never cut as a slow consumer");
+    let diff = alice.recv_type("presence_diff").await;
+    assert_eq!(diff, json!({"type":"presence_diff","room":"lobby","joins":[],"leaves":["bob"],"count":1}));
+    drop(bob);
+}

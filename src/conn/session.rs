@@ -124,6 +124,11 @@ impl Session {
                 break;
             }
         }
+        // The connection is closing: its user's presence ends now, not
+        // after the drain below, which may wait seconds for a silent peer.
+        for room in &self.rooms {
+            self.state.presence.leave(room, self.conn.id);
+        }
         // Boxed, as are the other waits of a closing connection: their
         // timers would otherwise sit in every idle connection's future.
         Box::pin(self.linger(reader)).await;
