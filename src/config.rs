@@ -54,6 +54,10 @@ pub struct ServeArgs {
     /// (its sequence goes on); 0s keeps it forever. The database, if any, keeps everything.
     #[arg(long, env = "CHORUS_HISTORY_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub history_ttl: Duration,
+    /// Cluster: the users of a node that stops without a goodbye leave the
+    /// presence of its rooms within this time.
+    #[arg(long, env = "CHORUS_PRESENCE_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub presence_ttl: Duration,
     /// Frames per second each connection may send.
     #[arg(long, env = "CHORUS_RATE", default_value_t = 100.0)]
     pub rate: f64,
@@ -117,6 +121,7 @@ pub struct Config {
     pub history_size: usize,
     /// `None` keeps idle rooms' history forever.
     pub history_ttl: Option<Duration>,
+    pub presence_ttl: Duration,
     pub rate: f64,
     pub burst: u32,
     pub send_queue: usize,
@@ -155,6 +160,7 @@ impl Config {
             max_message_bytes: args.max_message_bytes,
             history_size: args.history_size,
             history_ttl: (!args.history_ttl.is_zero()).then_some(args.history_ttl),
+            presence_ttl: args.presence_ttl,
             rate: args.rate,
             burst: args.burst,
             send_queue: args.send_queue,
@@ -186,6 +192,9 @@ fn check_limits(args: &ServeArgs) -> Result<(), ConfigError> {
     }
     if !(args.rate.is_finite() && args.rate > 0.0) || args.burst == 0 {
         return invalid("--rate and --burst must be above zero");
+    }
+    if args.presence_ttl < Duration::from_millis(400) {
+        return invalid("--presence-ttl must be at least 400ms");
     }
     if !(0.0..=1.0).contains(&args.write_coalesce_load) {
         return invalid("--write-coalesce-load must be between 0 and 1");
@@ -235,6 +244,13 @@ mod tests {
     fn config(args: &[&str]) -> Result<Config, ConfigError> {
         let cli = Cli::try_parse_from(std::iter::once("chorus").chain(args.iter().copied())).expect("parses");
         Config::from_args(cli.serve)
+    }
+
+    #[test]
+    fn presence_ttl_has_a_default_and_a_floor() {
+        assert_eq!(config(&[]).unwrap().presence_ttl, Duration::from_secs(30));
+        assert_eq!(config(&["--presence-ttl", "2s"]).unwrap().presence_ttl, Duration::from_secs(2));
+        assert!(config(&["--presence-ttl", "100ms"]).is_err());
     }
 
     #[test]

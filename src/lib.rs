@@ -13,6 +13,7 @@ pub mod history;
 pub mod http;
 pub mod liveness;
 pub mod metrics;
+pub mod presence;
 pub mod protocol;
 pub mod registry;
 pub mod room;

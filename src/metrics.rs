@@ -57,6 +57,13 @@ pub struct Metrics {
     pub persist_queue_depth: Gauge,
     pub persist_batch_rows: Histogram,
     pub persist_batch_seconds: Histogram,
+    /// Local connections subscribed to a room's presence.
+    pub presence_subscribers: Gauge,
+    /// `presence_diff` frames queued to subscribers.
+    pub presence_diffs: Counter,
+    /// `presence_state` frames queued to subscribers (on subscribing, and
+    /// for changes too large for a diff).
+    pub presence_states: Counter,
 }
 
 impl Metrics {
@@ -139,6 +146,16 @@ impl Metrics {
         registry.register("persist_queue_depth", "Messages waiting to be written", persist_queue_depth.clone());
         registry.register("persist_batch_rows", "Rows per database batch", persist_batch_rows.clone());
         registry.register("persist_batch_seconds", "Database batch write latency", persist_batch_seconds.clone());
+        let presence_subscribers = Gauge::default();
+        let presence_diffs = Counter::default();
+        let presence_states = Counter::default();
+        registry.register(
+            "presence_subscribers",
+            "Connections subscribed to a room's presence",
+            presence_subscribers.clone(),
+        );
+        registry.register("presence_diffs", "presence_diff frames queued to subscribers", presence_diffs.clone());
+        registry.register("presence_states", "presence_state frames queued to subscribers", presence_states.clone());
         Self {
             registry,
             connections,
@@ -166,6 +183,9 @@ impl Metrics {
             persist_queue_depth,
             persist_batch_rows,
             persist_batch_seconds,
+            presence_subscribers,
+            presence_diffs,
+            presence_states,
         }
     }
 

@@ -74,6 +74,7 @@ impl Server {
         if tokio::time::timeout(grace, state.tasks.wait()).await.is_err() {
             tracing::warn!("{} connections still open after {grace:?}", state.connections.len());
         }
+        state.presence.goodbye(grace).await;
         if !state.bus.flush(grace).await {
             tracing::error!("history not fully written to the database; the next start begins new epochs");
         }

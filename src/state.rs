@@ -14,11 +14,14 @@ use crate::bus::Bus;
 use crate::config::Config;
 use crate::conn::{Coalescing, Connection, WriterConfig};
 use crate::metrics::Metrics;
+use crate::presence::Presence;
 
 pub struct ServerState {
     pub config: Config,
     pub bus: Bus,
     pub metrics: Arc<Metrics>,
+    /// Who is in each room (PROTOCOL.md section 8).
+    pub presence: Presence,
     /// What every connection's writing shares.
     pub writer: Arc<WriterConfig>,
     /// Every open connection, for the liveness sweep and shutdown.
@@ -35,7 +38,9 @@ impl ServerState {
     pub fn new(config: Config, bus: Bus, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Self {
         let coalescing = Coalescing::new(config.write_coalesce, config.write_coalesce_load);
         let writer = Arc::new(WriterConfig { coalescing, metrics: metrics.clone() });
+        let presence = presence(&config, metrics.clone(), &shutdown);
         Self {
+            presence,
             config,
             bus,
             metrics,
@@ -60,6 +65,21 @@ impl ServerState {
 
     pub fn next_connection_id(&self) -> u64 {
         self.next_connection_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Presence of a single node, or, with `--redis-url`, of a cluster node
+/// (its own Redis connections and node id).
+fn presence(config: &Config, metrics: Arc<Metrics>, shutdown: &CancellationToken) -> Presence {
+    let Some(url) = &config.redis_url else { return Presence::new(metrics) };
+    let node = crate::bus::fresh_epoch();
+    match crate::presence::Cluster::new(url, &config.redis_prefix, node, config.presence_ttl) {
+        Ok(cluster) => Presence::clustered(metrics, cluster, shutdown.clone()),
+        // The bus opened the same URL already.
+        Err(e) => {
+            tracing::error!("presence cannot use redis ({e}); it stays local to this node");
+            Presence::new(metrics)
+        }
     }
 }
 

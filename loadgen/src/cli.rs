@@ -42,6 +42,11 @@ pub struct Common {
     #[arg(long, global = true, conflicts_with = "jwt_secret")]
     pub token_file: Option<PathBuf>,
 
+    /// Join with `"presence": true` and count the presence frames each
+    /// connection receives (and when its view first shows every member).
+    #[arg(long, global = true)]
+    pub presence: bool,
+
     /// Prefix of the `sub` claim of minted tokens.
     #[arg(long, global = true, default_value = "lg-")]
     pub sub_prefix: String,

@@ -23,8 +23,8 @@ use crate::scenario::{self, Plan, Timing};
 use crate::session::{self, Session, Shared};
 use crate::stats::Stats;
 use crate::summary::{
-    curve, Connections, Curves, Event, Joins, Latencies, LoadgenFigures, Messages, Percentiles, Phases, ServerFigures,
-    Summary,
+    curve, Connections, Curves, Event, Joins, Latencies, LoadgenFigures, Messages, Percentiles, Phases,
+    PresenceFigures, ServerFigures, Summary,
 };
 use crate::token::TokenSource;
 use crate::verdict;
@@ -71,7 +71,15 @@ pub async fn run(cli: Cli) -> Result<Summary> {
     }
     let connector = Arc::new(Connector::new(targets, common.source_ips, common.connect_timeout));
     let stats = Stats::new(plan.rooms.len(), common.threads.max(1) * 4)?;
-    let sh = Arc::new(Shared::new(stats, clock, plan.rooms.clone()));
+    let mut shared = Shared::new(stats, clock, plan.rooms.clone());
+    shared.presence = common.presence;
+    shared.room_members = vec![0; plan.rooms.len()];
+    for room in plan.specs.iter().flat_map(|s| &s.joins) {
+        if let Some(n) = shared.room_members.get_mut(*room) {
+            *n += 1;
+        }
+    }
+    let sh = Arc::new(shared);
     let phase = PhaseCell::default();
 
     let mut warnings = plan.warnings.clone();
@@ -88,6 +96,7 @@ pub async fn run(cli: Cli) -> Result<Summary> {
     let intr = Interrupt::install();
     let progress = Progress::start(sh.clone(), phase.clone(), plan.specs.len(), common.quiet);
     let t0 = Instant::now();
+    let run_start_ns = sh.clock.now_ns();
     let rss_before = server.rss();
     let cpu_before = server.cpu();
     let self_cpu_start = proc::cpu_seconds("self").unwrap_or(0.0);
@@ -312,6 +321,19 @@ pub async fn run(cli: Cli) -> Result<Summary> {
             connect: curve(&connect_hist),
         },
         server: server_fig,
+        presence: common.presence.then(|| {
+            let subscribers = plan.joins() as u64;
+            let frames = st.presence_frames.load(Ordering::Relaxed);
+            let last = st.presence_complete_last_ns.load(Ordering::Relaxed);
+            PresenceFigures {
+                subscribers,
+                frames,
+                states: st.presence_states.load(Ordering::Relaxed),
+                frames_per_subscriber: if subscribers > 0 { frames as f64 / subscribers as f64 } else { 0.0 },
+                complete: st.presence_complete.load(Ordering::Relaxed),
+                complete_after_s: (last > 0).then(|| last.saturating_sub(run_start_ns) as f64 / 1e9),
+            }
+        }),
         loadgen,
         events,
         problems: vec![],

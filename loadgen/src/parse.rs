@@ -31,6 +31,8 @@ pub struct ServerFrame<'a> {
     pub message: Option<&'a str>,
     pub epoch: Option<&'a str>,
     pub marker: Option<Marker>,
+    /// `count` of presence frames.
+    pub count: Option<u64>,
 }
 
 /// Parse one text frame; None when it is not a JSON object with a `type`.
@@ -43,6 +45,7 @@ pub fn parse(buf: &[u8]) -> Option<ServerFrame<'_>> {
             b"type" => ty = Some(p.string()?),
             b"room" => f.room = Some(p.string()?),
             b"seq" => f.seq = p.number(),
+            b"count" => f.count = p.number(),
             b"ref" => f.reference = p.string_or_skip(),
             b"code" => f.code = p.string_or_skip(),
             b"message" => f.message = p.string_or_skip(),

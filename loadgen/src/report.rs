@@ -29,6 +29,14 @@ pub fn table(s: &Summary) -> String {
             "joins", j.joined, j.planned, s.phases.join_s, j.failed, j.timed_out
         );
     }
+    if let Some(p) = &s.presence {
+        let after = p.complete_after_s.map_or_else(|| "never".to_owned(), |t| format!("{t:.2} s in"));
+        let _ = writeln!(
+            o,
+            "{:<13} {} frames ({} states), {:.1} per subscriber; {} of {} saw their whole room, the last {after}",
+            "presence", p.frames, p.states, p.frames_per_subscriber, p.complete, p.subscribers
+        );
+    }
     let m = &s.messages;
     if m.sent > 0 || s.phases.send_s > 0.0 {
         let _ = writeln!(

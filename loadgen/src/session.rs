@@ -32,13 +32,25 @@ pub struct Shared {
     pub rooms_json: Vec<String>,
     /// Start of the send phase, Unix ns (schedules count from it).
     pub send_start_ns: AtomicU64,
+    /// `--presence`: joins ask for presence frames.
+    pub presence: bool,
+    /// Members each room will have once every join is done.
+    pub room_members: Vec<u64>,
 }
 
 impl Shared {
     pub fn new(stats: Stats, clock: Clock, rooms: Vec<String>) -> Self {
         let rooms_json =
             rooms.iter().map(|r| serde_json::to_string(r).unwrap_or_else(|_| format!("\"{r}\""))).collect();
-        Self { stats, clock, rooms, rooms_json, send_start_ns: AtomicU64::new(0) }
+        Self {
+            stats,
+            clock,
+            rooms,
+            rooms_json,
+            send_start_ns: AtomicU64::new(0),
+            presence: false,
+            room_members: Vec::new(),
+        }
     }
 }
 
@@ -89,6 +101,7 @@ pub fn start(conn: Conn, spec: Spec, sh: Arc<Shared>) -> Session {
             .collect(),
         pending: spec.joins.len(),
         send: send.clone(),
+        presence_complete: false,
     };
     let mut tasks = vec![tokio::spawn(read_loop(reader, writer.clone(), state, sh.clone()))];
     let mut ticks = None;
@@ -119,6 +132,8 @@ struct ReaderState {
     /// Joins not yet answered.
     pending: usize,
     send: Option<Arc<SendSpec>>,
+    /// A presence frame already showed every member of the room.
+    presence_complete: bool,
 }
 
 async fn read_loop(mut reader: FrameReader, writer: SharedWriter, mut st: ReaderState, sh: Arc<Shared>) {
@@ -180,7 +195,8 @@ async fn send_joins(writer: &SharedWriter, st: &ReaderState, sh: &Shared) -> io:
     }
     let mut w = writer.lock().await;
     for t in &st.tracks {
-        let frame = format!(r#"{{"type":"join","room":{}}}"#, sh.rooms_json[t.room]);
+        let presence = if sh.presence { r#","presence":true"# } else { "" };
+        let frame = format!(r#"{{"type":"join","room":{}{presence}}}"#, sh.rooms_json[t.room]);
         w.push_text(frame.as_bytes());
     }
     w.flush().await
@@ -223,6 +239,7 @@ impl ReaderState {
             "ack" => self.on_ack(&f, now, sh),
             "joined" => self.on_joined(&f, sh),
             "error" => self.on_error(&f, sh),
+            "presence_state" | "presence_diff" => self.on_presence(&f, now, sh),
             _ => {}
         }
     }
@@ -283,6 +300,23 @@ impl ReaderState {
         sh.stats.acked_room[room].fetch_add(1, Ordering::Relaxed);
         let mut s = sh.stats.shard(self.id);
         s.ack_iv.saturating_record(lat);
+    }
+
+    /// Counts presence frames, and notes when this connection's view first
+    /// shows every member its room will have.
+    fn on_presence(&mut self, f: &ServerFrame<'_>, now: u64, sh: &Shared) {
+        let stats = &sh.stats;
+        stats.presence_frames.fetch_add(1, Ordering::Relaxed);
+        if f.ty == "presence_state" {
+            stats.presence_states.fetch_add(1, Ordering::Relaxed);
+        }
+        let Some(i) = self.track(f.room, sh) else { return };
+        let expected = sh.room_members.get(self.tracks[i].room).copied().unwrap_or(0);
+        if !self.presence_complete && expected > 0 && f.count == Some(expected) {
+            self.presence_complete = true;
+            stats.presence_complete.fetch_add(1, Ordering::Relaxed);
+            stats.presence_complete_last_ns.fetch_max(now, Ordering::Relaxed);
+        }
     }
 
     fn on_joined(&mut self, f: &ServerFrame<'_>, sh: &Shared) {
@@ -448,6 +482,7 @@ mod tests {
                 .map(|room| Track { room, seq: SeqTrack::default(), join: JoinState::Pending })
                 .collect(),
             send: send.map(Arc::new),
+            presence_complete: false,
         }
     }
 

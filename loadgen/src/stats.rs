@@ -145,6 +145,12 @@ pub struct Stats {
     pub joined: AtomicU64,
     pub join_failed: AtomicU64,
     pub join_pending: AtomicI64,
+    /// `--presence`: presence frames received, states among them, and the
+    /// connections whose view showed their whole room (and when the last did, Unix ns).
+    pub presence_frames: AtomicU64,
+    pub presence_states: AtomicU64,
+    pub presence_complete: AtomicU64,
+    pub presence_complete_last_ns: AtomicU64,
     pub connect_hist: Mutex<Hist>,
     pub issues: Mutex<Issues>,
     /// Deliveries and acks count while this is set (send and drain phases).
@@ -171,6 +177,10 @@ impl Stats {
             joined: AtomicU64::new(0),
             join_failed: AtomicU64::new(0),
             join_pending: AtomicI64::new(0),
+            presence_frames: AtomicU64::new(0),
+            presence_states: AtomicU64::new(0),
+            presence_complete: AtomicU64::new(0),
+            presence_complete_last_ns: AtomicU64::new(0),
             issues: Mutex::new(Issues::default()),
             counting: AtomicBool::new(false),
             closing: AtomicBool::new(false),

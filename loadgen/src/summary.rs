@@ -26,6 +26,9 @@ pub struct Summary {
     pub curves: Curves,
     /// Set with --server-pid.
     pub server: Option<ServerFigures>,
+    /// Set with --presence.
+    #[serde(default)]
+    pub presence: Option<PresenceFigures>,
     pub loadgen: LoadgenFigures,
     /// Failures, errors and close codes, grouped by kind.
     pub events: Vec<Event>,
@@ -58,6 +61,21 @@ pub struct Connections {
     pub per_second: f64,
     /// Still open when loadgen started closing.
     pub open_at_end: u64,
+}
+
+/// `--presence`: what the presence subscribers received.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PresenceFigures {
+    /// Joins made with `"presence": true`.
+    pub subscribers: u64,
+    /// `presence_state` and `presence_diff` frames received, states among them.
+    pub frames: u64,
+    pub states: u64,
+    pub frames_per_subscriber: f64,
+    /// Subscribers whose view showed every member of their room, and how
+    /// long after the first connection attempt the last of them did.
+    pub complete: u64,
+    pub complete_after_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

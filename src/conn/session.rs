@@ -71,7 +71,7 @@ pub fn run(
     let mut session = Session { state, conn, claims, rooms: Vec::new(), bucket, refused_in_a_row: 0 };
     async move {
         if let Some(room) = room {
-            Box::pin(session.join(*room, None, None)).await;
+            Box::pin(session.join(*room, None, false, None)).await;
         }
         session.read_until_closed(&mut reader).await;
         session.end();
@@ -123,6 +123,11 @@ impl Session {
             if self.conn.outbox.phase() != Phase::Open {
                 break;
             }
+        }
+        // The connection is closing: its user's presence ends now, not
+        // after the drain below, which may wait seconds for a silent peer.
+        for room in &self.rooms {
+            self.state.presence.leave(room, self.conn.id);
         }
         // Boxed, as are the other waits of a closing connection: their
         // timers would otherwise sit in every idle connection's future.
@@ -178,10 +183,10 @@ impl Session {
     async fn handle(&mut self, request: Request<'_>) {
         let reference = request.reference.as_deref();
         match request.kind {
-            RequestKind::Join { room, since, epoch } => {
+            RequestKind::Join { room, since, epoch, presence } => {
                 if self.allowed(&room, reference) {
                     let since = since.map(|seq| Since { seq, epoch: epoch.as_deref() });
-                    self.join(room, since, reference).await;
+                    self.join(room, since, presence, reference).await;
                 }
             }
             RequestKind::Leave { room } => self.leave(&room, reference),
@@ -197,6 +202,14 @@ impl Session {
             }
             RequestKind::Refresh { token } => self.refresh(&token, reference),
             RequestKind::Ping => self.send(outbound::pong(reference)),
+            RequestKind::Presence { room } => {
+                if self.allowed(&room, reference) {
+                    match self.state.presence.answer(&room, reference).await {
+                        Ok(answer) => self.send(answer),
+                        Err(e) => self.error(ErrorCode::Unavailable, &e.to_string(), reference),
+                    }
+                }
+            }
         }
     }
 
@@ -227,16 +240,22 @@ impl Session {
         allowed
     }
 
-    async fn join(&mut self, room: RoomName, since: Option<Since<'_>>, reference: Option<&str>) {
+    /// Joins `room` (`joined` is queued by the bus), then counts the
+    /// connection in the room's presence, which queues `presence_state`
+    /// right behind `joined` when the client asked for `presence`.
+    async fn join(&mut self, room: RoomName, since: Option<Since<'_>>, presence: bool, reference: Option<&str>) {
         match self.state.bus.join(&room, &self.conn, since).await {
-            Ok(()) if !self.rooms.contains(&room) => {
-                // One room at a time: most connections join one, and every
-                // connection keeps this list for as long as it lives.
-                self.rooms.reserve_exact(1);
-                self.rooms.push(room);
+            Ok(()) => {
+                self.state.presence.join(&room, &self.conn, &self.claims.sub, presence).await;
+                if !self.rooms.contains(&room) {
+                    // One room at a time: most connections join one, and every
+                    // connection keeps this list for as long as it lives.
+                    self.rooms.reserve_exact(1);
+                    self.rooms.push(room);
+                }
             }
-            Ok(()) => {}
             Err(e) => {
+                self.state.presence.leave(&room, self.conn.id);
                 self.rooms.retain(|r| *r != room);
                 self.error(ErrorCode::Unavailable, &e.to_string(), reference);
             }
@@ -250,6 +269,7 @@ impl Session {
         };
         self.rooms.swap_remove(index);
         self.state.bus.leave(room, self.conn.id);
+        self.state.presence.leave(room, self.conn.id);
         self.send(outbound::left(room));
     }
 
@@ -282,6 +302,7 @@ impl Session {
     fn end(&mut self) {
         for room in self.rooms.drain(..) {
             self.state.bus.leave(&room, self.conn.id);
+            self.state.presence.leave(&room, self.conn.id);
         }
         if self.state.connections.remove(&self.conn.id).is_some() {
             self.state.metrics.connections.dec();

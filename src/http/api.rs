@@ -64,6 +64,18 @@ pub async fn history(state: &Arc<ServerState>, req: Request<Incoming>, room: &st
     Ok(json(StatusCode::OK, out))
 }
 
+/// `GET /rooms/{room}/presence`: who is in the room, as the `presence` answer.
+pub async fn presence(state: &Arc<ServerState>, req: &Request<Incoming>, room: &str) -> Result<HttpResponse, ApiError> {
+    let (_, room) = authorize(state, req, Some(room))?;
+    let room: RoomName = room.ok_or_else(|| ApiError::bad_request("missing room"))?;
+    let body = state
+        .presence
+        .json(&room)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()))?;
+    Ok(json(StatusCode::OK, body))
+}
+
 fn unavailable(e: BusError) -> ApiError {
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())
 }

@@ -37,9 +37,11 @@ async fn route(state: &Arc<ServerState>, req: Request<Incoming>) -> Result<HttpR
         (&Method::GET, ["ws", room]) => upgrade::upgrade(state, req, Some(room)),
         (&Method::POST, ["rooms", room, "messages"]) => api::publish(state, req, room).await,
         (&Method::GET, ["rooms", room, "history"]) => api::history(state, req, room).await,
-        (_, ["healthz" | "readyz" | "metrics" | "ws"] | ["ws", _] | ["rooms", _, "messages" | "history"]) => {
-            Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "bad_request", "method not allowed"))
-        }
+        (&Method::GET, ["rooms", room, "presence"]) => api::presence(state, &req, room).await,
+        (
+            _,
+            ["healthz" | "readyz" | "metrics" | "ws"] | ["ws", _] | ["rooms", _, "messages" | "history" | "presence"],
+        ) => Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "bad_request", "method not allowed")),
         _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")),
     }
 }

@@ -26,12 +26,33 @@ pub struct Request<'a> {
 
 #[derive(Debug)]
 pub enum RequestKind<'a> {
-    Join { room: RoomName, since: Option<u64>, epoch: Option<Cow<'a, str>> },
-    Leave { room: RoomName },
-    Send { room: RoomName, body: &'a RawValue },
-    History { room: RoomName, before: Option<u64>, limit: usize },
-    Refresh { token: Cow<'a, str> },
+    /// `presence`: subscribe to the room's presence (PROTOCOL.md section 8).
+    Join {
+        room: RoomName,
+        since: Option<u64>,
+        epoch: Option<Cow<'a, str>>,
+        presence: bool,
+    },
+    Leave {
+        room: RoomName,
+    },
+    Send {
+        room: RoomName,
+        body: &'a RawValue,
+    },
+    History {
+        room: RoomName,
+        before: Option<u64>,
+        limit: usize,
+    },
+    Refresh {
+        token: Cow<'a, str>,
+    },
     Ping,
+    /// Who is in the room (PROTOCOL.md section 8).
+    Presence {
+        room: RoomName,
+    },
 }
 
 /// A frame that is not a valid request: answered with `bad_request`.
@@ -59,6 +80,7 @@ struct Fields<'a> {
     limit: Option<u64>,
     #[serde(borrow)]
     token: Option<Cow<'a, str>>,
+    presence: Option<bool>,
 }
 
 /// Keeps `"body": null` apart from a missing body: null is a valid body.
@@ -82,7 +104,12 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, BadRequest> {
 fn request_kind(f: Fields<'_>) -> Result<RequestKind<'_>, String> {
     let kind = f.kind.as_deref().ok_or("missing \"type\"")?;
     Ok(match kind {
-        "join" => RequestKind::Join { room: room(f.room)?, since: f.since, epoch: f.epoch },
+        "join" => RequestKind::Join {
+            room: room(f.room)?,
+            since: f.since,
+            epoch: f.epoch,
+            presence: f.presence.unwrap_or(false),
+        },
         "leave" => RequestKind::Leave { room: room(f.room)? },
         "send" => {
             let room = room(f.room)?;
@@ -92,6 +119,7 @@ fn request_kind(f: Fields<'_>) -> Result<RequestKind<'_>, String> {
         "history" => RequestKind::History { room: room(f.room)?, before: f.before, limit: limit(f.limit)? },
         "refresh" => RequestKind::Refresh { token: f.token.ok_or("refresh needs a \"token\"")? },
         "ping" => RequestKind::Ping,
+        "presence" => RequestKind::Presence { room: room(f.room)? },
         other => return Err(format!("unknown type {other:?}")),
     })
 }
@@ -130,13 +158,19 @@ mod tests {
     fn parses_every_request_type() {
         assert!(matches!(kind(r#"{"type":"join","room":"a"}"#), RequestKind::Join { since: None, .. }));
         match kind(r#"{"type":"join","room":"a","since":5,"epoch":"e1"}"#) {
-            RequestKind::Join { room, since, epoch } => {
+            RequestKind::Join { room, since, epoch, presence } => {
                 assert_eq!(room.as_str(), "a");
                 assert_eq!(since, Some(5));
                 assert_eq!(epoch.as_deref(), Some("e1"));
+                assert!(!presence);
             }
             other => panic!("{other:?}"),
         }
+        assert!(matches!(
+            kind(r#"{"type":"join","room":"a","presence":true}"#),
+            RequestKind::Join { presence: true, .. }
+        ));
+        assert!(matches!(kind(r#"{"type":"presence","room":"a"}"#), RequestKind::Presence { .. }));
         assert!(matches!(kind(r#"{"type":"leave","room":"a"}"#), RequestKind::Leave { .. }));
         assert!(matches!(
             kind(r#"{"type":"history","room":"a"}"#),
@@ -191,5 +225,8 @@ mod tests {
         assert!(error(r#"{"type":"refresh"}"#).message.contains("token"));
         assert!(error(r#"{"type":"join","room":"a","since":-1}"#).message.contains("invalid"));
         assert!(error(r#"{"type":"ping","ref":5}"#).message.contains("invalid"));
+        assert!(error(r#"{"type":"presence"}"#).message.contains("room"));
+        assert!(error(r#"{"type":"presence","room":""}"#).message.contains("room name"));
+        assert!(error(r#"{"type":"join","room":"a","presence":"yes"}"#).message.contains("invalid"));
     }
 }

@@ -173,6 +173,102 @@ pub fn error(code: ErrorCode, message: &str, reference: Option<&str>) -> Bytes {
         .finish()
 }
 
+/// One present user as `presence` lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PresentUser<'a> {
+    pub sub: &'a str,
+    pub conns: u32,
+}
+
+/// Who is in a room, as `presence`, `presence_state` and the HTTP route
+/// show it: the exact `count` and at most the first 1,000 users by `sub`.
+#[derive(Debug, Clone, Copy)]
+pub struct PresenceView<I> {
+    pub count: usize,
+    pub members: I,
+    pub truncated: bool,
+}
+
+impl<'a, I: Iterator<Item = PresentUser<'a>>> PresenceView<I> {
+    pub fn new(count: usize, members: I, truncated: bool) -> Self {
+        Self { count, members, truncated }
+    }
+
+    /// Writes `,"count":..,"members":[..],"truncated":..` (after `room`).
+    fn write_fields(self, buf: &mut Vec<u8>) {
+        let mut digits = itoa::Buffer::new();
+        buf.extend_from_slice(b",\"count\":");
+        buf.extend_from_slice(digits.format(self.count).as_bytes());
+        buf.extend_from_slice(b",\"members\":[");
+        for (i, user) in self.members.enumerate() {
+            if i > 0 {
+                buf.push(b',');
+            }
+            buf.extend_from_slice(b"{\"sub\":");
+            write_json_string(buf, user.sub);
+            buf.extend_from_slice(b",\"conns\":");
+            buf.extend_from_slice(digits.format(user.conns).as_bytes());
+            buf.push(b'}');
+        }
+        buf.extend_from_slice(b"],\"truncated\":");
+        buf.extend_from_slice(if self.truncated { b"true" } else { b"false" });
+    }
+}
+
+/// The answer to a `presence` request.
+pub fn presence<'a>(
+    room: &RoomName,
+    view: PresenceView<impl Iterator<Item = PresentUser<'a>>>,
+    reference: Option<&str>,
+) -> Bytes {
+    let mut frame = Object::new("presence", 64 + view.count.min(1000) * 32).room(room);
+    view.write_fields(frame.frame.buf());
+    frame.opt_string("ref", reference).finish()
+}
+
+/// The state a presence subscriber starts from (and gets again after a
+/// change too large for a diff).
+pub fn presence_state<'a>(room: &RoomName, view: PresenceView<impl Iterator<Item = PresentUser<'a>>>) -> Bytes {
+    let mut frame = Object::new("presence_state", 64 + view.count.min(1000) * 32).room(room);
+    view.write_fields(frame.frame.buf());
+    frame.finish()
+}
+
+/// The HTTP route's body: the `presence` answer without `type` and `ref`.
+pub fn presence_json<'a>(room: &RoomName, view: PresenceView<impl Iterator<Item = PresentUser<'a>>>) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(64 + view.count.min(1000) * 32);
+    buf.extend_from_slice(b"{\"room\":\"");
+    buf.extend_from_slice(room.as_str().as_bytes());
+    buf.push(b'"');
+    view.write_fields(&mut buf);
+    buf.push(b'}');
+    buf
+}
+
+/// The net change of a room's users since the subscriber's last state or diff.
+pub fn presence_diff<'a>(
+    room: &RoomName,
+    joins: impl ExactSizeIterator<Item = &'a str>,
+    leaves: impl ExactSizeIterator<Item = &'a str>,
+    count: usize,
+) -> Bytes {
+    let mut frame = Object::new("presence_diff", 64 + (joins.len() + leaves.len()) * 24).room(room);
+    write_json_strings(frame.key("joins"), joins);
+    write_json_strings(frame.key("leaves"), leaves);
+    frame.number("count", count as u64).finish()
+}
+
+fn write_json_strings<'a>(buf: &mut Vec<u8>, items: impl Iterator<Item = &'a str>) {
+    buf.push(b'[');
+    for (i, item) in items.enumerate() {
+        if i > 0 {
+            buf.push(b',');
+        }
+        write_json_string(buf, item);
+    }
+    buf.push(b']');
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,6 +326,32 @@ mod tests {
         assert_eq!(
             parsed(&history(&room(), std::iter::empty())),
             json!({"type":"history","room":"lobby","messages":[]})
+        );
+    }
+
+    #[test]
+    fn presence_frames() {
+        let users = [PresentUser { sub: "a\"l", conns: 2 }, PresentUser { sub: "bob", conns: 1 }];
+        let view = || PresenceView::new(3, users.iter().copied(), true);
+        let members = json!([{"sub":"a\"l","conns":2},{"sub":"bob","conns":1}]);
+        assert_eq!(
+            parsed(&presence(&room(), view(), Some("r"))),
+            json!({"type":"presence","room":"lobby","count":3,"members":members,"truncated":true,"ref":"r"})
+        );
+        assert_eq!(
+            parsed(&presence_state(&room(), view())),
+            json!({"type":"presence_state","room":"lobby","count":3,"members":members,"truncated":true})
+        );
+        let http: Value = serde_json::from_slice(&presence_json(&room(), view())).unwrap();
+        assert_eq!(http, json!({"room":"lobby","count":3,"members":members,"truncated":true}));
+        let empty = PresenceView::new(0, std::iter::empty(), false);
+        assert_eq!(
+            parsed(&presence(&room(), empty, None)),
+            json!({"type":"presence","room":"lobby","count":0,"members":[],"truncated":false})
+        );
+        assert_eq!(
+            parsed(&presence_diff(&room(), ["a", "b"].into_iter(), ["c"].into_iter(), 4)),
+            json!({"type":"presence_diff","room":"lobby","joins":["a","b"],"leaves":["c"],"count":4})
         );
     }
 }
