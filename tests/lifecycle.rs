@@ -168,6 +168,12 @@ async fn flood_with_one_stopped_and_one_reading_member(args: &[&str]) {
     const MESSAGES: u64 = 3000;
     /// Sends the publisher keeps in flight: a flood, bounded by its acks.
     const IN_FLIGHT: u64 = 256;
+    /// How far the publisher may run ahead of the reading member: more than
+    /// `--send-queue` (16), so frames the server holds back by its own
+    /// choice would cut the reader if they counted, yet little enough
+    /// (100 KB) that a reader starved of CPU on a busy machine never has a
+    /// socket that refuses more, and so really keeps up.
+    const AHEAD_OF_READER: u64 = 24;
     let server = TestServer::start(args).await;
     let alice = token("alice", None, 3600);
 
@@ -176,6 +182,7 @@ async fn flood_with_one_stopped_and_one_reading_member(args: &[&str]) {
     assert_eq!(stopped.recv_type("joined").await["seq"], 0);
 
     let (reading, _) = server.connect_joined("flood", &alice).await;
+    let (read_tx, mut read_rx) = tokio::sync::watch::channel(0u64);
     let reading = tokio::spawn(async move {
         let mut reading = reading;
         let mut seqs = Vec::new();
@@ -185,6 +192,7 @@ async fn flood_with_one_stopped_and_one_reading_member(args: &[&str]) {
                     let frame: Value = serde_json::from_str(text.as_str()).unwrap();
                     assert_eq!(frame["type"], "message", "the reading member got {frame}");
                     seqs.push(frame["seq"].as_u64().unwrap());
+                    let _ = read_tx.send(seqs.len() as u64);
                 }
                 other => panic!("the reading member got {other:?}"),
             }
@@ -211,6 +219,9 @@ async fn flood_with_one_stopped_and_one_reading_member(args: &[&str]) {
     for i in 1..=MESSAGES {
         while i > *acked_rx.borrow() + IN_FLIGHT {
             acked_rx.changed().await.unwrap();
+        }
+        while i > *read_rx.borrow() + AHEAD_OF_READER {
+            read_rx.changed().await.unwrap();
         }
         let frame = json!({"type": "send", "room": "flood", "ref": format!("m{i}"), "body": {"i": i, "pad": pad}});
         sink.send(Message::text(frame.to_string())).await.unwrap();
