@@ -1,0 +1,91 @@
+//! The JavaScript client (clients/js) under node's built-in test runner,
+//! against real chorus processes.
+//!
+//! Why a Rust test: `cargo nextest run` (and so scripts/test and CI) runs it
+//! with the binary cargo just built. The node tests start, kill and restart
+//! that binary themselves (CHORUS_BIN), because recovery after a restart is
+//! what they check; this test gives them a PostgreSQL database of their own
+//! (CHORUS_TEST_DATABASE_URL) and fails with node's report when any fails.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+use tokio_postgres::NoTls;
+
+/// The whole node run: a few restarts, a token that must outlive its expiry.
+const NODE_GUARD: Duration = Duration::from_secs(180);
+
+fn base_url() -> String {
+    std::env::var("CHORUS_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// `url` with its database name replaced.
+fn with_database(url: &str, name: &str) -> String {
+    let (head, query) = url.split_once('?').map_or((url, None), |(h, q)| (h, Some(q)));
+    let base = head.rsplit_once('/').map_or(head, |(b, _)| b);
+    match query {
+        Some(q) => format!("{base}/{name}?{q}"),
+        None => format!("{base}/{name}"),
+    }
+}
+
+async fn admin() -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(&base_url(), NoTls).await.expect("PostgreSQL for the tests");
+    tokio::spawn(connection);
+    client
+}
+
+/// The arguments that give node a global `WebSocket` (built in from node 22,
+/// behind a flag in node 20 and 21).
+async fn websocket_flag() -> Vec<&'static str> {
+    let probe = Command::new("node")
+        .args(["-e", "process.exit(typeof WebSocket === 'function' ? 0 : 1)"])
+        .status()
+        .await
+        .expect("node is needed for the JavaScript client's tests (scripts/test checks for it)");
+    if probe.success() {
+        vec![]
+    } else {
+        vec!["--experimental-websocket"]
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_javascript_client_passes_its_tests_against_a_real_server() {
+    let name = format!("chorus_test_js_{}_{:08x}", std::process::id(), rand::random::<u32>());
+    admin().await.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+    let database_url = with_database(&base_url(), &name);
+
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/js/test");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.to_string_lossy().ends_with(".test.mjs"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no tests in {}", dir.display());
+
+    let mut args = websocket_flag().await;
+    args.push("--test");
+    let run = Command::new("node")
+        .args(&args)
+        .args(&files)
+        .env("CHORUS_BIN", env!("CARGO_BIN_EXE_chorus"))
+        .env("CHORUS_TEST_DATABASE_URL", &database_url)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(NODE_GUARD, run).await;
+    let _ = admin().await.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+    let output = output.expect("node's tests took too long").expect("cannot run node");
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "node --test failed:\n{report}\n{}", String::from_utf8_lossy(&output.stderr));
+    // Every file ran and none was skipped as a whole.
+    assert!(report.contains("# fail 0"), "{report}");
+    let passed: usize =
+        report.lines().find_map(|l| l.strip_prefix("# pass ")).and_then(|n| n.trim().parse().ok()).unwrap_or(0);
+    assert!(passed >= 12, "only {passed} node tests passed:\n{report}");
+}
