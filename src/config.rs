@@ -82,6 +82,9 @@ pub struct ServeArgs {
     /// Messages waiting to be written to the database before publishing answers `unavailable`.
     #[arg(long, env = "CHORUS_PERSIST_QUEUE", default_value_t = 100_000)]
     pub persist_queue: usize,
+    /// Serve the chat page at `/` and hand anyone a token at `POST /demo/token` (on anyway with no JWT key).
+    #[arg(long, env = "CHORUS_DEMO")]
+    pub demo: bool,
 }
 
 /// Why the configuration cannot be used.
@@ -132,6 +135,9 @@ pub struct Config {
     pub database_url: Option<String>,
     pub durable_acks: bool,
     pub persist_queue: usize,
+    /// The HS256 secret the chat page's tokens are signed with, when the page
+    /// is served: with a generated secret, or with `--demo`.
+    pub demo_secret: Option<String>,
 }
 
 impl Config {
@@ -146,6 +152,7 @@ impl Config {
             .ok_or_else(|| ConfigError::Listen(args.listen.clone()))?;
         let expect = Expectations { issuer: args.jwt_issuer.clone(), audience: args.jwt_audience.clone() };
         let (verifier, key_source) = load_key(&args, &expect)?;
+        let demo_secret = demo_secret(args.demo, &key_source)?;
         let allowed_origins = (!args.allowed_origins.is_empty())
             .then(|| args.allowed_origins.iter().map(|o| o.trim().trim_end_matches('/').to_owned()).collect());
         Ok(Self {
@@ -171,7 +178,22 @@ impl Config {
             database_url: args.database_url,
             durable_acks: args.durable_acks,
             persist_queue: args.persist_queue,
+            demo_secret,
         })
+    }
+}
+
+/// The chat page mints tokens for whoever asks, so it is on by itself only
+/// when the server made its own secret (a local trial); with a configured
+/// key only `--demo` turns it on, and it needs a secret to sign with.
+fn demo_secret(demo: bool, key_source: &KeySource) -> Result<Option<String>, ConfigError> {
+    match key_source {
+        KeySource::GeneratedSecret(secret) => Ok(Some(secret.clone())),
+        KeySource::Secret(secret) => Ok(demo.then(|| secret.clone())),
+        KeySource::PublicKey if demo => {
+            Err(ConfigError::Invalid("--demo needs --jwt-secret (it signs the chat page's tokens)".into()))
+        }
+        KeySource::PublicKey => Ok(None),
     }
 }
 
@@ -264,5 +286,12 @@ mod tests {
             let err = config(&["--jwt-secret", "s", &arg]).err().expect(bad);
             assert!(err.to_string().contains("--write-coalesce-load"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn the_chat_page_is_on_with_a_generated_secret_or_demo() {
+        assert!(config(&[]).unwrap().demo_secret.is_some());
+        assert_eq!(config(&["--jwt-secret", "s"]).unwrap().demo_secret, None);
+        assert_eq!(config(&["--jwt-secret", "s", "--demo"]).unwrap().demo_secret.as_deref(), Some("s"));
     }
 }

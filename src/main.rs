@@ -92,6 +92,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 /// server made its own secret.
 struct Banner {
     generated: Option<(String, NewToken)>,
+    /// Whether the chat page is served at `/`.
+    chat_page: bool,
 }
 
 impl Banner {
@@ -105,7 +107,7 @@ impl Banner {
             }
             KeySource::Secret(_) | KeySource::PublicKey => None,
         };
-        Self { generated }
+        Self { generated, chat_page: config.demo_secret.is_some() }
     }
 
     fn print(&self, addr: std::net::SocketAddr) -> anyhow::Result<()> {
@@ -116,6 +118,9 @@ impl Banner {
             println!("  secret:  {secret}");
             println!("  token:   {jwt}   (sub \"demo\", valid 24h)");
             println!("  connect: ws://{addr}/ws?token={jwt}");
+        }
+        if self.chat_page {
+            println!("  chat:    http://{addr}/   (open it in two browser tabs)");
         }
         Ok(())
     }

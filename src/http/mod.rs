@@ -2,6 +2,7 @@
 //! (origin, token, room), and JSON error responses.
 
 mod api;
+mod demo;
 mod upgrade;
 
 use std::borrow::Cow;
@@ -38,10 +39,24 @@ async fn route(state: &Arc<ServerState>, req: Request<Incoming>) -> Result<HttpR
         (&Method::POST, ["rooms", room, "messages"]) => api::publish(state, req, room).await,
         (&Method::GET, ["rooms", room, "history"]) => api::history(state, req, room).await,
         (&Method::GET, ["rooms", room, "presence"]) => api::presence(state, &req, room).await,
+        (_, [""] | ["demo", ..]) => demo_route(state, req, &segments).await,
         (
             _,
             ["healthz" | "readyz" | "metrics" | "ws"] | ["ws", _] | ["rooms", _, "messages" | "history" | "presence"],
         ) => Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "bad_request", "method not allowed")),
+        _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")),
+    }
+}
+
+/// The chat page and its token route, when the page is on.
+async fn demo_route(state: &ServerState, req: Request<Incoming>, segments: &[&str]) -> Result<HttpResponse, ApiError> {
+    let Some(secret) = &state.config.demo_secret else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route (the chat page needs --demo)"));
+    };
+    match (req.method(), segments) {
+        (&Method::GET, [""]) => Ok(demo::index()),
+        (&Method::POST, ["demo", "token"]) => demo::token(state, secret, req).await,
+        (&Method::GET, ["demo", name]) => demo::asset(name),
         _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")),
     }
 }
