@@ -1,5 +1,6 @@
-//! The JavaScript client (clients/js) under node's built-in test runner,
-//! against real chorus processes.
+//! The JavaScript client (clients/js) and the chat page (clients/chat, in
+//! headless Chromium) under node's built-in test runner, against real chorus
+//! processes.
 //!
 //! Why a Rust test: `cargo nextest run` (and so scripts/test and CI) runs it
 //! with the binary cargo just built. The node tests start, kill and restart
@@ -54,11 +55,26 @@ async fn websocket_flag() -> Vec<&'static str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_javascript_client_passes_its_tests_against_a_real_server() {
+    run_node_tests("clients/js/test", 12).await;
+}
+
+/// The chat page in headless Chromium (installed by scripts/setup-close-clients).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chat_page_works_in_a_real_chromium() {
+    let chromium = std::env::var("CHORUS_TEST_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(Path::new(&chromium).exists(), "no Chromium at {chromium}: run scripts/setup-close-clients");
+    run_node_tests("clients/chat/test", 1).await;
+}
+
+/// Runs every `*.test.mjs` of `dir` under `node --test` with a database of
+/// their own; fails with node's report unless all pass and at least
+/// `min_passed` ran (a file that skipped everything must not look green).
+async fn run_node_tests(dir: &str, min_passed: usize) {
     let name = format!("chorus_test_js_{}_{:08x}", std::process::id(), rand::random::<u32>());
     admin().await.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
     let database_url = with_database(&base_url(), &name);
 
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/js/test");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
     let mut files: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -83,9 +99,8 @@ async fn the_javascript_client_passes_its_tests_against_a_real_server() {
     let output = output.expect("node's tests took too long").expect("cannot run node");
     let report = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "node --test failed:\n{report}\n{}", String::from_utf8_lossy(&output.stderr));
-    // Every file ran and none was skipped as a whole.
     assert!(report.contains("# fail 0"), "{report}");
     let passed: usize =
         report.lines().find_map(|l| l.strip_prefix("# pass ")).and_then(|n| n.trim().parse().ok()).unwrap_or(0);
-    assert!(passed >= 12, "only {passed} node tests passed:\n{report}");
+    assert!(passed >= min_passed, "only {passed} node tests passed:\n{report}");
 }

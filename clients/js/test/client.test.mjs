@@ -86,10 +86,14 @@ test('requests made while disconnected wait for the connection, or fail, as the 
     const queued = client('q', { url: proxy.wsUrl, backoff: { initial: 300, max: 300 } });
     const failing = client('f', { url: proxy.wsUrl, offline: 'fail', backoff: { initial: 300, max: 300 } });
     await until(() => queued.state === 'open' && failing.state === 'open', 'both open');
+    // Closed, and kept out while the requests are made.
+    const closed = Promise.all([next(queued, 'close'), next(failing, 'close')]);
+    proxy.refuse(true);
     proxy.cut();
-    await until(() => queued.state === 'disconnected' && failing.state === 'disconnected', 'both disconnected');
+    await closed;
     const waiting = queued.send('offline', 'queued while down');
     await assert.rejects(failing.send('offline', 'x'), (e) => e.code === 'disconnected');
+    proxy.refuse(false);
     const ack = await waiting;
     assert.equal(ack.room, 'offline');
     const history = await queued.history('offline');
@@ -149,8 +153,9 @@ test('getToken is asked again for every connection attempt', async () => {
     const c = client('again', { url: proxy.wsUrl, token: undefined, getToken: async () => (calls++, token('again')) });
     await until(() => c.state === 'open', 'open');
     assert.equal(calls, 1);
+    const closed = next(c, 'close');
     proxy.cut();
-    await until(() => c.state === 'disconnected', 'disconnected');
+    await closed;
     await until(() => c.state === 'open', 'open again');
     assert.equal(calls, 2);
   } finally {
