@@ -206,6 +206,24 @@ test(
   },
 );
 
+test('older history loads when the reader scrolls up, in order, without duplicates', async () => {
+  const room = `long-${Date.now()}`;
+  const expected = [];
+  for (let i = 1; i <= 120; i++) {
+    await server.publish(room, { text: `line ${i}` });
+    expected.push(`line ${i}`);
+  }
+  const reader = await openPage(`${server.httpUrl}/?name=reader&rooms=${room}`);
+  await until(async () => (await reader.texts()).length === 50, 'the latest page');
+  assert.deepEqual(await reader.texts(), expected.slice(70));
+  for (const shown of [100, 120]) {
+    await reader.eval(`document.getElementById('messages').scrollTop = 0; document.getElementById('messages').dispatchEvent(new Event('scroll'))`);
+    await until(async () => (await reader.texts()).length === shown, `${shown} messages after scrolling up`);
+  }
+  assert.deepEqual(await reader.texts(), expected);
+  await reader.close();
+});
+
 test(
   'presence shows both users and drops one when its page closes',
   { skip: !PRESENCE_IN_SERVER && 'presence is not in the server yet (PRESENCE_IN_SERVER)' },

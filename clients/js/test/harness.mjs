@@ -195,3 +195,72 @@ export function collect(room) {
   room.on('message', (m) => messages.push(m));
   return messages;
 }
+
+export const REDIS_URL = process.env.CHORUS_TEST_REDIS_URL || 'redis://127.0.0.1:6379';
+
+/**
+ * Deletes every Redis key under `prefix:` (what a Redis that lost its data
+ * looks like to chorus), speaking RESP directly so that no client library
+ * or redis-cli is needed. Handles `redis://host:port[/db]` without auth.
+ */
+export async function wipeRedis(prefix, url = REDIS_URL) {
+  const { hostname, port, pathname } = new URL(url);
+  const db = pathname && pathname.length > 1 ? pathname.slice(1) : '0';
+  const socket = net.connect(Number(port) || 6379, hostname || '127.0.0.1');
+  await once(socket, 'connect');
+  let buffer = '';
+  socket.setEncoding('utf8');
+  socket.on('data', (d) => {
+    buffer += d;
+  });
+  const command = (...args) => `*${args.length}\r\n${args.map((a) => `$${Buffer.byteLength(a)}\r\n${a}\r\n`).join('')}`;
+  // One reply at a time: wait until the buffer holds a complete reply.
+  const reply = async () => {
+    for (;;) {
+      const parsed = parse(buffer, 0);
+      if (parsed) {
+        buffer = buffer.slice(parsed.end);
+        return parsed.value;
+      }
+      await once(socket, 'data');
+    }
+  };
+  socket.write(command('SELECT', db));
+  await reply();
+  socket.write(command('KEYS', `${prefix}:*`));
+  const keys = await reply();
+  if (keys.length) {
+    socket.write(command('DEL', ...keys));
+    await reply();
+  }
+  socket.end();
+  return keys.length;
+}
+
+/** A RESP value at `at` of `text`, or null when incomplete (keys are ASCII here). */
+function parse(text, at) {
+  const eol = text.indexOf('\r\n', at);
+  if (eol < 0) return null;
+  const kind = text[at];
+  const line = text.slice(at + 1, eol);
+  if (kind === '+' || kind === ':') return { value: line, end: eol + 2 };
+  if (kind === '-') throw new Error(`redis: ${line}`);
+  if (kind === '$') {
+    const n = Number(line);
+    if (n < 0) return { value: null, end: eol + 2 };
+    if (text.length < eol + 2 + n + 2) return null;
+    return { value: text.slice(eol + 2, eol + 2 + n), end: eol + 2 + n + 2 };
+  }
+  if (kind === '*') {
+    const values = [];
+    let end = eol + 2;
+    for (let i = 0; i < Number(line); i++) {
+      const item = parse(text, end);
+      if (!item) return null;
+      values.push(item.value);
+      end = item.end;
+    }
+    return { value: values, end };
+  }
+  throw new Error(`redis: unexpected reply ${JSON.stringify(text.slice(at, at + 20))}`);
+}

@@ -6,7 +6,7 @@ import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 
 import { ChorusClient } from '../chorus.js';
-import { Server, Proxy, DATABASE_URL, token, until, next, collect } from './harness.mjs';
+import { Server, Proxy, DATABASE_URL, REDIS_URL, token, until, next, collect, wipeRedis } from './harness.mjs';
 
 const cleanups = [];
 after(async () => {
@@ -131,4 +131,25 @@ test('a rejoin whose messages history no longer holds says recovered false and s
   await server.publish('short', 'live');
   await until(() => seen.at(-1).body === 'live', 'the live message');
   assert.equal(seen.at(-1).seq, 7);
+});
+
+test('an epoch change under a live member (Redis lost the room) arrives as recovery, and the new seqs flow', async () => {
+  const prefix = `chorus-js-${process.pid}-${Date.now()}`;
+  const { server, bob } = await setup(['--redis-url', REDIS_URL, '--redis-prefix', prefix]);
+  cleanups.push(() => wipeRedis(prefix));
+  const room = bob.join('wiped');
+  await room.ready;
+  const seen = collect(room);
+  for (const body of ['x', 'y', 'z']) await server.publish('wiped', body);
+  await until(() => seen.length === 3, 'three messages');
+  const oldEpoch = room.epoch;
+  const recovery = next(room, 'recovery');
+  assert.ok((await wipeRedis(prefix)) > 0, 'the room had keys to lose');
+  await server.publish('wiped', 'after the loss');
+  const result = await recovery;
+  assert.deepEqual(result, { recovered: false, epochChanged: true, replayed: 0, unsolicited: true });
+  assert.notEqual(room.epoch, oldEpoch);
+  await until(() => seen.length === 4, 'the new epoch\'s message');
+  assert.equal(seen[3].body, 'after the loss');
+  assert.equal(bob.state, 'open', 'no reconnect was needed');
 });
