@@ -2,9 +2,9 @@
 // CHORUS_TEST_CHROMIUM), driven over the DevTools protocol with node's own
 // WebSocket: no automation library, no browser download.
 //
-// Two pages chat; the server (with a database) is stopped, a message is
-// typed while it is down, and it is started again: both pages show every
-// message once, in order. With CHORUS_SCREENSHOT set, a screenshot of a page
+// Two pages chat; the server (with a database and --durable-acks) is
+// killed, a message is typed while it is down, and it is started again:
+// both pages show every message once, in order. With CHORUS_SCREENSHOT set, a screenshot of a page
 // is written there (docs/chat-page.png).
 
 import { test, before, after } from 'node:test';
@@ -77,7 +77,9 @@ async function openPage(url) {
 
 before(async () => {
   if (!existsSync(CHROMIUM)) throw new Error(`no Chromium at ${CHROMIUM}: run scripts/setup-close-clients`);
-  server = await Server.start(['--demo', ...(DATABASE_URL ? ['--database-url', DATABASE_URL] : [])]);
+  // --durable-acks: a message is acked once the database holds it, so a
+  // killed server loses nothing acked and keeps the rooms' epochs.
+  server = await Server.start(['--demo', ...(DATABASE_URL ? ['--database-url', DATABASE_URL, '--durable-acks'] : [])]);
   profile = mkdtempSync(join(tmpdir(), 'chorus-chat-chromium-'));
   browser = spawn(
     CHROMIUM,
@@ -165,7 +167,7 @@ async function bothShow(pages, expected, what) {
 }
 
 test(
-  'two pages chat, and after a server restart both show every message once, in order',
+  'two pages chat, and after the server is killed and restarted both show every message once, in order',
   { skip: !DATABASE_URL && 'CHORUS_TEST_DATABASE_URL is not set' },
   async () => {
     // The screenshot is made against a fresh database, in a room named for it.
@@ -184,7 +186,9 @@ test(
     await say(alice, 'shall we test a restart?');
     assert.deepEqual(await bob.senders(), ['alice', 'bob', 'alice']);
 
-    await server.stop('SIGTERM');
+    const epochOf = (page) => page.eval(`window.chorusClient.rooms.get(${JSON.stringify(room)}).epoch`);
+    const epochs = await Promise.all(pages.map(epochOf));
+    await server.stop('SIGKILL');
     await until(async () => (await alice.state()) !== 'open', 'alice to see the outage');
     // Typed while the server is down: the client holds it until it is back.
     await alice.say('typed during the outage');
@@ -192,6 +196,8 @@ test(
     await server.start();
     await until(async () => (await alice.state()) === 'open' && (await bob.state()) === 'open', 'both back', 15000);
     await bothShow(pages, said, 'the queued message on both pages');
+    // Resumed, not reloaded: the same epoch, so the rejoin replayed the gap.
+    assert.deepEqual(await Promise.all(pages.map(epochOf)), epochs);
     await say(bob, 'back again');
     await say(alice, 'every message once, in order');
 
