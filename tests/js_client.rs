@@ -55,7 +55,7 @@ async fn websocket_flag() -> Vec<&'static str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_javascript_client_passes_its_tests_against_a_real_server() {
-    run_node_tests("clients/js/test", 14).await;
+    run_node_tests("clients/js/test", 15).await;
 }
 
 /// The chat page in headless Chromium (installed by scripts/setup-close-clients).
@@ -63,7 +63,7 @@ async fn the_javascript_client_passes_its_tests_against_a_real_server() {
 async fn the_chat_page_works_in_a_real_chromium() {
     let chromium = std::env::var("CHORUS_TEST_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     assert!(Path::new(&chromium).exists(), "no Chromium at {chromium}: run scripts/setup-close-clients");
-    run_node_tests("clients/chat/test", 2).await;
+    run_node_tests("clients/chat/test", 3).await;
 }
 
 /// Runs every `*.test.mjs` of `dir` under `node --test` with a database of

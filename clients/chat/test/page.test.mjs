@@ -16,9 +16,9 @@ import { join } from 'node:path';
 
 import { Server, DATABASE_URL, until, sleep } from '../../js/test/harness.mjs';
 
-// Presence (PROTOCOL.md section 8) is being added to the server separately.
-// Flip this once `join` with `"presence": true` answers `presence_state`.
-const PRESENCE_IN_SERVER = false;
+// Presence (PROTOCOL.md section 8) is in the server; set this to false to
+// run these tests against a server without it.
+const PRESENCE_IN_SERVER = true;
 
 const CHROMIUM = process.env.CHORUS_TEST_CHROMIUM || '/usr/bin/chromium';
 

@@ -8,9 +8,9 @@ import assert from 'node:assert/strict';
 import { ChorusClient, ChorusError, CLOSE_PING_TIMEOUT, backoffDelay, tokenExpiry } from '../chorus.js';
 import { Server, Proxy, token, until, next, collect } from './harness.mjs';
 
-// Presence (PROTOCOL.md section 8) is being added to the server separately.
-// Flip this once `join` with `"presence": true` answers `presence_state`.
-const PRESENCE_IN_SERVER = false;
+// Presence (PROTOCOL.md section 8) is in the server; set this to false to
+// run these tests against a server without it.
+const PRESENCE_IN_SERVER = true;
 
 let server;
 const clients = [];
