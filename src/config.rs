@@ -58,6 +58,9 @@ pub struct ServeArgs {
     /// presence of its rooms within this time.
     #[arg(long, env = "CHORUS_PRESENCE_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub presence_ttl: Duration,
+    /// Rooms one connection may be joined to at once; a `join` past it gets `too_many_rooms`.
+    #[arg(long, env = "CHORUS_MAX_ROOMS_PER_CONNECTION", default_value_t = 128)]
+    pub max_rooms_per_connection: usize,
     /// Frames per second each connection may send.
     #[arg(long, env = "CHORUS_RATE", default_value_t = 100.0)]
     pub rate: f64,
@@ -125,6 +128,7 @@ pub struct Config {
     /// `None` keeps idle rooms' history forever.
     pub history_ttl: Option<Duration>,
     pub presence_ttl: Duration,
+    pub max_rooms_per_connection: usize,
     pub rate: f64,
     pub burst: u32,
     pub send_queue: usize,
@@ -168,6 +172,7 @@ impl Config {
             history_size: args.history_size,
             history_ttl: (!args.history_ttl.is_zero()).then_some(args.history_ttl),
             presence_ttl: args.presence_ttl,
+            max_rooms_per_connection: args.max_rooms_per_connection,
             rate: args.rate,
             burst: args.burst,
             send_queue: args.send_queue,
@@ -211,6 +216,9 @@ fn check_limits(args: &ServeArgs) -> Result<(), ConfigError> {
     }
     if args.max_message_bytes == 0 || args.send_queue == 0 || args.persist_queue == 0 {
         return invalid("--max-message-bytes, --send-queue and --persist-queue must be above zero");
+    }
+    if args.max_rooms_per_connection == 0 {
+        return invalid("--max-rooms-per-connection must be above zero");
     }
     if !(args.rate.is_finite() && args.rate > 0.0) || args.burst == 0 {
         return invalid("--rate and --burst must be above zero");

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub slow_consumers: Counter,
     pub rate_limited: Counter,
     pub rooms_evicted: Counter,
+    /// Joins refused by `--max-rooms-per-connection`.
+    pub too_many_rooms: Counter,
     auth_failures: Family<Reason, Counter>,
     /// How the drains after a server close ended, by `ended`.
     close_lingers: Family<Ended, Counter>,
@@ -91,6 +93,7 @@ impl Metrics {
         let slow_consumers = Counter::default();
         let rate_limited = Counter::default();
         let rooms_evicted = Counter::default();
+        let too_many_rooms = Counter::default();
         let auth_failures = Family::<Reason, Counter>::default();
         let close_lingers = Family::<Ended, Counter>::default();
         // 1 µs to about 1 s.
@@ -115,6 +118,7 @@ impl Metrics {
         registry.register("slow_consumers", "Connections cut with 1013", slow_consumers.clone());
         registry.register("rate_limited", "Frames refused by the rate limit", rate_limited.clone());
         registry.register("rooms_evicted", "Idle rooms whose history left memory", rooms_evicted.clone());
+        registry.register("too_many_rooms", "Joins refused by --max-rooms-per-connection", too_many_rooms.clone());
         registry.register("auth_failures", "Requests refused for their token", auth_failures.clone());
         registry.register(
             "close_lingers",
@@ -170,6 +174,7 @@ impl Metrics {
             slow_consumers,
             rate_limited,
             rooms_evicted,
+            too_many_rooms,
             auth_failures,
             close_lingers,
             fanout_seconds,

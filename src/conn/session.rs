@@ -244,6 +244,13 @@ impl Session {
     /// connection in the room's presence, which queues `presence_state`
     /// right behind `joined` when the client asked for `presence`.
     async fn join(&mut self, room: RoomName, since: Option<Since<'_>>, presence: bool, reference: Option<&str>) {
+        // A rejoin (to recover with `since`) is not a new room.
+        let limit = self.state.config.max_rooms_per_connection;
+        if self.rooms.len() >= limit && !self.rooms.contains(&room) {
+            self.state.metrics.too_many_rooms.inc();
+            let message = format!("already joined to {limit} rooms (--max-rooms-per-connection); leave one first");
+            return self.error(ErrorCode::TooManyRooms, &message, reference);
+        }
         match self.state.bus.join(&room, &self.conn, since).await {
             Ok(()) => {
                 self.state.presence.join(&room, &self.conn, &self.claims.sub, presence).await;

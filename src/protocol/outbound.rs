@@ -20,6 +20,7 @@ pub enum ErrorCode {
     TooLarge,
     RateLimited,
     Unavailable,
+    TooManyRooms,
     Internal,
 }
 
@@ -32,6 +33,7 @@ impl ErrorCode {
             ErrorCode::TooLarge => "too_large",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::TooManyRooms => "too_many_rooms",
             ErrorCode::Internal => "internal",
         }
     }
