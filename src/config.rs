@@ -4,6 +4,8 @@
 //! winning. [`ServeArgs`] is what the user typed; [`Config`] is the same,
 //! checked once at start, so nothing on the request path re-validates it.
 
+mod size;
+
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -58,6 +60,10 @@ pub struct ServeArgs {
     /// presence of its rooms within this time.
     #[arg(long, env = "CHORUS_PRESENCE_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub presence_ttl: Duration,
+    /// Memory for rooms, their in-memory history and what is remembered of evicted rooms (e.g. 256MiB);
+    /// past it the rooms idle longest are evicted.
+    #[arg(long, env = "CHORUS_HISTORY_MEMORY", default_value = "256MiB", value_parser = size::parse_bytes)]
+    pub history_memory: usize,
     /// Rooms one connection may be joined to at once; a `join` past it gets `too_many_rooms`.
     #[arg(long, env = "CHORUS_MAX_ROOMS_PER_CONNECTION", default_value_t = 128)]
     pub max_rooms_per_connection: usize,
@@ -128,6 +134,7 @@ pub struct Config {
     /// `None` keeps idle rooms' history forever.
     pub history_ttl: Option<Duration>,
     pub presence_ttl: Duration,
+    pub history_memory: usize,
     pub max_rooms_per_connection: usize,
     pub rate: f64,
     pub burst: u32,
@@ -172,6 +179,7 @@ impl Config {
             history_size: args.history_size,
             history_ttl: (!args.history_ttl.is_zero()).then_some(args.history_ttl),
             presence_ttl: args.presence_ttl,
+            history_memory: args.history_memory,
             max_rooms_per_connection: args.max_rooms_per_connection,
             rate: args.rate,
             burst: args.burst,
@@ -216,6 +224,9 @@ fn check_limits(args: &ServeArgs) -> Result<(), ConfigError> {
     }
     if args.max_message_bytes == 0 || args.send_queue == 0 || args.persist_queue == 0 {
         return invalid("--max-message-bytes, --send-queue and --persist-queue must be above zero");
+    }
+    if args.history_memory < 64 << 10 {
+        return invalid("--history-memory must be at least 64KiB");
     }
     if args.max_rooms_per_connection == 0 {
         return invalid("--max-rooms-per-connection must be above zero");

@@ -22,6 +22,9 @@ type Reason = [(&'static str, &'static str); 1];
 /// Label set of the close-linger counter: `ended`.
 type Ended = [(&'static str, &'static str); 1];
 
+/// Label set of the eviction counter: `reason` (`idle`, `memory`, `trimmed`, `forgotten`).
+type EvictionReason = [(&'static str, &'static str); 1];
+
 /// Label set of the build-info gauge: `version`, `commit`, `dirty`.
 type Build = [(&'static str, &'static str); 3];
 
@@ -44,6 +47,11 @@ pub struct Metrics {
     pub rooms_evicted: Counter,
     /// Joins refused by `--max-rooms-per-connection`.
     pub too_many_rooms: Counter,
+    /// Bytes the rooms, their kept history and the tombstones hold (`--history-memory`).
+    pub history_bytes: Gauge,
+    /// Evicted rooms remembered only by their place in their sequence.
+    pub tombstones: Gauge,
+    evictions: Family<EvictionReason, Counter>,
     auth_failures: Family<Reason, Counter>,
     /// How the drains after a server close ended, by `ended`.
     close_lingers: Family<Ended, Counter>,
@@ -94,6 +102,9 @@ impl Metrics {
         let rate_limited = Counter::default();
         let rooms_evicted = Counter::default();
         let too_many_rooms = Counter::default();
+        let history_bytes = Gauge::default();
+        let tombstones = Gauge::default();
+        let evictions = Family::<EvictionReason, Counter>::default();
         let auth_failures = Family::<Reason, Counter>::default();
         let close_lingers = Family::<Ended, Counter>::default();
         // 1 µs to about 1 s.
@@ -119,6 +130,22 @@ impl Metrics {
         registry.register("rate_limited", "Frames refused by the rate limit", rate_limited.clone());
         registry.register("rooms_evicted", "Idle rooms whose history left memory", rooms_evicted.clone());
         registry.register("too_many_rooms", "Joins refused by --max-rooms-per-connection", too_many_rooms.clone());
+        registry.register(
+            "history_bytes",
+            "Bytes held by rooms, their in-memory history and tombstones (bounded by --history-memory)",
+            history_bytes.clone(),
+        );
+        registry.register(
+            "tombstones",
+            "Evicted rooms remembered only by their place in their sequence",
+            tombstones.clone(),
+        );
+        registry.register(
+            "evictions",
+            "Rooms evicted by reason: idle (--history-ttl), memory (past --history-memory), \
+             trimmed (a room with members lost its kept history to the budget), forgotten (a tombstone dropped)",
+            evictions.clone(),
+        );
         registry.register("auth_failures", "Requests refused for their token", auth_failures.clone());
         registry.register(
             "close_lingers",
@@ -175,6 +202,9 @@ impl Metrics {
             rate_limited,
             rooms_evicted,
             too_many_rooms,
+            history_bytes,
+            tombstones,
+            evictions,
             auth_failures,
             close_lingers,
             fanout_seconds,
@@ -199,6 +229,22 @@ impl Metrics {
         self.fanout_seconds.observe(started.elapsed().as_secs_f64());
         self.deliveries.inc_by(recipients as u64);
         self.slow_consumers.inc_by(slow_consumers as u64);
+    }
+
+    /// The budget's gauges, read when `/metrics` is served.
+    pub fn record_memory(&self, registry: &crate::registry::Registry) {
+        self.history_bytes.set(registry.budget().held() as i64);
+        self.tombstones.set(registry.tombstone_count() as i64);
+    }
+
+    /// What an eviction pass did, under `reason` for the rooms it evicted.
+    pub fn evicted(&self, reason: &'static str, rooms: usize, trimmed: usize, forgotten: usize) {
+        for (reason, n) in [(reason, rooms), ("trimmed", trimmed), ("forgotten", forgotten)] {
+            if n > 0 {
+                self.evictions.get_or_create(&[("reason", reason)]).inc_by(n as u64);
+            }
+        }
+        self.rooms_evicted.inc_by(rooms as u64);
     }
 
     pub fn auth_failure(&self, reason: &'static str) {

@@ -14,6 +14,9 @@
 //! replays what it missed and sets the seq from which live messages reach
 //! it, so that replay and live stream meet with no gap and no duplicate.
 
+mod budget;
+mod tombstones;
+
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +30,9 @@ use crate::conn::{flush_all, Connection};
 use crate::protocol::outbound;
 use crate::room::RoomName;
 use crate::ws::frame::payload;
+use budget::{message_bytes, room_bytes};
+pub use budget::{Budget, DEFAULT_LIMIT as DEFAULT_HISTORY_MEMORY};
+use tombstones::{Tombstone, Tombstones};
 
 /// One message as history keeps it: its complete frame, whose payload is the
 /// message's JSON text.
@@ -109,14 +115,43 @@ struct RoomState {
     /// Members owed a flush by what was just queued to them, written once
     /// the lock is released.
     to_flush: Vec<Arc<Connection>>,
+    /// What this room holds, as counted in the [`Budget`].
+    bytes: usize,
 }
 
-/// What a single node remembers of an evicted room, so that its sequence
-/// goes on (a `seq` must never repeat within an epoch) while its messages
-/// are gone.
-struct Tombstone {
-    assigned: u64,
-    epoch: Arc<str>,
+impl RoomState {
+    fn keep(&mut self, message: StoredMessage) {
+        self.bytes += message_bytes(message.frame.len());
+        self.recent.push_back(message);
+    }
+
+    fn drop_oldest(&mut self) {
+        if let Some(message) = self.recent.pop_front() {
+            self.bytes -= message_bytes(message.frame.len());
+        }
+    }
+
+    fn clear_recent(&mut self) {
+        let freed: usize = self.recent.iter().map(|m| message_bytes(m.frame.len())).sum();
+        self.bytes -= freed;
+        self.recent.clear();
+    }
+
+    /// No member and nothing this node is subscribed for: the room may leave memory.
+    fn is_unused(&self) -> bool {
+        self.members.is_empty() && !self.subscribed
+    }
+}
+
+/// What an eviction pass did, for the metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Evicted {
+    /// Rooms that left memory (a tombstone keeps their place).
+    pub rooms: usize,
+    /// Rooms with members whose kept history was dropped.
+    pub trimmed: usize,
+    /// Tombstones forgotten: those rooms start a new epoch when used again.
+    pub forgotten: usize,
 }
 
 struct Room {
@@ -125,15 +160,41 @@ struct Room {
 
 pub struct Registry {
     rooms: DashMap<RoomName, Arc<Room>>,
-    tombstones: DashMap<RoomName, Tombstone>,
+    tombstones: Tombstones,
     history_size: usize,
-    /// The epoch new rooms start in: this node's, new at every start.
-    epoch: Arc<str>,
+    /// The epoch new rooms start in: this node's, new at every start, and
+    /// new again whenever a tombstone is forgotten.
+    epoch: Mutex<Arc<str>>,
+    budget: Budget,
 }
 
 impl Registry {
     pub fn new(history_size: usize, epoch: Arc<str>) -> Self {
-        Self { rooms: DashMap::new(), tombstones: DashMap::new(), history_size, epoch }
+        Self::with_history_memory(history_size, epoch, DEFAULT_HISTORY_MEMORY)
+    }
+
+    /// With `history_memory` bytes for rooms, their history and tombstones
+    /// (an eighth of it at most for tombstones).
+    pub fn with_history_memory(history_size: usize, epoch: Arc<str>, history_memory: usize) -> Self {
+        Self {
+            rooms: DashMap::new(),
+            tombstones: Tombstones::new(history_memory / 8),
+            history_size,
+            epoch: Mutex::new(epoch),
+            budget: Budget::new(history_memory),
+        }
+    }
+
+    pub fn budget(&self) -> &Budget {
+        &self.budget
+    }
+
+    pub fn tombstone_count(&self) -> usize {
+        self.tombstones.len()
+    }
+
+    fn node_epoch(&self) -> Arc<str> {
+        self.epoch.lock().clone()
     }
 
     pub fn room_count(&self) -> usize {
@@ -150,7 +211,9 @@ impl Registry {
                 continue;
             }
             if let Some(f) = f.take() {
+                let before = state.bytes;
                 let result = f(&mut state);
+                self.budget.apply(before, state.bytes);
                 flush_after_unlock(state);
                 return result;
             }
@@ -161,7 +224,9 @@ impl Registry {
     fn with_existing_room<R>(&self, name: &RoomName, f: impl FnOnce(&mut RoomState) -> R) -> Option<R> {
         let room = self.rooms.get(name).map(|r| r.clone())?;
         let mut state = room.state.lock();
+        let before = state.bytes;
         let result = (!state.removed).then(|| f(&mut state));
+        self.budget.apply(before, state.bytes);
         flush_after_unlock(state);
         result
     }
@@ -169,10 +234,15 @@ impl Registry {
     /// A new room, or an evicted one coming back: then its sequence goes on
     /// where it stopped, in the same epoch.
     fn new_room(&self, name: &RoomName) -> Arc<Room> {
-        let (seq, assigned, epoch) = match self.tombstones.remove(name) {
-            Some((_, t)) => (Some(t.assigned), t.assigned, t.epoch),
-            None => (None, 0, self.epoch.clone()),
+        let (seq, assigned, epoch) = match self.tombstones.take(name.as_str()) {
+            Some((t, freed)) => {
+                self.budget.sub(freed);
+                (Some(t.assigned), t.assigned, t.epoch)
+            }
+            None => (None, 0, self.node_epoch()),
         };
+        let bytes = room_bytes(name.as_str());
+        self.budget.add(bytes);
         Arc::new(Room {
             state: Mutex::new(RoomState {
                 members: Vec::new(),
@@ -185,38 +255,95 @@ impl Registry {
                 removed: false,
                 active: Instant::now(),
                 to_flush: Vec::new(),
+                bytes,
             }),
         })
     }
 
-    /// Single node: drops the history of rooms that have had no member and
-    /// no publish for `ttl`, keeping only their place in the sequence.
-    /// Returns how many rooms were evicted.
-    pub fn evict_idle(&self, ttl: Duration) -> usize {
-        let idle = |state: &RoomState| state.members.is_empty() && !state.subscribed && state.active.elapsed() > ttl;
+    /// Drops the rooms that have had no member and no publish for `ttl`
+    /// (a single node keeps their place in the sequence in a tombstone).
+    pub fn evict_idle(&self, ttl: Duration) -> Evicted {
+        let idle = |state: &RoomState| state.is_unused() && state.active.elapsed() > ttl;
         let candidates: Vec<RoomName> = self
             .rooms
             .iter()
             .filter(|entry| idle(&entry.value().state.lock()))
             .map(|entry| entry.key().clone())
             .collect();
-        let mut evicted = 0;
+        let mut evicted = Evicted::default();
         for name in candidates {
-            let removed = self.rooms.remove_if(&name, |_, room| {
-                let mut state = room.state.lock();
-                if !idle(&state) {
-                    return false;
-                }
-                state.removed = true;
-                if state.assigned > 0 {
-                    self.tombstones
-                        .insert(name.clone(), Tombstone { assigned: state.assigned, epoch: state.epoch.clone() });
-                }
-                true
-            });
-            evicted += usize::from(removed.is_some());
+            self.evict(&name, idle, &mut evicted);
         }
         evicted
+    }
+
+    /// Past the budget's high-water mark: drops the rooms idle longest until
+    /// it is back under the low-water mark, and if rooms with members alone
+    /// hold more than that, drops their kept history too, least recently
+    /// active first (their sequence and members stay). One pass over the
+    /// rooms frees a quarter of the budget.
+    pub fn evict_for_memory(&self) -> Evicted {
+        let mut evicted = Evicted::default();
+        if !self.budget.above_low_water() {
+            return evicted;
+        }
+        let by_age = |wanted: fn(&RoomState) -> bool| {
+            let mut rooms: Vec<(Instant, RoomName)> = self
+                .rooms
+                .iter()
+                .filter_map(|entry| {
+                    let state = entry.value().state.lock();
+                    wanted(&state).then(|| (state.active, entry.key().clone()))
+                })
+                .collect();
+            rooms.sort_unstable_by_key(|(active, _)| *active);
+            rooms
+        };
+        for (_, name) in by_age(RoomState::is_unused) {
+            if !self.budget.above_low_water() {
+                return evicted;
+            }
+            self.evict(&name, RoomState::is_unused, &mut evicted);
+        }
+        for (_, name) in by_age(|state| !state.recent.is_empty()) {
+            if !self.budget.above_low_water() {
+                break;
+            }
+            self.with_existing_room(&name, RoomState::clear_recent);
+            evicted.trimmed += 1;
+        }
+        evicted
+    }
+
+    /// Removes `name` if `evictable` still holds under its lock, leaving a
+    /// tombstone when its sequence has begun.
+    fn evict(&self, name: &RoomName, evictable: impl Fn(&RoomState) -> bool, evicted: &mut Evicted) {
+        let removed = self.rooms.remove_if(name, |_, room| {
+            let mut state = room.state.lock();
+            if !evictable(&state) {
+                return false;
+            }
+            state.removed = true;
+            self.budget.sub(state.bytes);
+            if state.assigned > 0 {
+                evicted.forgotten +=
+                    self.bury(name, Tombstone { assigned: state.assigned, epoch: state.epoch.clone() });
+            }
+            true
+        });
+        evicted.rooms += usize::from(removed.is_some());
+    }
+
+    /// Keeps an evicted room's place; returns how many older tombstones
+    /// that forgot. Rooms created after a forgetting start in a new epoch:
+    /// one of them may be a forgotten room, whose old `seq`s must not repeat.
+    fn bury(&self, name: &RoomName, tombstone: Tombstone) -> usize {
+        let inserted = self.tombstones.insert(name.clone(), tombstone);
+        self.budget.apply(inserted.forgotten_bytes, inserted.added_bytes);
+        if inserted.forgotten > 0 {
+            *self.epoch.lock() = crate::bus::fresh_epoch().into();
+        }
+        inserted.forgotten
     }
 
     /// Single node: gives the message the room's next `seq`, stores it and
@@ -276,7 +403,7 @@ impl Registry {
     }
 
     pub fn room_epoch(&self, room: &RoomName) -> Arc<str> {
-        self.with_existing_room(room, |state| state.epoch.clone()).unwrap_or_else(|| self.epoch.clone())
+        self.with_existing_room(room, |state| state.epoch.clone()).unwrap_or_else(|| self.node_epoch())
     }
 
     /// Queues `message` to the members, keeps it in `recent`, moves `seq`.
@@ -295,9 +422,9 @@ impl Registry {
         state.seq = Some(state.seq.unwrap_or(0).max(message.seq));
         if self.history_size > 0 {
             if state.recent.len() >= self.history_size {
-                state.recent.pop_front();
+                state.drop_oldest();
             }
-            state.recent.push_back(message);
+            state.keep(message);
         }
         (recipients, slow_consumers)
     }
@@ -393,7 +520,7 @@ impl Registry {
                 if state.members.is_empty() && state.subscribed {
                     state.subscribed = false;
                     state.seq = None;
-                    state.recent.clear();
+                    state.clear_recent();
                     unsubscribe();
                 }
                 before != state.members.len()
@@ -403,7 +530,10 @@ impl Registry {
             let mut state = r.state.lock();
             // A single node's room keeps its seq for as long as the process runs.
             let idle = state.members.is_empty() && state.recent.is_empty() && !state.subscribed && state.assigned == 0;
-            state.removed |= idle;
+            if idle {
+                state.removed = true;
+                self.budget.sub(state.bytes);
+            }
             idle
         });
         was_member
@@ -474,7 +604,7 @@ fn finish_join(
 fn restart_epoch(state: &mut RoomState, room: &RoomName, epoch: &str, seq: u64) {
     state.epoch = epoch.into();
     state.seq = Some(seq);
-    state.recent.clear();
+    state.clear_recent();
     let joined = outbound::joined(room, seq, epoch, Some(false));
     for member in state.members.iter_mut().filter(|m| m.skip_through != u64::MAX) {
         member.skip_through = seq;

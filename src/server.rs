@@ -45,10 +45,8 @@ impl Server {
         let sweep = tokio::spawn(liveness::run(state.clone()));
         // Ends by itself at shutdown.
         tokio::spawn(coalesce::run(state.writer.clone(), state.shutdown.clone()));
-        if let Some(ttl) = state.config.history_ttl {
-            // Ends by itself at shutdown; nothing waits for it.
-            tokio::spawn(eviction::run(state.clone(), ttl));
-        }
+        // Ends by itself at shutdown; nothing waits for it.
+        tokio::spawn(eviction::run(state.clone(), state.config.history_ttl));
         Ok(Self { state, local_addr, accept, sweep })
     }
 
@@ -97,7 +95,8 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 async fn build_state(config: Config) -> std::io::Result<ServerState> {
     let metrics = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
-    let registry = Arc::new(Registry::new(config.history_size, fresh_epoch().into()));
+    let registry =
+        Arc::new(Registry::with_history_memory(config.history_size, fresh_epoch().into(), config.history_memory));
     let bus = match &config.redis_url {
         None => {
             let persistence = match &config.database_url {

@@ -73,6 +73,7 @@ async fn readiness(state: &ServerState) -> HttpResponse {
 
 fn metrics(state: &ServerState) -> HttpResponse {
     state.metrics.rooms.set(state.bus.registry().room_count() as i64);
+    state.metrics.record_memory(state.bus.registry());
     let mut response = Response::new(Full::new(Bytes::from(state.metrics.render())));
     response
         .headers_mut()
