@@ -116,6 +116,7 @@ async fn build_state(config: Config) -> std::io::Result<ServerState> {
                 history_size: config.history_size,
                 database,
                 durable_acks: config.durable_acks,
+                key_ttl: config.history_ttl,
             };
             let redis = RedisBus::start(settings, registry.clone(), metrics.clone(), shutdown.clone())
                 .map_err(std::io::Error::other)?;

@@ -10,6 +10,7 @@
 //! recovery reach back past what Redis holds.
 
 mod acks;
+mod expiry;
 mod keys;
 mod link;
 mod persist;
@@ -59,6 +60,8 @@ pub struct RedisSettings<'a> {
     pub database: Option<(Arc<Database>, usize)>,
     /// Deliver and ack only what the database holds (needs `database`).
     pub durable_acks: bool,
+    /// How long a room's keys outlive its last use (`--history-ttl`); `None` keeps them.
+    pub key_ttl: Option<Duration>,
 }
 
 impl RedisBus {
@@ -81,7 +84,12 @@ impl RedisBus {
         if let Some((_, queue)) = &settings.database {
             scripts.persist_queue = *queue;
         }
+        // At least a millisecond: 0 would mean no expiry at all.
+        scripts.key_ttl_ms = settings.key_ttl.map_or(0, |ttl| (ttl.as_millis() as u64).max(1));
         let scripts = Arc::new(scripts);
+        if scripts.key_ttl_ms > 0 {
+            tokio::spawn(expiry::run(scripts.clone(), registry.clone(), shutdown.clone()));
+        }
         if let Some((db, _)) = settings.database {
             let persister = Persister {
                 link: CommandLink::new(client.clone()).map_err(BusError::redis)?,

@@ -8,8 +8,17 @@
 --       and with --durable-acks the publishing node and its request id
 --       (else ''). A durable message is only queued for the database here:
 --       the writer releases it (history, PUBLISH, ack) once committed.
+--       ARGV[12]: the keys' time to live in ms ('0' for none): every
+--       publish renews it, so only a room idle that long expires.
 local state, history, pending = KEYS[1], KEYS[2], KEYS[3]
 local channel, size, persist = ARGV[1], tonumber(ARGV[2]), ARGV[8] == '1'
+local ttl = tonumber(ARGV[12])
+local function renew()
+  if ttl > 0 then
+    redis.call('PEXPIRE', state, ttl)
+    redis.call('PEXPIRE', history, ttl)
+  end
+end
 local epoch = redis.call('HGET', state, 'epoch')
 if not epoch then
   if persist then
@@ -29,6 +38,7 @@ local message = '{"type":"message","room":"' .. ARGV[3] .. '","seq":' .. seq ..
   ',"from":' .. ARGV[4] .. ',"ts":' .. ARGV[5] .. ',"body":' .. ARGV[6] .. '}'
 if ARGV[10] ~= '' then
   redis.call('XADD', pending, '*', 'r', ARGV[3], 'e', epoch, 'm', message, 'n', ARGV[10], 'q', ARGV[11])
+  renew()
   return {seq, epoch}
 end
 if size > 0 then
@@ -39,4 +49,5 @@ if persist then
   redis.call('XADD', pending, '*', 'r', ARGV[3], 'e', epoch, 'm', message)
 end
 redis.call('PUBLISH', channel, seq .. ' ' .. epoch .. ' ' .. message)
+renew()
 return {seq, epoch}

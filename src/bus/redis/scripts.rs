@@ -32,6 +32,10 @@ pub struct Scripts {
     pub node: String,
     /// The most messages waiting for the database before publishing refuses.
     pub persist_queue: usize,
+    /// Time to live of a room's keys in ms (`--history-ttl`), renewed by
+    /// every publish and join and, for rooms with members, by the node's
+    /// `expiry` task; 0 keeps them forever.
+    pub key_ttl_ms: u64,
     publish: Script,
     snapshot: Script,
     restore: Script,
@@ -69,6 +73,7 @@ impl Scripts {
             durable_acks: false,
             node,
             persist_queue: 100_000,
+            key_ttl_ms: 0,
             publish: Script::new(include_str!("publish.lua")),
             snapshot: Script::new(include_str!("snapshot.lua")),
             restore: Script::new(include_str!("restore.lua")),
@@ -111,6 +116,7 @@ impl Scripts {
             Some(request) => call.arg(&self.node).arg(request),
             None => call.arg("").arg(""),
         };
+        call.arg(self.key_ttl_ms);
         let call = &call;
         let invoke =
             || self.link.run(move |mut conn| async move { call.invoke_async::<(u64, String)>(&mut conn).await });
@@ -132,7 +138,8 @@ impl Scripts {
             .arg(fresh_epoch())
             .arg(since.map(|s| s.to_string()).unwrap_or_default())
             .arg(self.persisting())
-            .arg(if self.durable_acks { "released" } else { "seq" });
+            .arg(if self.durable_acks { "released" } else { "seq" })
+            .arg(self.key_ttl_ms);
         let call = &call;
         let invoke = || {
             self.link
@@ -166,6 +173,7 @@ impl Scripts {
                 .arg(&m.json)
                 .arg(self.keys.acks(&m.node))
                 .arg(&m.request)
+                .arg(self.key_ttl_ms)
                 .ignore();
         }
         self.link.run(|mut conn| async move { pipe.query_async::<()>(&mut conn).await }).await
@@ -190,7 +198,7 @@ impl Scripts {
             _ => fresh_epoch(),
         };
         let mut call = self.restore.key(self.keys.state(room));
-        call.key(self.keys.history(room)).arg(epoch).arg(seq);
+        call.key(self.keys.history(room)).arg(epoch).arg(seq).arg(self.key_ttl_ms);
         self.link
             .run(|mut conn| async move { call.invoke_async::<String>(&mut conn).await })
             .await

@@ -3,12 +3,17 @@
 -- ARGV[1] a fresh epoch for a room that has none   ARGV[2] since ('' for none)
 -- ARGV[3] whether a database keeps history ('1' or '0')
 -- ARGV[4] the field of the room's latest seq: 'seq', or 'released' with --durable-acks
+-- ARGV[5] the keys' time to live in ms ('0' for none), renewed by a join
 if redis.call('EXISTS', KEYS[1]) == 0 then
   if ARGV[3] == '1' then
     return redis.error_reply('NOSTATE room state is gone')
   end
   redis.call('HSET', KEYS[1], 'epoch', ARGV[1])
   redis.call('DEL', KEYS[2])
+end
+if tonumber(ARGV[5]) > 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
 end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 -- With --durable-acks only released (committed) messages count.
