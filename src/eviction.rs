@@ -17,6 +17,10 @@ use std::time::Duration;
 use crate::registry::Evicted;
 use crate::state::ServerState;
 
+/// How long memory eviction rests after a pass that could not get the
+/// budget under its high-water mark.
+const STUCK_PAUSE: Duration = Duration::from_secs(1);
+
 /// Runs until shutdown: checks for idle rooms a few times per `ttl` (at most
 /// every minute; never without a `ttl`), and evicts for memory whenever the
 /// budget's high-water mark is passed.
@@ -36,6 +40,15 @@ pub async fn run(state: Arc<ServerState>, ttl: Option<Duration>) {
             }
             () = registry.budget().over.notified() => {
                 record(&state, "memory", registry.evict_for_memory());
+                if registry.budget().held() > registry.budget().high_water() {
+                    // What is left is rooms with members and no history to
+                    // trim: sweeping again at once would free nothing, and
+                    // every publish would pay for it. Wait a little.
+                    tokio::select! {
+                        () = tokio::time::sleep(STUCK_PAUSE) => {}
+                        () = state.shutdown.cancelled() => return,
+                    }
+                }
             }
             () = state.shutdown.cancelled() => return,
         }
