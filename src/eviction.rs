@@ -17,8 +17,7 @@ use std::time::Duration;
 use crate::registry::Evicted;
 use crate::state::ServerState;
 
-/// How long memory eviction rests after a pass that could not get the
-/// budget under its high-water mark.
+/// How long memory eviction rests after a pass that freed nothing.
 const STUCK_PAUSE: Duration = Duration::from_secs(1);
 
 /// Runs until shutdown: checks for idle rooms a few times per `ttl` (at most
@@ -39,8 +38,10 @@ pub async fn run(state: Arc<ServerState>, ttl: Option<Duration>) {
                 record(&state, "memory", registry.evict_for_memory());
             }
             () = registry.budget().over.notified() => {
-                record(&state, "memory", registry.evict_for_memory());
-                if registry.budget().held() > registry.budget().high_water() {
+                let evicted = registry.evict_for_memory();
+                record(&state, "memory", evicted);
+                let budget = registry.budget();
+                if evicted.rooms == 0 && evicted.trimmed == 0 && budget.held() > budget.high_water() {
                     // What is left is rooms with members and no history to
                     // trim: sweeping again at once would free nothing, and
                     // every publish would pay for it. Wait a little.
