@@ -56,7 +56,13 @@ pub async fn run(state: Arc<ServerState>, ttl: Option<Duration>) {
     }
 }
 
-fn record(state: &ServerState, reason: &'static str, evicted: Evicted) {
+fn record(state: &ServerState, reason: &'static str, mut evicted: Evicted) {
+    if reason == "memory" {
+        let inline = state.bus.registry().take_evicted_inline();
+        evicted.rooms += inline.rooms;
+        evicted.trimmed += inline.trimmed;
+        evicted.forgotten += inline.forgotten;
+    }
     state.metrics.evicted(reason, evicted.rooms, evicted.trimmed, evicted.forgotten);
     if evicted.forgotten > 0 {
         tracing::debug!(forgotten = evicted.forgotten, "tombstones forgotten: new rooms start a new epoch");

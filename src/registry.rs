@@ -17,6 +17,7 @@
 mod budget;
 mod tombstones;
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -166,6 +167,10 @@ pub struct Registry {
     /// new again whenever a tombstone is forgotten.
     epoch: Mutex<Arc<str>>,
     budget: Budget,
+    /// Held by whoever evicts past the budget itself (see [`Registry::backstop`]).
+    inline_eviction: Mutex<()>,
+    /// What inline evictions did, for the eviction task to record.
+    evicted_inline: Mutex<Evicted>,
 }
 
 impl Registry {
@@ -182,6 +187,8 @@ impl Registry {
             history_size,
             epoch: Mutex::new(epoch),
             budget: Budget::new(history_memory),
+            inline_eviction: Mutex::new(()),
+            evicted_inline: Mutex::new(Evicted::default()),
         }
     }
 
@@ -215,6 +222,7 @@ impl Registry {
                 let result = f(&mut state);
                 self.budget.apply(before, state.bytes);
                 flush_after_unlock(state);
+                self.backstop();
                 return result;
             }
         }
@@ -228,6 +236,7 @@ impl Registry {
         let result = (!state.removed).then(|| f(&mut state));
         self.budget.apply(before, state.bytes);
         flush_after_unlock(state);
+        self.backstop();
         result
     }
 
@@ -283,6 +292,12 @@ impl Registry {
     /// active first (their sequence and members stay). One pass over the
     /// rooms frees a quarter of the budget.
     pub fn evict_for_memory(&self) -> Evicted {
+        let _evicting = self.inline_eviction.lock();
+        sweeping(|| self.evict_for_memory_locked())
+    }
+
+    /// [`evict_for_memory`](Self::evict_for_memory), its caller holding `inline_eviction`.
+    fn evict_for_memory_locked(&self) -> Evicted {
         let mut evicted = Evicted::default();
         if !self.budget.above_low_water() {
             return evicted;
@@ -313,6 +328,31 @@ impl Registry {
             evicted.trimmed += 1;
         }
         evicted
+    }
+
+    /// The eviction task starts at the high-water mark; should it fall
+    /// behind (a busy machine) and the budget itself be passed, the
+    /// publisher that passed it evicts before it returns, or waits for the
+    /// sweep under way: past the budget, publishing slows down rather than
+    /// memory growing. The sweep's own room updates do not come back here.
+    fn backstop(&self) {
+        if self.budget.held() <= self.budget.limit() || SWEEPING.with(Cell::get) {
+            return;
+        }
+        let _evicting = self.inline_eviction.lock();
+        if self.budget.held() <= self.budget.limit() {
+            return;
+        }
+        let evicted = sweeping(|| self.evict_for_memory_locked());
+        let mut total = self.evicted_inline.lock();
+        total.rooms += evicted.rooms;
+        total.trimmed += evicted.trimmed;
+        total.forgotten += evicted.forgotten;
+    }
+
+    /// What evictions past the budget did since the last call.
+    pub fn take_evicted_inline(&self) -> Evicted {
+        std::mem::take(&mut *self.evicted_inline.lock())
     }
 
     /// Removes `name` if `evictable` still holds under its lock, leaving a
@@ -563,6 +603,18 @@ impl Registry {
             })
             .collect()
     }
+}
+
+thread_local! {
+    /// Set while this thread sweeps for memory.
+    static SWEEPING: Cell<bool> = const { Cell::new(false) };
+}
+
+fn sweeping<R>(f: impl FnOnce() -> R) -> R {
+    SWEEPING.with(|s| s.set(true));
+    let result = f();
+    SWEEPING.with(|s| s.set(false));
+    result
 }
 
 fn upsert_member(state: &mut RoomState, conn: &Arc<Connection>, skip_through: u64) {

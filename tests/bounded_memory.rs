@@ -143,7 +143,11 @@ async fn a_flood_of_new_rooms_stays_within_the_budget() {
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let highest = watching.await.unwrap().max(metric_value(&text, "chorus_history_bytes").unwrap());
     assert!(highest > 0.0, "no history bytes seen:\n{text}");
-    assert!(highest <= BUDGET, "history bytes {highest} passed the budget {BUDGET}");
+    // A publish adds its bytes, then evicts if they passed the budget: a
+    // reader may see the budget passed by what is in flight, here the one
+    // publish of the one flooding connection (a new room and its message,
+    // well under 1 KiB).
+    assert!(highest <= BUDGET + 1024.0, "history bytes {highest} passed the budget {BUDGET}");
     assert!(labelled(&text, "chorus_evictions_total{reason=\"memory\"}") > 0.0, "nothing evicted:\n{text}");
     assert!(labelled(&text, "chorus_evictions_total{reason=\"forgotten\"}") > 0.0, "nothing forgotten:\n{text}");
     let tombstones = metric_value(&text, "chorus_tombstones").unwrap();
