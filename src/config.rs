@@ -34,6 +34,9 @@ pub struct ServeArgs {
     /// Redis URL: run as one node of a cluster.
     #[arg(long, env = "CHORUS_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// `--redis-url` is a comma-separated list of seed nodes of a Redis Cluster (7.0+): rooms spread over its shards by sharded pub/sub.
+    #[arg(long, env = "CHORUS_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
     /// PostgreSQL URL: keep history durably.
     #[arg(long, env = "CHORUS_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
@@ -143,6 +146,8 @@ pub struct Config {
     pub write_coalesce_load: f64,
     pub redis_url: Option<String>,
     pub redis_prefix: String,
+    /// `redis_url` lists seed nodes of a Redis Cluster.
+    pub redis_cluster: bool,
     pub database_url: Option<String>,
     pub durable_acks: bool,
     pub persist_queue: usize,
@@ -188,6 +193,7 @@ impl Config {
             write_coalesce_load: args.write_coalesce_load,
             redis_url: args.redis_url,
             redis_prefix: args.redis_prefix,
+            redis_cluster: args.redis_cluster,
             database_url: args.database_url,
             durable_acks: args.durable_acks,
             persist_queue: args.persist_queue,
@@ -213,6 +219,13 @@ fn demo_secret(demo: bool, key_source: &KeySource) -> Result<Option<String>, Con
 fn check_backends(args: &ServeArgs) -> Result<(), ConfigError> {
     if args.durable_acks && args.database_url.is_none() {
         return Err(ConfigError::Invalid("--durable-acks needs --database-url".into()));
+    }
+    if args.redis_cluster && args.redis_url.is_none() {
+        return Err(ConfigError::Invalid("--redis-cluster needs --redis-url (the cluster's seed nodes)".into()));
+    }
+    if args.redis_cluster && args.database_url.is_some() {
+        // The write-behind stream is one key; on a cluster it needs one per shard (not built yet).
+        return Err(ConfigError::Invalid("--redis-cluster does not work with --database-url yet".into()));
     }
     Ok(())
 }
@@ -292,6 +305,18 @@ mod tests {
         assert_eq!(config(&[]).unwrap().presence_ttl, Duration::from_secs(30));
         assert_eq!(config(&["--presence-ttl", "2s"]).unwrap().presence_ttl, Duration::from_secs(2));
         assert!(config(&["--presence-ttl", "100ms"]).is_err());
+    }
+
+    #[test]
+    fn redis_cluster_needs_seed_nodes_and_no_database_yet() {
+        let c = config(&["--jwt-secret", "s", "--redis-url", "redis://a:1,redis://b:2", "--redis-cluster"]).unwrap();
+        assert!(c.redis_cluster);
+        let err = config(&["--jwt-secret", "s", "--redis-cluster"]).err().expect("no seeds");
+        assert!(err.to_string().contains("--redis-url"), "{err}");
+        let with_db =
+            ["--jwt-secret", "s", "--redis-url", "redis://a:1", "--redis-cluster", "--database-url", "postgres://x"];
+        let err = config(&with_db).err().expect("database");
+        assert!(err.to_string().contains("--database-url"), "{err}");
     }
 
     #[test]

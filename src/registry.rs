@@ -603,6 +603,17 @@ impl Registry {
             })
             .collect()
     }
+
+    /// The last seq delivered of `room`, if this node is subscribed to it.
+    pub fn delivered_seq(&self, room: &RoomName) -> Option<u64> {
+        let entry = self.rooms.get(room)?;
+        let state = entry.value().state.lock();
+        if state.subscribed {
+            state.seq
+        } else {
+            None
+        }
+    }
 }
 
 thread_local! {

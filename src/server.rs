@@ -117,6 +117,7 @@ async fn build_state(config: Config) -> std::io::Result<ServerState> {
                 database,
                 durable_acks: config.durable_acks,
                 key_ttl: config.history_ttl,
+                cluster: config.redis_cluster,
             };
             let redis = RedisBus::start(settings, registry.clone(), metrics.clone(), shutdown.clone())
                 .map_err(std::io::Error::other)?;

@@ -28,6 +28,10 @@ pub async fn run(scripts: Arc<Scripts>, registry: Arc<Registry>, shutdown: Cance
             () = shutdown.cancelled() => return,
         }
         let rooms = registry.subscribed_rooms();
+        if scripts.keys.is_cluster() {
+            renew_on_cluster(&scripts, &rooms).await;
+            continue;
+        }
         for chunk in rooms.chunks(CHUNK) {
             let mut pipe = redis::pipe();
             for (room, _) in chunk {
@@ -39,6 +43,26 @@ pub async fn run(scripts: Arc<Scripts>, registry: Arc<Registry>, shutdown: Cance
                 tracing::warn!("could not renew the Redis keys of rooms with members: {e}");
                 break;
             }
+        }
+    }
+}
+
+/// On a Redis Cluster a pipeline may not cross slots: one command per key,
+/// a chunk of them in flight at once (the cluster connection pipelines them
+/// per shard).
+async fn renew_on_cluster(scripts: &Scripts, rooms: &[(crate::room::RoomName, Option<u64>)]) {
+    for chunk in rooms.chunks(CHUNK) {
+        let renewals =
+            chunk.iter().flat_map(|(room, _)| [scripts.keys.state(room), scripts.keys.history(room)]).map(|key| {
+                scripts.link.run(move |mut conn| async move {
+                    redis::cmd("PEXPIRE").arg(key).arg(scripts.key_ttl_ms).query_async::<()>(&mut conn).await
+                })
+            });
+        let failed = futures_util::future::join_all(renewals).await.into_iter().filter(Result::is_err).count();
+        if failed > 0 {
+            // The next tick tries again; a third of the TTL is left.
+            tracing::warn!("could not renew {failed} Redis keys of rooms with members");
+            return;
         }
     }
 }

@@ -1,7 +1,9 @@
 //! Redis key, channel and payload names, all under `--redis-prefix`.
 //!
 //! A room's keys share a hash tag (`{room}`) so the publish script, which
-//! touches several of them, also runs on Redis Cluster.
+//! touches several of them, also runs on Redis Cluster. There the room's
+//! channel carries the same tag, so the script can `SPUBLISH` to it and a
+//! node `SSUBSCRIBE`s to it on the shard that holds the room.
 
 use crate::room::RoomName;
 
@@ -9,11 +11,32 @@ use crate::room::RoomName;
 pub struct Keys {
     prefix: String,
     channel_prefix: String,
+    /// Redis Cluster: sharded channels, tagged with the room.
+    cluster: bool,
 }
 
 impl Keys {
     pub fn new(prefix: &str) -> Self {
-        Self { prefix: prefix.to_owned(), channel_prefix: format!("{prefix}:room:") }
+        Self { prefix: prefix.to_owned(), channel_prefix: format!("{prefix}:room:"), cluster: false }
+    }
+
+    /// Names for a Redis Cluster: room channels are shard channels in the
+    /// room's slot.
+    pub fn for_cluster(prefix: &str) -> Self {
+        Self { cluster: true, ..Self::new(prefix) }
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
+    /// The command that publishes to a room's channel.
+    pub fn publish_command(&self) -> &'static str {
+        if self.cluster {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
     }
 
     /// A hash with the room's `seq` and `epoch`: one key, so it is lost or
@@ -28,11 +51,29 @@ impl Keys {
     }
 
     pub fn channel(&self, room: &RoomName) -> String {
-        format!("{}{room}", self.channel_prefix)
+        if self.cluster {
+            format!("{}{{{room}}}", self.channel_prefix)
+        } else {
+            format!("{}{room}", self.channel_prefix)
+        }
     }
 
     pub fn room_of_channel(&self, channel: &str) -> Option<RoomName> {
-        RoomName::parse(channel.strip_prefix(&self.channel_prefix)?).ok()
+        let name = channel.strip_prefix(&self.channel_prefix)?;
+        let name = if self.cluster { name.strip_prefix('{')?.strip_suffix('}')? } else { name };
+        RoomName::parse(name).ok()
+    }
+
+    /// The stream key the publish script names for `room`. On a cluster
+    /// every key a script names must be in the room's slot; there is no
+    /// database there (yet), so the script never touches it and the room's
+    /// state key stands in.
+    pub fn pending_for(&self, room: &RoomName) -> String {
+        if self.cluster {
+            self.state(room)
+        } else {
+            self.pending()
+        }
     }
 
     /// The stream of messages still to be written to the database, read by
@@ -88,6 +129,18 @@ mod tests {
         assert_eq!(keys.history(&room), "t1:{team-a:x}:history");
         assert_eq!(keys.room_of_channel(&keys.channel(&room)), Some(room));
         assert_eq!(keys.room_of_channel("other:room:x"), None);
+    }
+
+    #[test]
+    fn cluster_channels_carry_the_rooms_hash_tag() {
+        let keys = Keys::for_cluster("t1");
+        let room = RoomName::parse("team-a:x").unwrap();
+        assert_eq!(keys.channel(&room), "t1:room:{team-a:x}");
+        assert_eq!(keys.room_of_channel(&keys.channel(&room)), Some(room.clone()));
+        assert_eq!(keys.room_of_channel("t1:room:team-a:x"), None);
+        assert_eq!(keys.publish_command(), "SPUBLISH");
+        assert_eq!(keys.pending_for(&room), keys.state(&room));
+        assert_eq!(Keys::new("t1").pending_for(&room), "t1:persist");
     }
 
     #[test]

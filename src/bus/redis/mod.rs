@@ -8,6 +8,10 @@
 //! pipelined: none waits for another to come back. With a database, the same
 //! script queues the message for it (see its `persist` module), and history and
 //! recovery reach back past what Redis holds.
+//!
+//! With `--redis-cluster` the same scripts run on a Redis Cluster: a room's
+//! keys and channel share its hash tag, the script `SPUBLISH`es, and the
+//! `shards` module keeps this node's sharded subscriptions.
 
 mod acks;
 mod expiry;
@@ -15,6 +19,7 @@ mod keys;
 mod link;
 mod persist;
 mod scripts;
+mod shards;
 mod subscriber;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use redis::Value;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -36,6 +42,7 @@ use keys::Keys;
 use link::{CommandLink, CONNECT_TIMEOUT};
 use persist::Persister;
 use scripts::{stored_messages, Scripts};
+use shards::ShardSubscriber;
 use subscriber::{Command, Subscriber};
 
 /// With `--durable-acks`, how long a publish waits for its ack on pub/sub
@@ -49,6 +56,7 @@ pub struct RedisBus {
     commands: mpsc::UnboundedSender<Command>,
     link_up: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
+    cluster: bool,
 }
 
 /// What the node needs to reach Redis.
@@ -62,6 +70,9 @@ pub struct RedisSettings<'a> {
     pub durable_acks: bool,
     /// How long a room's keys outlive its last use (`--history-ttl`); `None` keeps them.
     pub key_ttl: Option<Duration>,
+    /// `url` is a comma-separated list of a Redis Cluster's seed nodes
+    /// (no `database` there yet: the configuration refuses it).
+    pub cluster: bool,
 }
 
 impl RedisBus {
@@ -74,6 +85,9 @@ impl RedisBus {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Result<Self, BusError> {
+        if settings.cluster {
+            return Self::start_cluster(settings, registry, metrics, shutdown);
+        }
         let client = redis::Client::open(settings.url).map_err(BusError::redis)?;
         let link = Arc::new(CommandLink::new(client.clone()).map_err(BusError::redis)?);
         let keys = Keys::new(settings.prefix);
@@ -113,7 +127,39 @@ impl RedisBus {
             shutdown,
         };
         tokio::spawn(subscriber.run(command_rx));
-        Ok(Self { scripts, acks, commands, link_up, metrics })
+        Ok(Self { scripts, acks, commands, link_up, metrics, cluster: false })
+    }
+
+    /// The bus over a Redis Cluster: one cluster connection (a pipelined
+    /// socket per shard) for commands and sharded subscriptions alike.
+    fn start_cluster(
+        settings: RedisSettings<'_>,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Result<Self, BusError> {
+        let (pushes, push_rx) = mpsc::unbounded_channel();
+        let client = link::cluster_client(settings.url, pushes).map_err(BusError::redis)?;
+        let link = Arc::new(CommandLink::cluster(client));
+        let mut scripts =
+            Scripts::new(link, Keys::for_cluster(settings.prefix), settings.history_size, None, super::fresh_epoch());
+        scripts.key_ttl_ms = settings.key_ttl.map_or(0, |ttl| (ttl.as_millis() as u64).max(1));
+        let scripts = Arc::new(scripts);
+        if scripts.key_ttl_ms > 0 {
+            tokio::spawn(expiry::run(scripts.clone(), registry.clone(), shutdown.clone()));
+        }
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let link_up = Arc::new(AtomicBool::new(false));
+        let subscriber = ShardSubscriber {
+            scripts: scripts.clone(),
+            registry,
+            metrics: metrics.clone(),
+            link_up: link_up.clone(),
+            shutdown,
+        };
+        tokio::spawn(subscriber.run(command_rx, push_rx));
+        let acks = Arc::new(PendingAcks::default());
+        Ok(Self { scripts, acks, commands, link_up, metrics, cluster: true })
     }
 
     /// Publishes and returns the message's seq once every current member is
@@ -177,13 +223,13 @@ impl RedisBus {
             .arg("LIMIT")
             .arg(0)
             .arg(limit);
-        let flat: Vec<Vec<u8>> = self
+        let reply: Value = self
             .scripts
             .link
             .run(|mut conn| async move { query.query_async(&mut conn).await })
             .await
             .map_err(BusError::redis)?;
-        let mut recent = stored_messages(&flat);
+        let mut recent = stored_messages(&flat_with_scores(reply));
         recent.reverse();
         let db = self.scripts.db.as_ref();
         let older = super::older_history(db, room, before, limit, &recent).await?;
@@ -213,6 +259,9 @@ impl RedisBus {
     /// The backends that do not answer: Redis (or this node's pub/sub
     /// connection to it), and the database if there is one.
     pub async fn unready(&self) -> Vec<&'static str> {
+        if self.cluster {
+            return self.unready_shards().await;
+        }
         let ping =
             self.scripts.link.run(|mut conn| async move { redis::cmd("PING").query_async::<String>(&mut conn).await });
         let answered = matches!(tokio::time::timeout(CONNECT_TIMEOUT, ping).await, Ok(Ok(_)));
@@ -226,5 +275,58 @@ impl RedisBus {
             }
         }
         unready
+    }
+
+    /// On a cluster: ready when every primary answers (so every slot has one).
+    async fn unready_shards(&self) -> Vec<&'static str> {
+        use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
+        let ping = self.scripts.link.run(|conn| async move {
+            let link::Conn::Cluster(mut conn) = conn else { return Ok(Value::Nil) };
+            let all = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, Some(ResponsePolicy::AllSucceeded)));
+            conn.route_command(redis::cmd("PING"), all).await
+        });
+        match tokio::time::timeout(CONNECT_TIMEOUT * 2, ping).await {
+            Ok(Ok(_)) => Vec::new(),
+            _ => vec!["redis"],
+        }
+    }
+}
+
+/// A `WITHSCORES` reply as RESP2 gives it (member, score, member, ...):
+/// RESP3, which a cluster connection speaks, nests each pair and sends the
+/// score as a double.
+fn flat_with_scores(reply: Value) -> Vec<Vec<u8>> {
+    let Value::Array(items) = reply else { return Vec::new() };
+    let mut flat = Vec::with_capacity(items.len() * 2);
+    for item in items {
+        match item {
+            Value::Array(pair) => flat.extend(pair.into_iter().map(score_or_member)),
+            other => flat.push(score_or_member(other)),
+        }
+    }
+    flat
+}
+
+fn score_or_member(value: Value) -> Vec<u8> {
+    match value {
+        Value::BulkString(bytes) => bytes,
+        Value::Double(score) => format!("{score}").into_bytes(),
+        Value::Int(score) => score.to_string().into_bytes(),
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scored_replies_flatten_from_resp2_and_resp3() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let resp2 = Value::Array(vec![bulk("{}"), bulk("7")]);
+        let resp3 = Value::Array(vec![Value::Array(vec![bulk("{}"), Value::Double(7.0)])]);
+        for reply in [resp2, resp3] {
+            assert_eq!(flat_with_scores(reply), vec![b"{}".to_vec(), b"7".to_vec()]);
+        }
     }
 }

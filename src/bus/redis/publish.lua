@@ -10,6 +10,8 @@
 --       the writer releases it (history, PUBLISH, ack) once committed.
 --       ARGV[12]: the keys' time to live in ms ('0' for none): every
 --       publish renews it, so only a room idle that long expires.
+--       ARGV[13]: the command that publishes ('PUBLISH', or 'SPUBLISH' on
+--       a Redis Cluster).
 local state, history, pending = KEYS[1], KEYS[2], KEYS[3]
 local channel, size, persist = ARGV[1], tonumber(ARGV[2]), ARGV[8] == '1'
 local ttl = tonumber(ARGV[12])
@@ -48,6 +50,6 @@ end
 if persist then
   redis.call('XADD', pending, '*', 'r', ARGV[3], 'e', epoch, 'm', message)
 end
-redis.call('PUBLISH', channel, seq .. ' ' .. epoch .. ' ' .. message)
+redis.call(ARGV[13], channel, seq .. ' ' .. epoch .. ' ' .. message)
 renew()
 return {seq, epoch}

@@ -65,7 +65,18 @@ impl Scripts {
         db: Option<Arc<Database>>,
         node: String,
     ) -> Self {
+        // On a cluster, the scripts that read or give out a room's seq first
+        // check that no failover lost part of it (see fence.lua).
+        let fenced = |script: &str| {
+            if keys.is_cluster() {
+                Script::new(&format!("{}\n{script}", include_str!("fence.lua")))
+            } else {
+                Script::new(script)
+            }
+        };
         Self {
+            publish: fenced(include_str!("publish.lua")),
+            snapshot: fenced(include_str!("snapshot.lua")),
             link,
             keys,
             history_size,
@@ -74,8 +85,6 @@ impl Scripts {
             node,
             persist_queue: 100_000,
             key_ttl_ms: 0,
-            publish: Script::new(include_str!("publish.lua")),
-            snapshot: Script::new(include_str!("snapshot.lua")),
             restore: Script::new(include_str!("restore.lua")),
         }
     }
@@ -102,7 +111,7 @@ impl Scripts {
         write_json_string(&mut from_json, from);
         let mut call = self.publish.key(self.keys.state(room));
         call.key(self.keys.history(room))
-            .key(self.keys.pending())
+            .key(self.keys.pending_for(room))
             .arg(self.keys.channel(room))
             .arg(self.history_size)
             .arg(room.as_str())
@@ -116,7 +125,7 @@ impl Scripts {
             Some(request) => call.arg(&self.node).arg(request),
             None => call.arg("").arg(""),
         };
-        call.arg(self.key_ttl_ms);
+        call.arg(self.key_ttl_ms).arg(self.keys.publish_command());
         let call = &call;
         let invoke =
             || self.link.run(move |mut conn| async move { call.invoke_async::<(u64, String)>(&mut conn).await });

@@ -176,40 +176,57 @@ impl Subscriber {
     }
 
     async fn on_message(&self, channel: &str, payload: &[u8]) -> Result<(), BusError> {
-        let Some(room) = self.scripts.keys.room_of_channel(channel) else {
-            return Ok(());
-        };
-        let Some(envelope) = Envelope::parse(payload) else {
-            tracing::warn!("ignoring a malformed message on {channel}");
-            return Ok(());
-        };
-        self.metrics.bus_messages_received.inc();
-        let message = StoredMessage { seq: envelope.seq, frame: text_frame(envelope.json) };
-        self.deliver(&room, envelope.epoch, message).await
+        on_message(&self.scripts, &self.registry, &self.metrics, channel, payload).await
     }
 
-    /// Delivers in order: when messages before this one are missing, they
-    /// come from Redis history first.
-    async fn deliver(&self, room: &RoomName, epoch: &str, message: StoredMessage) -> Result<(), BusError> {
-        let started = Instant::now();
-        let mut outcome = self.registry.deliver(room, epoch, message.clone(), false);
-        if let Delivered::Gap { from } = outcome {
-            self.metrics.bus_gap_fills.inc();
-            self.fill_from(room, from - 1).await?;
-            outcome = self.registry.deliver(room, epoch, message, true);
-        }
-        if let Delivered::Fanout { recipients, slow_consumers } = outcome {
-            self.metrics.record_fanout(started, recipients, slow_consumers);
-        }
-        Ok(())
-    }
-
-    /// Delivers what Redis history holds after `seq`.
     async fn fill_from(&self, room: &RoomName, seq: u64) -> Result<(), BusError> {
-        let snapshot = self.scripts.snapshot(room, Some(seq)).await?;
-        for message in snapshot.messages {
-            self.registry.deliver(room, &snapshot.epoch, message, true);
-        }
-        Ok(())
+        fill_from(&self.scripts, &self.registry, room, seq).await
     }
+}
+
+/// A message that arrived on a room's channel, handed to the registry in
+/// order (shared with the sharded subscriber of a Redis Cluster).
+pub(super) async fn on_message(
+    scripts: &Scripts,
+    registry: &Registry,
+    metrics: &Metrics,
+    channel: &str,
+    payload: &[u8],
+) -> Result<(), BusError> {
+    let Some(room) = scripts.keys.room_of_channel(channel) else {
+        return Ok(());
+    };
+    let Some(envelope) = Envelope::parse(payload) else {
+        tracing::warn!("ignoring a malformed message on {channel}");
+        return Ok(());
+    };
+    metrics.bus_messages_received.inc();
+    let message = StoredMessage { seq: envelope.seq, frame: text_frame(envelope.json) };
+    let started = Instant::now();
+    let mut outcome = registry.deliver(&room, envelope.epoch, message.clone(), false);
+    // Delivers in order: when messages before this one are missing, they
+    // come from Redis history first.
+    if let Delivered::Gap { from } = outcome {
+        metrics.bus_gap_fills.inc();
+        fill_from(scripts, registry, &room, from - 1).await?;
+        outcome = registry.deliver(&room, envelope.epoch, message, true);
+    }
+    if let Delivered::Fanout { recipients, slow_consumers } = outcome {
+        metrics.record_fanout(started, recipients, slow_consumers);
+    }
+    Ok(())
+}
+
+/// Delivers what Redis history holds after `seq`.
+pub(super) async fn fill_from(
+    scripts: &Scripts,
+    registry: &Registry,
+    room: &RoomName,
+    seq: u64,
+) -> Result<(), BusError> {
+    let snapshot = scripts.snapshot(room, Some(seq)).await?;
+    for message in snapshot.messages {
+        registry.deliver(room, &snapshot.epoch, message, true);
+    }
+    Ok(())
 }

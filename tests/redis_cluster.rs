@@ -1,0 +1,382 @@
+//! `--redis-cluster`: chorus nodes over a real local Redis Cluster (7.0+),
+//! found through `CHORUS_TEST_REDIS_CLUSTER` (seed URLs; `scripts/test`
+//! starts one with `scripts/redis-cluster`). Each test uses a key prefix of
+//! its own and deletes its keys at the end. The failover test starts a
+//! private cluster, since it kills one of its nodes.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{token, Client, TempDir, TestServer, GUARD};
+use serde_json::{json, Value};
+
+fn seeds() -> String {
+    std::env::var("CHORUS_TEST_REDIS_CLUSTER").unwrap_or_else(|_| "redis://127.0.0.1:17100".to_owned())
+}
+
+fn prefix(test: &str) -> String {
+    format!("chorus-test-{test}-{}-{:08x}", std::process::id(), rand::random::<u32>())
+}
+
+/// A plain connection to one cluster node, `host:port`.
+fn node_conn(addr: &str) -> redis::Connection {
+    redis::Client::open(format!("redis://{addr}")).unwrap().get_connection().expect("cluster node answers")
+}
+
+fn first_seed(seeds: &str) -> String {
+    seeds.split(',').next().unwrap().trim().trim_start_matches("redis://").to_owned()
+}
+
+/// The cluster's primaries, by the slot ranges they own: `(start, end, addr)`.
+fn slot_owners(seeds: &str) -> Vec<(u16, u16, String)> {
+    let mut conn = node_conn(&first_seed(seeds));
+    let slots: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query(&mut conn).unwrap();
+    slots
+        .iter()
+        .map(|range| {
+            let redis::Value::Array(parts) = range else { panic!("CLUSTER SLOTS: {range:?}") };
+            let int = |v: &redis::Value| match v {
+                redis::Value::Int(i) => *i as u16,
+                other => panic!("slot {other:?}"),
+            };
+            let redis::Value::Array(primary) = &parts[2] else { panic!("CLUSTER SLOTS node") };
+            let host: String = redis::from_redis_value(primary[0].clone()).unwrap();
+            let port = int(&primary[1]);
+            (int(&parts[0]), int(&parts[1]), format!("{host}:{port}"))
+        })
+        .collect()
+}
+
+/// The primary that owns `room`'s slot now.
+fn owner_of(seeds: &str, prefix: &str, room: &str) -> String {
+    let mut conn = node_conn(&first_seed(seeds));
+    let slot: u16 =
+        redis::cmd("CLUSTER").arg("KEYSLOT").arg(format!("{prefix}:{{{room}}}:state")).query(&mut conn).unwrap();
+    slot_owners(seeds).into_iter().find(|(a, b, _)| (*a..=*b).contains(&slot)).expect("slot served").2
+}
+
+/// Deletes the prefix's keys on every primary (one key at a time: a
+/// multi-key DEL may not cross slots).
+fn wipe(seeds: &str, prefix: &str) {
+    let mut primaries: Vec<String> = slot_owners(seeds).into_iter().map(|o| o.2).collect();
+    primaries.dedup();
+    for addr in primaries {
+        let mut conn = node_conn(&addr);
+        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query(&mut conn).unwrap_or_default();
+        for key in keys {
+            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(key).query(&mut conn);
+        }
+    }
+}
+
+struct Wipe(String, String);
+impl Drop for Wipe {
+    fn drop(&mut self) {
+        wipe(&self.0, &self.1);
+    }
+}
+
+async fn node(seeds: &str, prefix: &str) -> TestServer {
+    TestServer::start(&[
+        "--redis-url",
+        seeds,
+        "--redis-cluster",
+        "--redis-prefix",
+        prefix,
+        "--rate",
+        "100000",
+        "--burst",
+        "100000",
+    ])
+    .await
+}
+
+async fn member(server: &TestServer, room: &str, sub: &str) -> Client {
+    let mut client = Client::connect(server.addr, &format!("/ws/{room}"), &token(sub, None, 3600)).await;
+    client.recv_type("joined").await;
+    client
+}
+
+/// Room names until every primary owns at least `per_shard` of them.
+fn rooms_on_every_shard(seeds: &str, prefix: &str, per_shard: usize) -> Vec<String> {
+    let primaries: usize = {
+        let mut p: Vec<String> = slot_owners(seeds).into_iter().map(|o| o.2).collect();
+        p.sort();
+        p.dedup();
+        p.len()
+    };
+    let mut by_owner: HashMap<String, usize> = HashMap::new();
+    let mut rooms = Vec::new();
+    for i in 0.. {
+        let room = format!("room-{i}");
+        let owner = owner_of(seeds, prefix, &room);
+        let count = by_owner.entry(owner).or_default();
+        if *count < per_shard {
+            *count += 1;
+            rooms.push(room);
+        }
+        if by_owner.len() == primaries && by_owner.values().all(|c| *c >= per_shard) {
+            break;
+        }
+    }
+    rooms
+}
+
+/// Reads frames until `count` messages of `room` arrived; returns their seqs.
+async fn seqs_of(client: &mut Client, count: usize) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    while seqs.len() < count {
+        let frame = client.recv_json().await;
+        if frame["type"] == "message" {
+            seqs.push(frame["seq"].as_u64().unwrap());
+        }
+    }
+    seqs
+}
+
+#[tokio::test]
+async fn rooms_on_every_shard_reach_both_nodes_in_order_over_sharded_pubsub() {
+    let seeds = seeds();
+    let prefix = prefix("shards");
+    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let rooms = rooms_on_every_shard(&seeds, &prefix, 2);
+    let (a, b) = (node(&seeds, &prefix).await, node(&seeds, &prefix).await);
+    let mut members = Vec::new();
+    for room in &rooms {
+        members.push((room.clone(), member(&a, room, "ann").await, member(&b, room, "bob").await));
+    }
+    // Senders on both nodes, interleaved, without waiting for acks.
+    const EACH: usize = 20;
+    let mut send_a = Client::connect(a.addr, "/ws", &token("sa", None, 3600)).await;
+    let mut send_b = Client::connect(b.addr, "/ws", &token("sb", None, 3600)).await;
+    for i in 0..EACH {
+        for room in &rooms {
+            send_a.send_json(&json!({"type": "send", "room": room, "body": {"a": i}})).await;
+            send_b.send_json(&json!({"type": "send", "room": room, "body": {"b": i}})).await;
+        }
+    }
+    let expected: Vec<u64> = (1..=(2 * EACH) as u64).collect();
+    for (room, on_a, on_b) in &mut members {
+        assert_eq!(seqs_of(on_a, 2 * EACH).await, expected, "room {room} on node a");
+        assert_eq!(seqs_of(on_b, 2 * EACH).await, expected, "room {room} on node b");
+    }
+    // Sharded: each room's channel has both nodes' subscriptions on the
+    // shard that owns it, and classic pub/sub carries none of them.
+    for (room, _, _) in &members {
+        let owner = owner_of(&seeds, &prefix, room);
+        let mut conn = node_conn(&owner);
+        let channel = format!("{prefix}:room:{{{room}}}");
+        let counts: (String, i64) = redis::cmd("PUBSUB").arg("SHARDNUMSUB").arg(&channel).query(&mut conn).unwrap();
+        assert_eq!(counts, (channel, 2), "room {room} on {owner}");
+    }
+    let mut primaries: Vec<String> = slot_owners(&seeds).into_iter().map(|o| o.2).collect();
+    primaries.dedup();
+    for addr in primaries {
+        let classic: Vec<String> =
+            redis::cmd("PUBSUB").arg("CHANNELS").arg(format!("{prefix}*")).query(&mut node_conn(&addr)).unwrap();
+        assert!(classic.is_empty(), "classic channels on {addr}: {classic:?}");
+    }
+}
+
+#[tokio::test]
+async fn history_and_since_recovery_work_across_nodes_and_shards() {
+    let seeds = seeds();
+    let prefix = prefix("history");
+    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let (a, b) = (node(&seeds, &prefix).await, node(&seeds, &prefix).await);
+    let mut sender = Client::connect(a.addr, "/ws", &token("sa", None, 3600)).await;
+    for room in rooms_on_every_shard(&seeds, &prefix, 1) {
+        for i in 1..=10u64 {
+            assert_eq!(sender.publish(&room, json!(i)).await, i);
+        }
+        let mut late = Client::connect(b.addr, "/ws", &token("bob", None, 3600)).await;
+        late.send_json(&json!({"type": "history", "room": room, "before": 9, "limit": 3})).await;
+        let history = late.recv_type("history").await;
+        let got: Vec<u64> =
+            history["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+        assert_eq!(got, [6, 7, 8], "history of {room}");
+        late.send_json(&json!({"type": "join", "room": room})).await;
+        let joined = late.recv_type("joined").await;
+        assert_eq!(joined["seq"], 10);
+        late.send_json(&json!({"type": "leave", "room": room})).await;
+        late.recv_type("left").await;
+        let epoch = joined["epoch"].clone();
+        late.send_json(&json!({"type": "join", "room": room, "since": 4, "epoch": epoch})).await;
+        let replay = seqs_of(&mut late, 6).await;
+        assert_eq!(replay, [5, 6, 7, 8, 9, 10], "replay of {room}");
+        let joined = late.recv_type("joined").await;
+        assert_eq!((joined["seq"].clone(), joined["recovered"].clone()), (json!(10), json!(true)));
+        // Live messages follow the replay with no gap.
+        assert_eq!(sender.publish(&room, json!(11)).await, 11);
+        assert_eq!(seqs_of(&mut late, 1).await, [11]);
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_cluster_is_unready_and_sends_answer_unavailable() {
+    // Nothing listens on port 1: the node starts, is not ready, refuses
+    // sends with `unavailable`, and its connections go on working.
+    let server = node("redis://127.0.0.1:1", &prefix("down")).await;
+    let response = reqwest::get(server.url("/readyz")).await.unwrap();
+    assert_eq!(response.status().as_u16(), 503);
+    assert!(response.text().await.unwrap().contains("redis"));
+    let mut client = Client::connect(server.addr, "/ws", &token("ann", None, 3600)).await;
+    client.send_json(&json!({"type": "send", "room": "lobby", "body": 1, "ref": "r1"})).await;
+    client.recv_error("unavailable", Some("r1")).await;
+    client.ping_pong().await;
+    let response = reqwest::get(server.url("/healthz")).await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn the_cluster_is_ready_when_every_shard_answers() {
+    let seeds = seeds();
+    let server = node(&seeds, &prefix("ready")).await;
+    let deadline = tokio::time::Instant::now() + GUARD;
+    loop {
+        let response = reqwest::get(server.url("/readyz")).await.unwrap();
+        if response.status().as_u16() == 200 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never ready: {}", response.text().await.unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Failover, on a private cluster
+// ---------------------------------------------------------------------------
+
+/// A throwaway cluster of our own (scripts/redis-cluster), stopped when dropped.
+struct PrivateCluster {
+    dir: TempDir,
+    seeds: String,
+}
+
+impl PrivateCluster {
+    fn start() -> Self {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/redis-cluster");
+        for _ in 0..10 {
+            // A base port of our own, below the ephemeral range; retried when taken.
+            let base = 17200 + 10 * (rand::random::<u16>() % 50);
+            let dir = TempDir::new("redis-cluster");
+            let out = Command::new(script).arg("start").arg(dir.path()).arg(base.to_string()).output().unwrap();
+            if out.status.success() {
+                let seeds = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+                return Self { dir, seeds };
+            }
+            eprintln!("private cluster on {base}: {}", String::from_utf8_lossy(&out.stderr));
+            let _ = Command::new(script).arg("stop").arg(dir.path()).status();
+        }
+        panic!("could not start a private redis cluster");
+    }
+
+    /// SIGKILLs the node listening on `addr`.
+    fn kill(&self, addr: &str) {
+        let port = addr.rsplit(':').next().unwrap();
+        let pid = std::fs::read_to_string(self.dir.path().join(port).join("redis.pid")).unwrap();
+        let pid: i32 = pid.trim().parse().unwrap();
+        // SAFETY: kill(2) on a redis-server this test started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/redis-cluster");
+        let _ = Command::new(script).arg("stop").arg(self.dir.path()).status();
+    }
+}
+
+/// Every frame a member received, split into epochs by `joined` frames:
+/// each epoch's seqs must be 1-step increasing (no gap, no repeat).
+fn check_gapless(name: &str, frames: &[Value]) -> BTreeMap<String, Vec<u64>> {
+    let mut epochs: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let mut epoch = String::new();
+    let mut last: Option<u64> = None;
+    for frame in frames {
+        match frame["type"].as_str() {
+            Some("joined") => {
+                epoch = frame["epoch"].as_str().unwrap().to_owned();
+                last = Some(frame["seq"].as_u64().unwrap());
+            }
+            Some("message") => {
+                let seq = frame["seq"].as_u64().unwrap();
+                if let Some(last) = last {
+                    assert_eq!(seq, last + 1, "{name}: gap or repeat in epoch {epoch}: {last} then {seq}");
+                }
+                last = Some(seq);
+                epochs.entry(epoch.clone()).or_default().push(seq);
+            }
+            _ => {}
+        }
+    }
+    epochs
+}
+
+#[tokio::test]
+async fn a_primary_killed_under_load_loses_nothing_acked_within_an_epoch() {
+    let cluster = PrivateCluster::start();
+    let prefix = prefix("failover");
+    let room = "busy";
+    let (a, b) = (node(&cluster.seeds, &prefix).await, node(&cluster.seeds, &prefix).await);
+    let mut on_a = member(&a, room, "ann").await;
+    let mut on_b = member(&b, room, "bob").await;
+    let mut sender = Client::connect(a.addr, "/ws", &token("sa", None, 3600)).await;
+
+    // Acked before, during and after the failover; a send may be refused
+    // (`unavailable`) while no primary owns the slot.
+    let mut acked: Vec<(u64, i64)> = Vec::new();
+    let mut refused = 0;
+    let victim = owner_of(&cluster.seeds, &prefix, room);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut i = 0i64;
+    let mut killed_at = None;
+    let mut after_kill = 0;
+    while after_kill < 50 {
+        assert!(tokio::time::Instant::now() < deadline, "the room never recovered after the failover");
+        i += 1;
+        if i == 50 {
+            cluster.kill(&victim);
+            killed_at = Some(i);
+        }
+        let reference = format!("r{i}");
+        sender.send_json(&json!({"type": "send", "room": room, "body": i, "ref": reference})).await;
+        let reply = sender.recv_json().await;
+        match reply["type"].as_str() {
+            Some("ack") => {
+                acked.push((reply["seq"].as_u64().unwrap(), i));
+                if killed_at.is_some() {
+                    after_kill += 1;
+                }
+            }
+            Some("error") => {
+                assert_eq!(reply["code"], "unavailable", "{reply}");
+                refused += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            _ => panic!("unexpected {reply}"),
+        }
+    }
+    assert!(owner_of(&cluster.seeds, &prefix, room) != victim, "a replica took over the slot");
+    // Let the last messages arrive, then compare.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (name, client) in [("ann", &mut on_a), ("bob", &mut on_b)] {
+        let mut frames = Vec::new();
+        while let Ok(Some(Ok(message))) = tokio::time::timeout(Duration::from_millis(300), client.next()).await {
+            if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
+                frames.push(serde_json::from_str::<Value>(&text).unwrap());
+            }
+        }
+        let epochs = check_gapless(name, &frames);
+        // Every body acked after the failover settled reached the member.
+        let bodies: Vec<i64> =
+            frames.iter().filter(|f| f["type"] == "message").map(|f| f["body"].as_i64().unwrap()).collect();
+        for (_, body) in acked.iter().rev().take(after_kill) {
+            assert!(bodies.contains(body), "{name} missed acked body {body} ({refused} refused, epochs {epochs:?})");
+        }
+    }
+}
