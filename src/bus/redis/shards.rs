@@ -11,7 +11,9 @@
 //! and, following a new slot map, on the node that now owns a slot. Each
 //! such resubscription is confirmed by an `ssubscribe` push; for a room
 //! that was already confirmed it means messages may have been missed, so
-//! the task fills the room from Redis history. When a slot moves away from
+//! the task fills the room from Redis history. When a connection to a node
+//! is lost, the task also subscribes every room again itself, until each
+//! is confirmed by its current owner. When a slot moves away from
 //! a node (resharding, failover), Redis itself ends the subscription with a
 //! `sunsubscribe` push; the task subscribes again, which reaches the new
 //! owner, and that confirmation fills the gap the same way.
@@ -28,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use super::link::Conn;
 use super::scripts::Scripts;
 use super::subscriber::{fill_from, on_message, Command};
+use super::BusError;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::room::RoomName;
@@ -105,7 +108,6 @@ impl ShardSubscriber {
             Err(e) => {
                 tracing::warn!("cannot subscribe {channel}: {e}");
                 subs.failed.insert(room);
-                self.metrics.bus_reconnects.inc();
             }
         }
         self.metrics.bus_subscriptions.set(subs.wanted.len() as i64);
@@ -129,6 +131,19 @@ impl ShardSubscriber {
         }
     }
 
+    /// Delivers what was published after `seq`; in a new epoch (the room's
+    /// shard failed over meanwhile), everything of that epoch.
+    async fn fill_after(&self, room: &RoomName, seq: u64) -> Result<(), BusError> {
+        let snapshot = self.scripts.snapshot(room, Some(seq)).await?;
+        if *snapshot.epoch == *self.registry.room_epoch(room) {
+            for message in snapshot.messages {
+                self.registry.deliver(room, &snapshot.epoch, message, true);
+            }
+            return Ok(());
+        }
+        fill_from(&self.scripts, &self.registry, room, 0).await
+    }
+
     async fn on_push(&self, subs: &mut Subscriptions, push: PushInfo) {
         let channel = push.data.first().and_then(text);
         match (push.kind, channel) {
@@ -146,9 +161,8 @@ impl ShardSubscriber {
                 }
                 if !subs.confirmed.insert(room.clone()) {
                     // A resubscription: fill what was published meanwhile.
-                    self.metrics.bus_reconnects.inc();
                     if let Some(seq) = self.registry.delivered_seq(&room) {
-                        if let Err(e) = fill_from(&self.scripts, &self.registry, &room, seq).await {
+                        if let Err(e) = self.fill_after(&room, seq).await {
                             tracing::warn!("cannot fill room {room} after resubscribing: {e}");
                         }
                     }
@@ -164,7 +178,15 @@ impl ShardSubscriber {
                 }
             }
             (PushKind::Disconnection, _) => {
-                tracing::warn!("a redis cluster connection was lost; redis-rs reconnects and resubscribes");
+                // redis-rs resubscribes after a reconnect, but not always
+                // after a failover (measured: the subscriptions stayed lost
+                // when the replica was promoted after the slot refresh). So
+                // every room is subscribed again here, and retried each
+                // second until the shard that owns it now confirms; the
+                // confirmation fills the gap.
+                tracing::warn!("a redis cluster connection was lost: subscribing every room again");
+                self.metrics.bus_reconnects.inc();
+                subs.failed.extend(subs.wanted.iter().cloned());
             }
             _ => {}
         }

@@ -203,6 +203,12 @@ pub(super) async fn on_message(
     metrics.bus_messages_received.inc();
     let message = StoredMessage { seq: envelope.seq, frame: text_frame(envelope.json) };
     let started = Instant::now();
+    if scripts.keys.is_cluster() && envelope.seq > 1 && *registry.room_epoch(&room) != *envelope.epoch {
+        // A new epoch (a failover on a Redis Cluster): its first messages
+        // may have been published before this node followed the room to
+        // the new primary; deliver the new epoch from its start.
+        fill_from(scripts, registry, &room, 0).await?;
+    }
     let mut outcome = registry.deliver(&room, envelope.epoch, message.clone(), false);
     // Delivers in order: when messages before this one are missing, they
     // come from Redis history first.
