@@ -384,3 +384,103 @@ async fn a_primary_killed_under_load_loses_nothing_acked_within_an_epoch() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Slot migration, on a private cluster
+// ---------------------------------------------------------------------------
+
+/// `CLUSTER MYID` of the node at `addr`.
+fn node_id(addr: &str) -> String {
+    redis::cmd("CLUSTER").arg("MYID").query(&mut node_conn(addr)).unwrap()
+}
+
+/// Moves `slot` from `from` to `to` as `redis-cli --cluster reshard` does:
+/// IMPORTING/MIGRATING, MIGRATE every key, then SETSLOT NODE everywhere.
+fn migrate_slot(seeds: &str, slot: u16, from: &str, to: &str) {
+    let (from_id, to_id) = (node_id(from), node_id(to));
+    let (mut src, mut dst) = (node_conn(from), node_conn(to));
+    let _: () = redis::cmd("CLUSTER").arg("SETSLOT").arg(slot).arg("IMPORTING").arg(&from_id).query(&mut dst).unwrap();
+    let _: () = redis::cmd("CLUSTER").arg("SETSLOT").arg(slot).arg("MIGRATING").arg(&to_id).query(&mut src).unwrap();
+    let (host, port) = to.rsplit_once(':').unwrap();
+    loop {
+        let keys: Vec<String> = redis::cmd("CLUSTER").arg("GETKEYSINSLOT").arg(slot).arg(100).query(&mut src).unwrap();
+        if keys.is_empty() {
+            break;
+        }
+        let _: () = redis::cmd("MIGRATE")
+            .arg(host)
+            .arg(port)
+            .arg("")
+            .arg(0)
+            .arg(5000)
+            .arg("KEYS")
+            .arg(keys)
+            .query(&mut src)
+            .unwrap();
+    }
+    let mut primaries: Vec<String> = slot_owners(seeds).into_iter().map(|o| o.2).collect();
+    primaries.sort();
+    primaries.dedup();
+    for addr in [to.to_owned(), from.to_owned()].into_iter().chain(primaries) {
+        let _: () = redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("NODE")
+            .arg(&to_id)
+            .query(&mut node_conn(&addr))
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_busy_rooms_slot_migrated_to_another_shard_keeps_its_epoch_and_loses_nothing() {
+    let cluster = PrivateCluster::start();
+    let prefix = prefix("reshard");
+    let room = "moving";
+    let (a, b) = (node(&cluster.seeds, &prefix).await, node(&cluster.seeds, &prefix).await);
+    let mut on_a = member(&a, room, "ann").await;
+    let mut on_b = member(&b, room, "bob").await;
+    let mut sender = Client::connect(a.addr, "/ws", &token("sa", None, 3600)).await;
+    let from = owner_of(&cluster.seeds, &prefix, room);
+    let mut owners: Vec<String> = slot_owners(&cluster.seeds).into_iter().map(|o| o.2).collect();
+    owners.sort();
+    owners.dedup();
+    let to = owners.into_iter().find(|o| *o != from).unwrap();
+    let slot: u16 =
+        redis::cmd("CLUSTER").arg("KEYSLOT").arg(room).query(&mut node_conn(&first_seed(&cluster.seeds))).unwrap();
+
+    let mut acked = Vec::new();
+    for i in 1..=120i64 {
+        if i == 40 {
+            let (seeds, from, to) = (cluster.seeds.clone(), from.clone(), to.clone());
+            // Migrates while sends go on: some land before, some during, some after.
+            tokio::task::spawn_blocking(move || migrate_slot(&seeds, slot, &from, &to));
+        }
+        let reference = format!("r{i}");
+        sender.send_json(&json!({"type": "send", "room": room, "body": i, "ref": reference})).await;
+        let reply = sender.recv_json().await;
+        assert_eq!(reply["type"], "ack", "a migration never makes a send fail: {reply}");
+        acked.push(i);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(owner_of(&cluster.seeds, &prefix, room), to, "the slot moved");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (name, client) in [("ann", &mut on_a), ("bob", &mut on_b)] {
+        let mut frames = Vec::new();
+        while let Ok(Some(Ok(message))) = tokio::time::timeout(Duration::from_millis(300), client.next()).await {
+            if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
+                frames.push(serde_json::from_str::<Value>(&text).unwrap());
+            }
+        }
+        let epochs = check_gapless(name, &frames);
+        assert_eq!(epochs.len(), 1, "{name}: a migration keeps the epoch: {epochs:?}");
+        let bodies: Vec<i64> =
+            frames.iter().filter(|f| f["type"] == "message").map(|f| f["body"].as_i64().unwrap()).collect();
+        assert_eq!(bodies, acked, "{name} got every acked message once, in order");
+    }
+    // Both nodes now subscribe on the new owner.
+    let channel = format!("{prefix}:room:{{{room}}}");
+    let counts: (String, i64) =
+        redis::cmd("PUBSUB").arg("SHARDNUMSUB").arg(&channel).query(&mut node_conn(&to)).unwrap();
+    assert_eq!(counts, (channel, 2));
+}
