@@ -484,3 +484,34 @@ async fn a_busy_rooms_slot_migrated_to_another_shard_keeps_its_epoch_and_loses_n
         redis::cmd("PUBSUB").arg("SHARDNUMSUB").arg(&channel).query(&mut node_conn(&to)).unwrap();
     assert_eq!(counts, (channel, 2));
 }
+
+#[tokio::test]
+async fn three_nodes_share_rooms_on_every_shard_gaplessly() {
+    let seeds = seeds();
+    let prefix = prefix("three");
+    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let rooms = rooms_on_every_shard(&seeds, &prefix, 1);
+    let nodes = [node(&seeds, &prefix).await, node(&seeds, &prefix).await, node(&seeds, &prefix).await];
+    let mut members = Vec::new();
+    for room in &rooms {
+        for (n, server) in nodes.iter().enumerate() {
+            members.push((format!("{room} on node {n}"), member(server, room, &format!("m{n}")).await));
+        }
+    }
+    const EACH: usize = 10;
+    let mut senders = Vec::new();
+    for (n, server) in nodes.iter().enumerate() {
+        senders.push(Client::connect(server.addr, "/ws", &token(&format!("s{n}"), None, 3600)).await);
+    }
+    for i in 0..EACH {
+        for room in &rooms {
+            for sender in &mut senders {
+                sender.send_json(&json!({"type": "send", "room": room, "body": i})).await;
+            }
+        }
+    }
+    let expected: Vec<u64> = (1..=(3 * EACH) as u64).collect();
+    for (name, client) in &mut members {
+        assert_eq!(seqs_of(client, 3 * EACH).await, expected, "{name}");
+    }
+}
