@@ -30,7 +30,7 @@ use crate::token::TokenSource;
 use crate::verdict;
 
 /// Lead time between arming the pacer and the first due message.
-const SEND_LEAD: Duration = Duration::from_millis(20);
+pub(crate) const SEND_LEAD: Duration = Duration::from_millis(20);
 
 /// Shortest phase whose CPU share is reported: CPU time comes in 10 ms
 /// ticks, so over a few milliseconds one tick reads as hundreds of percent.
@@ -40,6 +40,9 @@ pub const MIN_PHASE_FOR_PERCENT: f64 = 0.5;
 /// could not be done at all (bad options, nothing to connect to, every
 /// connection or join refused).
 pub async fn run(cli: Cli) -> Result<Summary> {
+    if let crate::cli::Scenario::Sweep(_) = cli.scenario {
+        bail!("a sweep runs through loadgen::sweep::run");
+    }
     let common = &cli.common;
     let clock = Clock::new();
     let started_unix = clock.unix_secs();
@@ -346,7 +349,7 @@ pub async fn run(cli: Cli) -> Result<Summary> {
 }
 
 /// Open every connection of the plan; returns those that got a 101.
-async fn connect_all(
+pub(crate) async fn connect_all(
     plan: &Plan,
     connector: &Arc<Connector>,
     tokens: &Arc<TokenSource>,
@@ -415,7 +418,7 @@ async fn connect_all(
 
 /// Wait until no join is outstanding; returns how many still are at the
 /// timeout.
-async fn wait_joins(sh: &Shared, timeout: Duration, intr: &Interrupt) -> u64 {
+pub(crate) async fn wait_joins(sh: &Shared, timeout: Duration, intr: &Interrupt) -> u64 {
     let deadline = Instant::now() + timeout;
     loop {
         let pending = sh.stats.join_pending.load(Ordering::SeqCst);
@@ -431,7 +434,7 @@ async fn wait_joins(sh: &Shared, timeout: Duration, intr: &Interrupt) -> u64 {
 
 /// Send every connection a close frame, give the readers a moment to see
 /// the server's answer, then stop all tasks.
-async fn close_all(sh: &Shared, sessions: Vec<Session>) {
+pub(crate) async fn close_all(sh: &Shared, sessions: Vec<Session>) {
     sh.stats.closing.store(true, Ordering::SeqCst);
     let mut closers = JoinSet::new();
     for s in &sessions {
@@ -456,7 +459,7 @@ async fn close_all(sh: &Shared, sessions: Vec<Session>) {
 }
 
 /// The failures of one kind, in words, for a run that could not go on.
-fn failure_words(sh: &Shared, plan: &Plan, kind: &str) -> String {
+pub(crate) fn failure_words(sh: &Shared, plan: &Plan, kind: &str) -> String {
     let issues = sh.stats.issues().clone();
     let tally = match kind {
         "connect" => &issues.connect,

@@ -26,6 +26,8 @@ pub mod scenario;
 pub mod session;
 pub mod stats;
 pub mod summary;
+pub mod sweep;
+pub mod sweep_report;
 pub mod token;
 pub mod verdict;
 

@@ -26,6 +26,11 @@ fn main() -> ExitCode {
     let json = cli.common.json.clone();
     let report_path = cli.common.report.clone();
     let strict = cli.common.strict;
+    if let loadgen::Scenario::Sweep(_) = cli.scenario {
+        let status = sweep(&runtime, cli, json, report_path);
+        runtime.shutdown_background();
+        return ExitCode::from(status);
+    }
     let summary = match runtime.block_on(loadgen::run(cli)) {
         Ok(s) => s,
         Err(e) => {
@@ -53,4 +58,38 @@ fn main() -> ExitCode {
     // Connection tasks may still be winding down; do not wait for them.
     runtime.shutdown_background();
     ExitCode::from(status)
+}
+
+/// `loadgen sweep`: run it, print the table, write the files. The exit
+/// status is 0 when the sweep ran (finding the capacity is its purpose, so
+/// a step that broke a condition is no failure), 1 when it could not run.
+fn sweep(
+    runtime: &tokio::runtime::Runtime,
+    cli: Cli,
+    json: Option<std::path::PathBuf>,
+    report_path: Option<std::path::PathBuf>,
+) -> u8 {
+    use loadgen::sweep_report;
+    let summary = match runtime.block_on(loadgen::sweep::run(cli)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("loadgen: error: {e:#}");
+            return 1;
+        }
+    };
+    print!("{}", sweep_report::table(&summary));
+    let mut status = 0u8;
+    if let Some(path) = json {
+        if let Err(e) = sweep_report::write_json(&summary, &path) {
+            eprintln!("loadgen: {e:#}");
+            status = 1;
+        }
+    }
+    if let Some(path) = report_path {
+        if let Err(e) = sweep_report::write_report(&summary, &path) {
+            eprintln!("loadgen: {e:#}");
+            status = 1;
+        }
+    }
+    status
 }

@@ -71,6 +71,7 @@ pub fn plan(s: &Scenario) -> Result<Plan> {
         Scenario::Chat(a) => chat::plan(a),
         Scenario::Connect(a) => connect::plan(a),
         Scenario::Idle(a) => idle::plan(a),
+        Scenario::Sweep(a) => plan(&a.target.scenario()),
     }
 }
 
