@@ -226,6 +226,8 @@ pub async fn run(cli: Cli) -> Result<Summary> {
     }
     let per_s = |n: u64| if send_s > 0.0 { n as f64 / send_s } else { 0.0 };
 
+    let refused = issues.errors.0.get("rate_limited").map_or(0, |e| e.0);
+    warnings.extend(scenario::rate_limited_warning(refused, plan.max_sender_rate()));
     let mut events = Event::from_tally("connect", &issues.connect);
     events.extend(Event::from_tally("join", &issues.join));
     events.extend(Event::from_tally("error", &issues.errors));

@@ -344,6 +344,10 @@ pub async fn run(cli: Cli) -> Result<SweepSummary> {
             missing += e.saturating_sub(*delivered);
         }
         let issues = st.issues().clone();
+        let refused = issues.errors.0.get("rate_limited").map_or(0, |e| e.0);
+        if let Some(w) = scenario::rate_limited_warning(refused, plan.max_sender_rate() / scale) {
+            warnings.push(format!("step {}: {w}", i + 1));
+        }
         let mut events = Event::from_tally("error", &issues.errors);
         events.extend(Event::from_tally("close", &issues.closes));
         let per_s = |n: u64| if send_s > 0.0 { n as f64 / send_s } else { 0.0 };

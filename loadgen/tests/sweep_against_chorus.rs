@@ -141,4 +141,54 @@ async fn sweep_stops_where_rate_limited_errors_begin() {
     .expect("loadgen options");
     let after = loadgen::run(cli).await.expect("a run after the sweep");
     assert!(after.ok, "{:?}", after.problems);
+    assert!(after.warnings.is_empty(), "{:?}", after.warnings);
+    assert!(s.warnings.iter().any(|w| w.starts_with("step 4:") && w.contains("rate_limited")), "{:?}", s.warnings);
+}
+
+/// One publisher at 200 msg/s for half a second, above the server's default
+/// per-connection limit of 100/s.
+async fn fast_publisher(server: &chorus::Server, prefix: &str) -> loadgen::Summary {
+    let url = format!("ws://{}", server.local_addr());
+    let cli = Cli::try_parse_from([
+        "loadgen",
+        "fanout",
+        "--rooms",
+        "1",
+        "--members",
+        "1",
+        "--room-prefix",
+        prefix,
+        "--publishers",
+        "1",
+        "--rate",
+        "200",
+        "--duration",
+        "500ms",
+        "--drain",
+        "300ms",
+        "--quiet",
+        "--url",
+        &url,
+        "--jwt-secret",
+        SECRET,
+        "--source-ips",
+        "1",
+    ])
+    .expect("loadgen options");
+    loadgen::run(cli).await.expect("the run")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_warning_only_when_the_server_refused_sends() {
+    // A server with limits far above 200/s: no refusal, so no warning.
+    let roomy = start_server("100000", "100000").await;
+    let s = fast_publisher(&roomy, "warn-roomy").await;
+    assert!(s.ok, "{:?}", s.problems);
+    assert!(s.warnings.iter().all(|w| !w.contains("rate_limited")), "{:?}", s.warnings);
+    // A server at 25/s: refusals, and the warning says so with the rate sent.
+    let tight = start_server("25", "10").await;
+    let s = fast_publisher(&tight, "warn-tight").await;
+    let w = s.warnings.iter().find(|w| w.contains("rate_limited")).expect("a rate_limited warning");
+    assert!(w.contains("200 msg/s"), "{w}");
+    assert!(s.events.iter().any(|e| e.key == "rate_limited" && e.count > 0));
 }

@@ -80,13 +80,22 @@ pub fn room_names(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
 }
 
-/// The warning for a per-connection send rate above the server default.
-pub fn rate_warning(what: &str, rate: f64) -> Option<String> {
-    (rate > SERVER_DEFAULT_RATE).then(|| {
+/// The warning for a run whose sends were refused with `rate_limited`:
+/// said only when the server did refuse some (a server started with higher
+/// limits must not get the warning), with the per-connection rate sent.
+pub fn rate_limited_warning(refused: u64, per_sender_rate: f64) -> Option<String> {
+    (refused > 0).then(|| {
         format!(
-            "{what} sends {rate:.0} msg/s, above the server's default per-connection limit of \
-             {SERVER_DEFAULT_RATE:.0}/s (burst 200): run the server with a higher --rate/--burst \
-             or expect rate_limited errors"
+            "{refused} sends were refused with rate_limited: each sending connection sent up to \
+             {per_sender_rate:.0} msg/s, above the server's per-connection limit (default \
+             {SERVER_DEFAULT_RATE:.0}/s, burst 200); run the server with a higher --rate/--burst"
         )
     })
+}
+
+impl Plan {
+    /// The highest send rate of one connection, messages per second.
+    pub fn max_sender_rate(&self) -> f64 {
+        self.specs.iter().filter_map(|s| s.send.as_ref()).map(|s| 1e9 / s.schedule.interval_ns).fold(0.0, f64::max)
+    }
 }
