@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 use crate::cli::{Cli, Common};
 use crate::client::{Connector, Target};
 use crate::clock::Clock;
+use crate::histo::Histograms;
 use crate::interrupt::Interrupt;
 use crate::limits;
 use crate::pacer;
@@ -24,7 +25,7 @@ use crate::session::{self, Session, Shared};
 use crate::stats::Stats;
 use crate::summary::{
     curve, Connections, Curves, Event, Joins, Latencies, LoadgenFigures, Messages, Percentiles, Phases,
-    PresenceFigures, ServerFigures, Summary,
+    PresenceFigures, RoomCounts, ServerFigures, Summary,
 };
 use crate::token::TokenSource;
 use crate::verdict;
@@ -344,6 +345,18 @@ pub async fn run(cli: Cli) -> Result<Summary> {
         problems: vec![],
         warnings,
         timeline,
+        histograms: Histograms::encode(&merged.delivery, &merged.delivery_from_send, &merged.ack, &connect_hist),
+        rooms: plan
+            .rooms
+            .iter()
+            .enumerate()
+            .map(|(r, name)| RoomCounts {
+                name: name.clone(),
+                members: st.room_members[r].load(Ordering::Relaxed),
+                acked: st.acked_room[r].load(Ordering::Relaxed),
+                delivered: merged.delivered_room[r],
+            })
+            .collect(),
     };
     summary.problems = verdict::problems(&summary);
     summary.ok = summary.problems.is_empty();

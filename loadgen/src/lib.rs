@@ -15,6 +15,7 @@ pub mod client;
 pub mod clock;
 pub mod engine;
 pub mod frames;
+pub mod histo;
 pub mod interrupt;
 pub mod limits;
 pub mod pacer;
