@@ -95,6 +95,21 @@ pub struct Common {
     #[serde(with = "secs")]
     pub settle: Duration,
 
+    /// This process's part of a scenario split over --of processes (0-based):
+    /// it opens every connection whose number n has n mod OF = ID, so parts
+    /// never overlap and together are the whole scenario.
+    #[arg(long, global = true, default_value_t = 0)]
+    pub id: usize,
+
+    /// Number of processes the scenario is split over (see --id).
+    #[arg(long, global = true, default_value_t = 1)]
+    pub of: usize,
+
+    /// Start the send phase at this Unix time (seconds, fractions allowed),
+    /// so processes started a few seconds apart send together.
+    #[arg(long, global = true)]
+    pub start_at: Option<f64>,
+
     /// No live progress line on stderr.
     #[arg(long, short, global = true)]
     pub quiet: bool,
@@ -123,6 +138,20 @@ pub enum Scenario {
     /// connections until a stop condition: latency against throughput, and
     /// the capacity.
     Sweep(SweepArgs),
+    /// Merge the --json files of processes that split one scenario
+    /// (--id/--of) into one run: counters added, histograms merged.
+    Merge(FilesArgs),
+    /// Compare the --json files of runs: every figure with its ratio to the
+    /// first run, and the latency curves overlaid.
+    Compare(FilesArgs),
+}
+
+/// `--json` files of earlier runs.
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct FilesArgs {
+    /// The files, in order (compare: ratios are to the first).
+    #[arg(required = true, num_args = 1..)]
+    pub files: Vec<PathBuf>,
 }
 
 impl Scenario {
@@ -134,6 +163,8 @@ impl Scenario {
             Scenario::Connect(_) => "connect",
             Scenario::Idle(_) => "idle",
             Scenario::Sweep(_) => "sweep",
+            Scenario::Merge(_) => "merge",
+            Scenario::Compare(_) => "compare",
         }
     }
 }

@@ -47,7 +47,7 @@ pub async fn run(cli: Cli) -> Result<Summary> {
     let common = &cli.common;
     let clock = Clock::new();
     let started_unix = clock.unix_secs();
-    let plan = scenario::plan(&cli.scenario)?;
+    let plan = scenario::plan(&cli.scenario)?.split(common.id, common.of)?;
     if common.urls.is_empty() {
         bail!("no --url given");
     }
@@ -147,14 +147,16 @@ pub async fn run(cli: Cli) -> Result<Summary> {
     let (mut send_s, mut drain_s, mut hold_s) = (0.0, 0.0, 0.0);
     let (mut cpu_send, mut cpu_send_drain) = (None, None);
     let mut delivered_in_send = 0;
+    let mut send_window = (0.0, 0.0);
     let measure_at_s;
     let self_cpu0;
     let self_cpu1;
     let phase_secs;
     match plan.timing {
         Timing::Send { duration, drain } => {
-            let start_ns = clock.now_ns() + SEND_LEAD.as_nanos() as u64;
+            let start_ns = send_start(clock, common.start_at, &mut warnings);
             let end_ns = start_ns + duration.as_nanos() as u64;
+            send_window = (start_ns as f64 / 1e9, end_ns as f64 / 1e9);
             sh.send_start_ns.store(start_ns, Ordering::SeqCst);
             sh.stats.counting.store(true, Ordering::SeqCst);
             let senders: Vec<_> = sessions.iter_mut().filter_map(|s| s.ticks.take()).collect();
@@ -284,6 +286,8 @@ pub async fn run(cli: Cli) -> Result<Summary> {
             drain_s,
             hold_s,
             total_s: t0.elapsed().as_secs_f64(),
+            send_start_unix_s: send_window.0,
+            send_end_unix_s: send_window.1,
         },
         connections: Connections {
             planned: plan.specs.len() as u64,
@@ -361,6 +365,28 @@ pub async fn run(cli: Cli) -> Result<Summary> {
     summary.problems = verdict::problems(&summary);
     summary.ok = summary.problems.is_empty();
     Ok(summary)
+}
+
+/// When the send phase starts, Unix ns on `clock`: `--start-at` when given
+/// and still ahead (so processes started apart send together), else right
+/// away (a `--start-at` already past is said in a warning).
+pub(crate) fn send_start(clock: Clock, start_at: Option<f64>, warnings: &mut Vec<String>) -> u64 {
+    let soonest = clock.now_ns() + SEND_LEAD.as_nanos() as u64;
+    match start_at {
+        Some(t) if t.is_finite() && t > 0.0 => {
+            let at = (t * 1e9) as u64;
+            if at < soonest {
+                warnings.push(format!(
+                    "--start-at {t} was {:.3} s past when the send phase could start: it started at once",
+                    (soonest - at) as f64 / 1e9
+                ));
+                soonest
+            } else {
+                at
+            }
+        }
+        _ => soonest,
+    }
 }
 
 /// Open every connection of the plan; returns those that got a 101.

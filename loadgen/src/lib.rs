@@ -18,6 +18,7 @@ pub mod frames;
 pub mod histo;
 pub mod interrupt;
 pub mod limits;
+pub mod merge;
 pub mod pacer;
 pub mod parse;
 pub mod proc;

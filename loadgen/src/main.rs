@@ -26,6 +26,9 @@ fn main() -> ExitCode {
     let json = cli.common.json.clone();
     let report_path = cli.common.report.clone();
     let strict = cli.common.strict;
+    if let loadgen::Scenario::Merge(files) = &cli.scenario {
+        return ExitCode::from(merge(&files.files, json.as_deref(), report_path.as_deref(), strict));
+    }
     if let loadgen::Scenario::Sweep(_) = cli.scenario {
         let status = sweep(&runtime, cli, json, report_path);
         runtime.shutdown_background();
@@ -92,4 +95,42 @@ fn sweep(
         }
     }
     status
+}
+
+/// `loadgen merge`: read the runs, check they belong together, print the
+/// merged table and write the files. 1 when the runs cannot be merged, 3
+/// with --strict when the whole found problems.
+fn merge(
+    files: &[std::path::PathBuf],
+    json: Option<&std::path::Path>,
+    report_path: Option<&std::path::Path>,
+    strict: bool,
+) -> u8 {
+    let runs: anyhow::Result<Vec<_>> =
+        files.iter().map(|f| loadgen::merge::read(f).map(|s| (f.display().to_string(), s))).collect();
+    let summary = match runs.and_then(|r| loadgen::merge::merge(&r)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("loadgen: cannot merge: {e:#}");
+            return 1;
+        }
+    };
+    print!("{}", report::table(&summary));
+    if let Some(path) = json {
+        if let Err(e) = report::write_json(&summary, path) {
+            eprintln!("loadgen: {e:#}");
+            return 1;
+        }
+    }
+    if let Some(path) = report_path {
+        if let Err(e) = report::write_report(&summary, path) {
+            eprintln!("loadgen: {e:#}");
+            return 1;
+        }
+    }
+    if strict && !summary.ok {
+        3
+    } else {
+        0
+    }
 }

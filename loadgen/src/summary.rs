@@ -68,6 +68,12 @@ pub struct Phases {
     pub drain_s: f64,
     pub hold_s: f64,
     pub total_s: f64,
+    /// The scheduled send phase as Unix times, seconds (0 without one): a
+    /// merge checks that the runs' send phases overlap.
+    #[serde(default)]
+    pub send_start_unix_s: f64,
+    #[serde(default)]
+    pub send_end_unix_s: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::cli::{Cli, Scenario, SweepArgs};
 use crate::client::{Connector, Target};
 use crate::clock::Clock;
-use crate::engine::{self, SEND_LEAD};
+use crate::engine;
 use crate::interrupt::Interrupt;
 use crate::limits;
 use crate::pacer;
@@ -227,7 +227,7 @@ pub async fn run(cli: Cli) -> Result<SweepSummary> {
     let inner = args.target.scenario();
     let clock = Clock::new();
     let started_unix = clock.unix_secs();
-    let plan = scenario::plan(&inner)?;
+    let plan = scenario::plan(&inner)?.split(common.id, common.of)?;
     if common.urls.is_empty() {
         bail!("no --url given");
     }
@@ -308,7 +308,9 @@ pub async fn run(cli: Cli) -> Result<SweepSummary> {
         st.counting.store(false, Ordering::SeqCst);
         st.reset_step();
         sh.set_schedule_scale(scale);
-        let start_ns = clock.now_ns() + SEND_LEAD.as_nanos() as u64;
+        // Only the first step waits for --start-at; the next ones follow.
+        let start_at = if i == 0 { common.start_at } else { None };
+        let start_ns = engine::send_start(clock, start_at, &mut warnings);
         let end_ns = start_ns + phase_args.duration.as_nanos() as u64;
         sh.send_start_ns.store(start_ns, Ordering::SeqCst);
         st.counting.store(true, Ordering::SeqCst);
