@@ -29,6 +29,9 @@ fn main() -> ExitCode {
     if let loadgen::Scenario::Merge(files) = &cli.scenario {
         return ExitCode::from(merge(&files.files, json.as_deref(), report_path.as_deref(), strict));
     }
+    if let loadgen::Scenario::Compare(files) = &cli.scenario {
+        return ExitCode::from(compare(&files.files, json.as_deref(), report_path.as_deref()));
+    }
     if let loadgen::Scenario::Sweep(_) = cli.scenario {
         let status = sweep(&runtime, cli, json, report_path);
         runtime.shutdown_background();
@@ -133,4 +136,34 @@ fn merge(
     } else {
         0
     }
+}
+
+/// `loadgen compare`: read the runs, print the table of figures and ratios,
+/// write the files. 1 when a file cannot be read.
+fn compare(files: &[std::path::PathBuf], json: Option<&std::path::Path>, report_path: Option<&std::path::Path>) -> u8 {
+    use loadgen::compare;
+    let runs: anyhow::Result<Vec<_>> =
+        files.iter().map(|f| loadgen::merge::read(f).map(|s| (f.display().to_string(), s))).collect();
+    let runs = match runs {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("loadgen: cannot compare: {e:#}");
+            return 1;
+        }
+    };
+    let c = compare::compare(&runs);
+    print!("{}", compare::table(&c));
+    if let Some(path) = json {
+        if let Err(e) = compare::write_json(&c, path) {
+            eprintln!("loadgen: {e:#}");
+            return 1;
+        }
+    }
+    if let Some(path) = report_path {
+        if let Err(e) = compare::write_report(&c, &runs, path) {
+            eprintln!("loadgen: {e:#}");
+            return 1;
+        }
+    }
+    0
 }

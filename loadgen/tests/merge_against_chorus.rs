@@ -130,6 +130,31 @@ async fn two_parts_merged_equal_one_run() {
     assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
     assert_eq!(merge::read(&out).expect("merged json").messages.delivered, wm.delivered);
 
+    // Compare the whole run with part 1 and with the merge: the ratios are
+    // the figures' quotients, and the plot overlays the three curves.
+    let pw = write(&whole, "whole.json");
+    let (cj, ch) = (temp("cmp.json"), temp("cmp.html"));
+    let st = Command::new(bin)
+        .args(["compare", pw.to_str().unwrap(), pa.to_str().unwrap(), out.to_str().unwrap()])
+        .args(["--json", cj.to_str().unwrap(), "--report", ch.to_str().unwrap()])
+        .output()
+        .expect("run loadgen compare");
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let table = String::from_utf8_lossy(&st.stdout);
+    eprintln!("{table}");
+    let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cj).unwrap()).unwrap();
+    let rows = c["rows"].as_array().expect("rows");
+    let delivered = rows.iter().find(|r| r["figure"] == "delivered").expect("a delivered row");
+    let want = a.messages.delivered as f64 / wm.delivered as f64;
+    assert!((delivered["ratios"][1].as_f64().unwrap() - want).abs() < 1e-9, "{delivered}");
+    assert_eq!(delivered["ratios"][2].as_f64(), Some(1.0));
+    assert!(table.contains(&format!("{} (x{want:.2})", a.messages.delivered)), "{table}");
+    let page = std::fs::read_to_string(&ch).unwrap();
+    assert!(page.contains("run 1 delivery") && page.contains("run 3 delivery"));
+    for p in [pw, cj, ch] {
+        let _ = std::fs::remove_file(p);
+    }
+
     // A gap injected on one side is flagged, and --strict exits 3.
     let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&pb).unwrap()).unwrap();
     v["messages"]["gaps"] = 1.into();
