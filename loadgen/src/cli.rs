@@ -95,6 +95,21 @@ pub struct Common {
     #[serde(with = "secs")]
     pub settle: Duration,
 
+    /// This process's part of a scenario split over --of processes (0-based):
+    /// it opens every connection whose number n has n mod OF = ID, so parts
+    /// never overlap and together are the whole scenario.
+    #[arg(long, global = true, default_value_t = 0)]
+    pub id: usize,
+
+    /// Number of processes the scenario is split over (see --id).
+    #[arg(long, global = true, default_value_t = 1)]
+    pub of: usize,
+
+    /// Start the send phase at this Unix time (seconds, fractions allowed),
+    /// so processes started a few seconds apart send together.
+    #[arg(long, global = true)]
+    pub start_at: Option<f64>,
+
     /// No live progress line on stderr.
     #[arg(long, short, global = true)]
     pub quiet: bool,
@@ -119,6 +134,24 @@ pub enum Scenario {
     /// N authenticated connections joined to rooms and held idle: server
     /// memory per connection.
     Idle(IdleArgs),
+    /// Step the send rate of a fanout or chat scenario on the same
+    /// connections until a stop condition: latency against throughput, and
+    /// the capacity.
+    Sweep(SweepArgs),
+    /// Merge the --json files of processes that split one scenario
+    /// (--id/--of) into one run: counters added, histograms merged.
+    Merge(FilesArgs),
+    /// Compare the --json files of runs: every figure with its ratio to the
+    /// first run, and the latency curves overlaid.
+    Compare(FilesArgs),
+}
+
+/// `--json` files of earlier runs.
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct FilesArgs {
+    /// The files, in order (compare: ratios are to the first).
+    #[arg(required = true, num_args = 1..)]
+    pub files: Vec<PathBuf>,
 }
 
 impl Scenario {
@@ -129,6 +162,9 @@ impl Scenario {
             Scenario::Chat(_) => "chat",
             Scenario::Connect(_) => "connect",
             Scenario::Idle(_) => "idle",
+            Scenario::Sweep(_) => "sweep",
+            Scenario::Merge(_) => "merge",
+            Scenario::Compare(_) => "compare",
         }
     }
 }
@@ -224,6 +260,92 @@ pub struct IdleArgs {
     pub duration: Duration,
 }
 
+/// `loadgen sweep [sweep options] fanout|chat [scenario options]`: the
+/// scenario's rate (`--rate` of fanout, `--rate-per-user` of chat) is the
+/// first step; its `--duration` is each step's send phase and its `--drain`
+/// the pause after each step.
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct SweepArgs {
+    /// Multiply the rate by this at each step.
+    #[arg(long, default_value_t = 2.0)]
+    pub factor: f64,
+    /// Add this to the rate at each step instead of multiplying.
+    #[arg(long)]
+    pub step: Option<f64>,
+    /// Most steps to run.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Do not go above this rate (same unit as the scenario's rate).
+    #[arg(long)]
+    pub max_rate: Option<f64>,
+    /// Stop when a step's p99 (delivery, or ack when nothing is delivered)
+    /// is above this.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(with = "opt_secs")]
+    pub max_p99: Option<Duration>,
+    /// Stop when the server's CPU over a step's send phase reaches this
+    /// percentage of one core (needs --server-pid).
+    #[arg(long)]
+    pub max_server_cpu: Option<f64>,
+    /// Go on through seq gaps, duplicates, reorders and missing deliveries.
+    #[arg(long)]
+    pub allow_loss: bool,
+    /// Go on through error frames (e.g. rate_limited) and unexpected closes.
+    #[arg(long)]
+    pub allow_errors: bool,
+    #[command(subcommand)]
+    pub target: SweepTarget,
+}
+
+/// The scenarios a sweep can step.
+#[derive(Subcommand, Debug, Clone, Serialize)]
+#[serde(tag = "scenario", rename_all = "lowercase")]
+pub enum SweepTarget {
+    /// Step the aggregate publish rate (--rate).
+    Fanout(FanoutArgs),
+    /// Step every member's send rate (--rate-per-user).
+    Chat(ChatArgs),
+}
+
+impl SweepTarget {
+    /// The scenario run at each step.
+    pub fn scenario(&self) -> Scenario {
+        match self {
+            SweepTarget::Fanout(a) => Scenario::Fanout(a.clone()),
+            SweepTarget::Chat(a) => Scenario::Chat(a.clone()),
+        }
+    }
+
+    /// The rate of the first step.
+    pub fn start_rate(&self) -> f64 {
+        match self {
+            SweepTarget::Fanout(a) => a.rate,
+            SweepTarget::Chat(a) => a.rate_per_user,
+        }
+    }
+
+    /// Each step's send and drain phases.
+    pub fn phase(&self) -> &PhaseArgs {
+        match self {
+            SweepTarget::Fanout(a) => &a.phase,
+            SweepTarget::Chat(a) => &a.phase,
+        }
+    }
+}
+
+/// Optional durations serialize as fractional seconds or null.
+mod opt_secs {
+    use serde::Serializer;
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_f64(d.as_secs_f64()),
+            None => s.serialize_none(),
+        }
+    }
+}
+
 /// Durations serialize as fractional seconds.
 mod secs {
     use serde::Serializer;
@@ -269,5 +391,27 @@ mod tests {
             }
             _ => panic!("wrong scenario"),
         }
+    }
+
+    #[test]
+    fn parses_a_sweep_of_fanout() {
+        let cli = Cli::try_parse_from([
+            "loadgen",
+            "sweep",
+            "--factor",
+            "1.5",
+            "--max-p99",
+            "20ms",
+            "fanout",
+            "--rate",
+            "500",
+            "--jwt-secret",
+            "x",
+        ])
+        .unwrap();
+        let Scenario::Sweep(s) = cli.scenario else { panic!("wrong scenario") };
+        assert_eq!((s.factor, s.steps, s.max_p99), (1.5, 10, Some(Duration::from_millis(20))));
+        assert_eq!(s.target.start_rate(), 500.0);
+        assert_eq!(s.target.scenario().name(), "fanout");
     }
 }

@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 use crate::cli::{Cli, Common};
 use crate::client::{Connector, Target};
 use crate::clock::Clock;
+use crate::histo::Histograms;
 use crate::interrupt::Interrupt;
 use crate::limits;
 use crate::pacer;
@@ -24,13 +25,13 @@ use crate::session::{self, Session, Shared};
 use crate::stats::Stats;
 use crate::summary::{
     curve, Connections, Curves, Event, Joins, Latencies, LoadgenFigures, Messages, Percentiles, Phases,
-    PresenceFigures, ServerFigures, Summary,
+    PresenceFigures, RoomCounts, ServerFigures, Summary,
 };
 use crate::token::TokenSource;
 use crate::verdict;
 
 /// Lead time between arming the pacer and the first due message.
-const SEND_LEAD: Duration = Duration::from_millis(20);
+pub(crate) const SEND_LEAD: Duration = Duration::from_millis(20);
 
 /// Shortest phase whose CPU share is reported: CPU time comes in 10 ms
 /// ticks, so over a few milliseconds one tick reads as hundreds of percent.
@@ -40,10 +41,13 @@ pub const MIN_PHASE_FOR_PERCENT: f64 = 0.5;
 /// could not be done at all (bad options, nothing to connect to, every
 /// connection or join refused).
 pub async fn run(cli: Cli) -> Result<Summary> {
+    if let crate::cli::Scenario::Sweep(_) = cli.scenario {
+        bail!("a sweep runs through loadgen::sweep::run");
+    }
     let common = &cli.common;
     let clock = Clock::new();
     let started_unix = clock.unix_secs();
-    let plan = scenario::plan(&cli.scenario)?;
+    let plan = scenario::plan(&cli.scenario)?.split(common.id, common.of)?;
     if common.urls.is_empty() {
         bail!("no --url given");
     }
@@ -143,14 +147,16 @@ pub async fn run(cli: Cli) -> Result<Summary> {
     let (mut send_s, mut drain_s, mut hold_s) = (0.0, 0.0, 0.0);
     let (mut cpu_send, mut cpu_send_drain) = (None, None);
     let mut delivered_in_send = 0;
+    let mut send_window = (0.0, 0.0);
     let measure_at_s;
     let self_cpu0;
     let self_cpu1;
     let phase_secs;
     match plan.timing {
         Timing::Send { duration, drain } => {
-            let start_ns = clock.now_ns() + SEND_LEAD.as_nanos() as u64;
+            let start_ns = send_start(clock, common.start_at, &mut warnings);
             let end_ns = start_ns + duration.as_nanos() as u64;
+            send_window = (start_ns as f64 / 1e9, end_ns as f64 / 1e9);
             sh.send_start_ns.store(start_ns, Ordering::SeqCst);
             sh.stats.counting.store(true, Ordering::SeqCst);
             let senders: Vec<_> = sessions.iter_mut().filter_map(|s| s.ticks.take()).collect();
@@ -223,6 +229,8 @@ pub async fn run(cli: Cli) -> Result<Summary> {
     }
     let per_s = |n: u64| if send_s > 0.0 { n as f64 / send_s } else { 0.0 };
 
+    let refused = issues.errors.0.get("rate_limited").map_or(0, |e| e.0);
+    warnings.extend(scenario::rate_limited_warning(refused, plan.max_sender_rate()));
     let mut events = Event::from_tally("connect", &issues.connect);
     events.extend(Event::from_tally("join", &issues.join));
     events.extend(Event::from_tally("error", &issues.errors));
@@ -278,6 +286,8 @@ pub async fn run(cli: Cli) -> Result<Summary> {
             drain_s,
             hold_s,
             total_s: t0.elapsed().as_secs_f64(),
+            send_start_unix_s: send_window.0,
+            send_end_unix_s: send_window.1,
         },
         connections: Connections {
             planned: plan.specs.len() as u64,
@@ -339,14 +349,48 @@ pub async fn run(cli: Cli) -> Result<Summary> {
         problems: vec![],
         warnings,
         timeline,
+        histograms: Histograms::encode(&merged.delivery, &merged.delivery_from_send, &merged.ack, &connect_hist),
+        rooms: plan
+            .rooms
+            .iter()
+            .enumerate()
+            .map(|(r, name)| RoomCounts {
+                name: name.clone(),
+                members: st.room_members[r].load(Ordering::Relaxed),
+                acked: st.acked_room[r].load(Ordering::Relaxed),
+                delivered: merged.delivered_room[r],
+            })
+            .collect(),
     };
     summary.problems = verdict::problems(&summary);
     summary.ok = summary.problems.is_empty();
     Ok(summary)
 }
 
+/// When the send phase starts, Unix ns on `clock`: `--start-at` when given
+/// and still ahead (so processes started apart send together), else right
+/// away (a `--start-at` already past is said in a warning).
+pub(crate) fn send_start(clock: Clock, start_at: Option<f64>, warnings: &mut Vec<String>) -> u64 {
+    let soonest = clock.now_ns() + SEND_LEAD.as_nanos() as u64;
+    match start_at {
+        Some(t) if t.is_finite() && t > 0.0 => {
+            let at = (t * 1e9) as u64;
+            if at < soonest {
+                warnings.push(format!(
+                    "--start-at {t} was {:.3} s past when the send phase could start: it started at once",
+                    (soonest - at) as f64 / 1e9
+                ));
+                soonest
+            } else {
+                at
+            }
+        }
+        _ => soonest,
+    }
+}
+
 /// Open every connection of the plan; returns those that got a 101.
-async fn connect_all(
+pub(crate) async fn connect_all(
     plan: &Plan,
     connector: &Arc<Connector>,
     tokens: &Arc<TokenSource>,
@@ -415,7 +459,7 @@ async fn connect_all(
 
 /// Wait until no join is outstanding; returns how many still are at the
 /// timeout.
-async fn wait_joins(sh: &Shared, timeout: Duration, intr: &Interrupt) -> u64 {
+pub(crate) async fn wait_joins(sh: &Shared, timeout: Duration, intr: &Interrupt) -> u64 {
     let deadline = Instant::now() + timeout;
     loop {
         let pending = sh.stats.join_pending.load(Ordering::SeqCst);
@@ -431,7 +475,7 @@ async fn wait_joins(sh: &Shared, timeout: Duration, intr: &Interrupt) -> u64 {
 
 /// Send every connection a close frame, give the readers a moment to see
 /// the server's answer, then stop all tasks.
-async fn close_all(sh: &Shared, sessions: Vec<Session>) {
+pub(crate) async fn close_all(sh: &Shared, sessions: Vec<Session>) {
     sh.stats.closing.store(true, Ordering::SeqCst);
     let mut closers = JoinSet::new();
     for s in &sessions {
@@ -456,7 +500,7 @@ async fn close_all(sh: &Shared, sessions: Vec<Session>) {
 }
 
 /// The failures of one kind, in words, for a run that could not go on.
-fn failure_words(sh: &Shared, plan: &Plan, kind: &str) -> String {
+pub(crate) fn failure_words(sh: &Shared, plan: &Plan, kind: &str) -> String {
     let issues = sh.stats.issues().clone();
     let tally = match kind {
         "connect" => &issues.connect,

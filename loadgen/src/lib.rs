@@ -13,10 +13,13 @@
 pub mod cli;
 pub mod client;
 pub mod clock;
+pub mod compare;
 pub mod engine;
 pub mod frames;
+pub mod histo;
 pub mod interrupt;
 pub mod limits;
+pub mod merge;
 pub mod pacer;
 pub mod parse;
 pub mod proc;
@@ -26,6 +29,8 @@ pub mod scenario;
 pub mod session;
 pub mod stats;
 pub mod summary;
+pub mod sweep;
+pub mod sweep_report;
 pub mod token;
 pub mod verdict;
 

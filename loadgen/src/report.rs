@@ -168,25 +168,25 @@ pub fn write_report(s: &Summary, path: &Path) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
-const W: f64 = 960.0;
-const PANEL_H: f64 = 300.0;
-const MARGIN_L: f64 = 80.0;
+pub(crate) const W: f64 = 960.0;
+pub(crate) const PANEL_H: f64 = 300.0;
+pub(crate) const MARGIN_L: f64 = 80.0;
 const MARGIN_R: f64 = 180.0;
 const MARGIN_T: f64 = 40.0;
 const MARGIN_B: f64 = 45.0;
 
 #[derive(Clone, Copy)]
-enum Scale {
+pub(crate) enum Scale {
     Linear,
     Log,
 }
 
-struct Axis {
-    label: String,
-    scale: Scale,
-    min: f64,
-    max: f64,
-    ticks: Vec<(f64, String)>,
+pub(crate) struct Axis {
+    pub(crate) label: String,
+    pub(crate) scale: Scale,
+    pub(crate) min: f64,
+    pub(crate) max: f64,
+    pub(crate) ticks: Vec<(f64, String)>,
 }
 
 impl Axis {
@@ -203,11 +203,11 @@ impl Axis {
     }
 }
 
-struct Series {
-    name: String,
-    color: &'static str,
-    dashed: bool,
-    points: Vec<(f64, f64)>,
+pub(crate) struct Series {
+    pub(crate) name: String,
+    pub(crate) color: &'static str,
+    pub(crate) dashed: bool,
+    pub(crate) points: Vec<(f64, f64)>,
 }
 
 /// The whole report as one SVG document.
@@ -359,7 +359,7 @@ fn time_panel(s: &Summary, title: &str, ylabel: &str, series: Vec<Series>) -> St
 
 /// One panel: axes, grid, lines, legend; `band` shades an x range (the
 /// send phase).
-fn chart(title: &str, x: &Axis, y: &Axis, series: &[Series], band: Option<(f64, f64)>) -> String {
+pub(crate) fn chart(title: &str, x: &Axis, y: &Axis, series: &[Series], band: Option<(f64, f64)>) -> String {
     let pw = W - MARGIN_L - MARGIN_R;
     let ph = PANEL_H - MARGIN_T - MARGIN_B;
     let px = |v: f64| MARGIN_L + x.frac(v) * pw;
@@ -446,7 +446,7 @@ fn chart(title: &str, x: &Axis, y: &Axis, series: &[Series], band: Option<(f64, 
 }
 
 /// Round tick values from 0 to about `max`.
-fn nice_ticks(max: f64) -> Vec<f64> {
+pub(crate) fn nice_ticks(max: f64) -> Vec<f64> {
     if max <= 0.0 || !max.is_finite() {
         return vec![0.0];
     }
@@ -463,7 +463,7 @@ fn nice_ticks(max: f64) -> Vec<f64> {
 }
 
 /// A short number: 1.5k, 2M, 0.01.
-fn num(v: f64) -> String {
+pub(crate) fn num(v: f64) -> String {
     let a = v.abs();
     let trim = |s: String| {
         if s.contains('.') {
@@ -483,7 +483,7 @@ fn num(v: f64) -> String {
     }
 }
 
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 

@@ -36,6 +36,10 @@ pub struct Shared {
     pub presence: bool,
     /// Members each room will have once every join is done.
     pub room_members: Vec<u64>,
+    /// The factor every schedule's times are multiplied by (f64 bits):
+    /// 1.0 in a plain run; a sweep step at k times the planned rate sets
+    /// 1/k, so the same connections send faster without a new plan.
+    schedule_scale: AtomicU64,
 }
 
 impl Shared {
@@ -50,7 +54,23 @@ impl Shared {
             send_start_ns: AtomicU64::new(0),
             presence: false,
             room_members: Vec::new(),
+            schedule_scale: AtomicU64::new(1.0f64.to_bits()),
         }
+    }
+
+    /// Scale every schedule's times by `scale` from the next send phase on.
+    pub fn set_schedule_scale(&self, scale: f64) {
+        self.schedule_scale.store(scale.to_bits(), Ordering::SeqCst);
+    }
+
+    /// `s` as the current send phase runs it (see `schedule_scale`).
+    #[inline]
+    pub fn scaled(&self, s: &Schedule) -> Schedule {
+        let k = f64::from_bits(self.schedule_scale.load(Ordering::Relaxed));
+        if k == 1.0 {
+            return *s;
+        }
+        Schedule { offset_ns: (s.offset_ns as f64 * k) as u64, interval_ns: s.interval_ns * k }
     }
 }
 
@@ -294,7 +314,7 @@ impl ReaderState {
             return;
         }
         let start = sh.send_start_ns.load(Ordering::Relaxed);
-        let lat = now.saturating_sub(send.schedule.due(start, k)).max(1);
+        let lat = now.saturating_sub(sh.scaled(&send.schedule).due(start, k)).max(1);
         let room = send.rooms[(k % send.rooms.len() as u64) as usize];
         sh.stats.acked.fetch_add(1, Ordering::Relaxed);
         sh.stats.acked_room[room].fetch_add(1, Ordering::Relaxed);
@@ -397,20 +417,13 @@ async fn send_loop(
     }
     while let Some(first) = ticks.recv().await {
         let start = sh.send_start_ns.load(Ordering::Relaxed);
+        let schedule = sh.scaled(&send.schedule);
         let mut w = writer.lock().await;
         let mut n = 0u64;
         let mut next = Some(first);
         while let Some(k) = next {
             let room = send.rooms[(k % n_rooms) as usize];
-            build_send(
-                &mut msg,
-                &sh.rooms_json[room],
-                k,
-                send.schedule.due(start, k),
-                sh.clock.now_ns(),
-                id,
-                send.payload,
-            );
+            build_send(&mut msg, &sh.rooms_json[room], k, schedule.due(start, k), sh.clock.now_ns(), id, send.payload);
             w.push_text(&msg);
             n += 1;
             next = if n < MAX_BATCH { ticks.try_recv().ok() } else { None };

@@ -227,6 +227,32 @@ impl Stats {
         (d, a, delivered)
     }
 
+    /// Forget the figures of the last send phase (histograms, deliveries,
+    /// correctness counters, sends, acks, error frames) before a sweep's
+    /// next step; connections, joins and members stay as they are.
+    pub fn reset_step(&self) {
+        for s in self.shards.iter() {
+            let mut guard = lock(s);
+            let s = &mut *guard;
+            for h in [&mut s.delivery, &mut s.delivery_from_send, &mut s.ack, &mut s.delivery_iv, &mut s.ack_iv] {
+                h.reset();
+            }
+            s.delivered = 0;
+            s.delivered_room.iter_mut().for_each(|d| *d = 0);
+            s.foreign = 0;
+            s.gaps = 0;
+            s.gap_seqs = 0;
+            s.duplicates = 0;
+            s.reorders = 0;
+        }
+        self.sent.store(0, Ordering::SeqCst);
+        self.acked.store(0, Ordering::SeqCst);
+        self.acked_room.iter().for_each(|a| a.store(0, Ordering::SeqCst));
+        let mut issues = self.issues();
+        issues.errors = Tally::default();
+        issues.closes = Tally::default();
+    }
+
     /// Deliveries counted so far.
     pub fn delivered_total(&self) -> u64 {
         self.shards.iter().map(|s| lock(s).delivered).sum()
@@ -347,5 +373,12 @@ mod tests {
         assert_eq!(m.delivery.len(), 7);
         assert!(m.delivery.equivalent(m.delivery.max(), 6000));
         assert_eq!(m.delivered_room, vec![3, 3]);
+        s.sent.store(5, Ordering::Relaxed);
+        s.issues().errors.add("rate_limited", || "x".into());
+        s.reset_step();
+        let m = s.merged();
+        assert_eq!((m.delivery.len(), m.delivered, m.delivered_room.clone()), (0, 0, vec![0, 0]));
+        assert_eq!(s.sent.load(Ordering::Relaxed), 0);
+        assert_eq!(s.issues().errors.total(), 0);
     }
 }

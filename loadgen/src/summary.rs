@@ -37,6 +37,24 @@ pub struct Summary {
     pub warnings: Vec<String>,
     /// One point per second.
     pub timeline: Vec<Tick>,
+    /// The latency histograms themselves (V2 deflate, base64), so that runs
+    /// can be merged exactly (`loadgen merge`).
+    #[serde(default)]
+    pub histograms: crate::histo::Histograms,
+    /// Per room: joined members, acked messages sent to it, deliveries
+    /// received from it; a merge adds them room by room to check that every
+    /// acked message reached every member, whichever process sent it.
+    #[serde(default)]
+    pub rooms: Vec<RoomCounts>,
+}
+
+/// One room's counters.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RoomCounts {
+    pub name: String,
+    pub members: u64,
+    pub acked: u64,
+    pub delivered: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -50,6 +68,12 @@ pub struct Phases {
     pub drain_s: f64,
     pub hold_s: f64,
     pub total_s: f64,
+    /// The scheduled send phase as Unix times, seconds (0 without one): a
+    /// merge checks that the runs' send phases overlap.
+    #[serde(default)]
+    pub send_start_unix_s: f64,
+    #[serde(default)]
+    pub send_end_unix_s: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -192,7 +192,14 @@ fn check_json(path: &Path, s: &Summary) -> Value {
             assert!(x.as_f64().is_some_and(f64::is_finite), "latency.{lat}.{field} is {x}");
         }
         assert!(v["curves"][lat].is_array(), "curves.{lat} is {}", v["curves"][lat]);
+        // The histogram itself, decoded, holds as many samples as the table says.
+        let encoded = v["histograms"][lat].as_str().expect("histograms.{lat} is a string");
+        let h = loadgen::histo::decode(encoded).unwrap_or_else(|e| panic!("histograms.{lat}: {e}"));
+        assert_eq!(h.len(), v["latency"][lat]["count"].as_u64().unwrap_or(u64::MAX), "histograms.{lat}");
     }
+    let rooms = v["rooms"].as_array().expect("rooms");
+    let delivered: u64 = rooms.iter().map(|r| r["delivered"].as_u64().unwrap_or(0)).sum();
+    assert_eq!(delivered, s.messages.delivered, "per-room deliveries add up");
     for field in ["planned", "established", "failed", "open_at_end"] {
         let x = &v["connections"][field];
         assert!(x.is_u64(), "connections.{field} is {x}");

@@ -7,7 +7,7 @@
 
 use anyhow::{bail, Result};
 
-use super::{describe_sending, rate_warning, room_names, Plan, Timing};
+use super::{describe_sending, room_names, Plan, Timing};
 use crate::cli::ChatArgs;
 use crate::pacer::Schedule;
 use crate::session::{SendSpec, Spec};
@@ -53,7 +53,7 @@ pub fn plan(a: &ChatArgs) -> Result<Plan> {
         rooms,
         specs,
         timing: Timing::send(&a.phase),
-        warnings: rate_warning("each member", a.rate_per_user).into_iter().collect(),
+        warnings: vec![],
     })
 }
 

@@ -55,6 +55,21 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Part `id` of `of`: the connections whose number n has n mod of = id
+    /// (every room is kept, so room names and schedules stay those of the
+    /// whole scenario and the parts add up to it).
+    pub fn split(mut self, id: usize, of: usize) -> Result<Self> {
+        if of == 0 || id >= of {
+            anyhow::bail!("--id must be below --of (got --id {id} --of {of})");
+        }
+        if of == 1 {
+            return Ok(self);
+        }
+        self.specs.retain(|s| s.id % of == id);
+        self.description = format!("{} [part {} of {of}]", self.description, id + 1);
+        Ok(self)
+    }
+
     pub fn senders(&self) -> usize {
         self.specs.iter().filter(|s| s.send.is_some()).count()
     }
@@ -71,6 +86,8 @@ pub fn plan(s: &Scenario) -> Result<Plan> {
         Scenario::Chat(a) => chat::plan(a),
         Scenario::Connect(a) => connect::plan(a),
         Scenario::Idle(a) => idle::plan(a),
+        Scenario::Sweep(a) => plan(&a.target.scenario()),
+        Scenario::Merge(_) | Scenario::Compare(_) => anyhow::bail!("merge and compare read runs, they do not run one"),
     }
 }
 
@@ -79,13 +96,53 @@ pub fn room_names(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
 }
 
-/// The warning for a per-connection send rate above the server default.
-pub fn rate_warning(what: &str, rate: f64) -> Option<String> {
-    (rate > SERVER_DEFAULT_RATE).then(|| {
+/// The warning for a run whose sends were refused with `rate_limited`:
+/// said only when the server did refuse some (a server started with higher
+/// limits must not get the warning), with the per-connection rate sent.
+pub fn rate_limited_warning(refused: u64, per_sender_rate: f64) -> Option<String> {
+    (refused > 0).then(|| {
         format!(
-            "{what} sends {rate:.0} msg/s, above the server's default per-connection limit of \
-             {SERVER_DEFAULT_RATE:.0}/s (burst 200): run the server with a higher --rate/--burst \
-             or expect rate_limited errors"
+            "{refused} sends were refused with rate_limited: each sending connection sent up to \
+             {per_sender_rate:.0} msg/s, above the server's per-connection limit (default \
+             {SERVER_DEFAULT_RATE:.0}/s, burst 200); run the server with a higher --rate/--burst"
         )
     })
+}
+
+impl Plan {
+    /// The highest send rate of one connection, messages per second.
+    pub fn max_sender_rate(&self) -> f64 {
+        self.specs.iter().filter_map(|s| s.send.as_ref()).map(|s| 1e9 / s.schedule.interval_ns).fold(0.0, f64::max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{FanoutArgs, PhaseArgs, RoomArgs};
+
+    #[test]
+    fn parts_split_without_overlap() {
+        let a = FanoutArgs {
+            rooms: RoomArgs { rooms: 4, members: 5, room_prefix: "lg".into() },
+            publishers: 3,
+            rate: 100.0,
+            payload: 100,
+            phase: PhaseArgs { duration: Duration::from_secs(1), drain: Duration::from_secs(1) },
+        };
+        let whole = plan(&Scenario::Fanout(a.clone())).unwrap();
+        let mut ids: Vec<usize> = Vec::new();
+        let mut senders = 0;
+        for id in 0..3 {
+            let p = plan(&Scenario::Fanout(a.clone())).unwrap().split(id, 3).unwrap();
+            assert_eq!(p.rooms, whole.rooms);
+            assert!(p.description.contains(&format!("part {} of 3", id + 1)));
+            senders += p.senders();
+            ids.extend(p.specs.iter().map(|s| s.id));
+        }
+        ids.sort_unstable();
+        assert_eq!(ids, whole.specs.iter().map(|s| s.id).collect::<Vec<_>>());
+        assert_eq!(senders, 3);
+        assert!(plan(&Scenario::Fanout(a)).unwrap().split(3, 3).is_err());
+    }
 }
