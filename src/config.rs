@@ -19,6 +19,9 @@ pub struct ServeArgs {
     /// Address to listen on (WebSocket, HTTP API and metrics).
     #[arg(long, env = "CHORUS_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
+    /// Private plain-HTTP address for /metrics, /healthz, /readyz and the admin API (which is off without it).
+    #[arg(long, env = "CHORUS_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
     /// HS256 shared secret for client tokens. With no key at all, a random one is made at start.
     #[arg(long, env = "CHORUS_JWT_SECRET", hide_env_values = true, conflicts_with = "jwt_public_key")]
     pub jwt_secret: Option<String>,
@@ -104,6 +107,8 @@ pub struct ServeArgs {
 pub enum ConfigError {
     #[error("--listen {0:?} is not an address to listen on")]
     Listen(String),
+    #[error("--admin-listen {0:?} is not an address to listen on")]
+    AdminListen(String),
     #[error("cannot read --jwt-public-key {path}: {source}")]
     PublicKey { path: String, source: std::io::Error },
     #[error(transparent)]
@@ -124,6 +129,8 @@ pub enum KeySource {
 /// The validated configuration.
 pub struct Config {
     pub listen: SocketAddr,
+    /// `None`: probes and metrics stay on `listen` and the admin API is off.
+    pub admin_listen: Option<SocketAddr>,
     pub verifier: Verifier,
     pub key_source: KeySource,
     pub jwt_issuer: Option<String>,
@@ -160,12 +167,11 @@ impl Config {
     pub fn from_args(args: ServeArgs) -> Result<Self, ConfigError> {
         check_backends(&args)?;
         check_limits(&args)?;
-        let listen = args
-            .listen
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| ConfigError::Listen(args.listen.clone()))?;
+        let listen = socket_addr(&args.listen).ok_or_else(|| ConfigError::Listen(args.listen.clone()))?;
+        let admin_listen = match &args.admin_listen {
+            Some(admin) => Some(socket_addr(admin).ok_or_else(|| ConfigError::AdminListen(admin.clone()))?),
+            None => None,
+        };
         let expect = Expectations { issuer: args.jwt_issuer.clone(), audience: args.jwt_audience.clone() };
         let (verifier, key_source) = load_key(&args, &expect)?;
         let demo_secret = demo_secret(args.demo, &key_source)?;
@@ -173,6 +179,7 @@ impl Config {
             .then(|| args.allowed_origins.iter().map(|o| o.trim().trim_end_matches('/').to_owned()).collect());
         Ok(Self {
             listen,
+            admin_listen,
             verifier,
             key_source,
             jwt_issuer: args.jwt_issuer,
@@ -214,6 +221,10 @@ fn demo_secret(demo: bool, key_source: &KeySource) -> Result<Option<String>, Con
         }
         KeySource::PublicKey => Ok(None),
     }
+}
+
+fn socket_addr(addr: &str) -> Option<SocketAddr> {
+    addr.to_socket_addrs().ok().and_then(|mut a| a.next())
 }
 
 fn check_backends(args: &ServeArgs) -> Result<(), ConfigError> {

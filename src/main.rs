@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print a signed HS256 token.
     Token(TokenArgs),
 }
@@ -58,7 +58,7 @@ fn main() -> anyhow::Result<()> {
         Command::Token(args) => print_token(args),
         Command::Serve(args) => {
             init_tracing();
-            let config = Config::from_args(args).context("invalid configuration")?;
+            let config = Config::from_args(*args).context("invalid configuration")?;
             let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
             runtime.block_on(serve(config))
         }
@@ -81,7 +81,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let banner = Banner::from_config(&config);
     tracing::info!("chorus {}", chorus::build_info::VERSION_LINE);
     let server = Server::start(config).await.context("cannot start the server")?;
-    banner.print(server.local_addr())?;
+    banner.print(server.local_addr(), server.admin_addr())?;
     signal.await;
     tracing::info!("shutting down");
     server.shutdown(SHUTDOWN_GRACE).await;
@@ -110,7 +110,11 @@ impl Banner {
         Self { generated, chat_page: config.demo_secret.is_some() }
     }
 
-    fn print(&self, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    fn print(&self, addr: std::net::SocketAddr, admin: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+        // Before the listening line: whoever waits for that line knows both.
+        if let Some(admin) = admin {
+            println!("chorus admin listening on {admin}");
+        }
         println!("chorus listening on {addr}");
         if let Some((secret, token)) = &self.generated {
             let jwt = token.sign_hs256(secret.as_bytes()).context("cannot sign the demo token")?;

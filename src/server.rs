@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::conn::coalesce;
 use crate::history::writer::WriteBehind;
 use crate::history::Database;
+use crate::http::Face;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::state::ServerState;
@@ -31,7 +32,9 @@ const LISTEN_BACKLOG: i32 = 4096;
 pub struct Server {
     state: Arc<ServerState>,
     local_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     accept: JoinHandle<()>,
+    admin_accept: Option<JoinHandle<()>>,
     sweep: JoinHandle<()>,
 }
 
@@ -40,18 +43,26 @@ impl Server {
     pub async fn start(config: Config) -> std::io::Result<Self> {
         let listener = bind(config.listen)?;
         let local_addr = listener.local_addr()?;
+        let admin_listener = config.admin_listen.map(bind).transpose()?;
+        let admin_addr = admin_listener.as_ref().map(TcpListener::local_addr).transpose()?;
         let state = Arc::new(build_state(config).await?);
-        let accept = tokio::spawn(accept_loop(state.clone(), listener));
+        let accept = tokio::spawn(accept_loop(state.clone(), listener, Face::Public));
+        let admin_accept = admin_listener.map(|l| tokio::spawn(accept_loop(state.clone(), l, Face::Admin)));
         let sweep = tokio::spawn(liveness::run(state.clone()));
         // Ends by itself at shutdown.
         tokio::spawn(coalesce::run(state.writer.clone(), state.shutdown.clone()));
         // Ends by itself at shutdown; nothing waits for it.
         tokio::spawn(eviction::run(state.clone(), state.config.history_ttl));
-        Ok(Self { state, local_addr, accept, sweep })
+        Ok(Self { state, local_addr, admin_addr, accept, admin_accept, sweep })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where the admin listener (`--admin-listen`) is bound, if there is one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     pub fn state(&self) -> &Arc<ServerState> {
@@ -64,6 +75,9 @@ impl Server {
         let state = self.state;
         state.shutdown.cancel();
         let _ = self.accept.await;
+        if let Some(admin) = self.admin_accept {
+            let _ = admin.await;
+        }
         let _ = self.sweep.await;
         for conn in state.connections.iter() {
             conn.close(1001, "going away");
@@ -144,7 +158,7 @@ async fn open_persistence(url: &str, config: &Config, metrics: Arc<Metrics>) -> 
     Ok(Persistence { db, writer, durable_acks: config.durable_acks })
 }
 
-async fn accept_loop(state: Arc<ServerState>, listener: TcpListener) {
+async fn accept_loop(state: Arc<ServerState>, listener: TcpListener, face: Face) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -153,7 +167,7 @@ async fn accept_loop(state: Arc<ServerState>, listener: TcpListener) {
         match accepted {
             Ok((stream, _)) => {
                 let _ = stream.set_nodelay(true);
-                state.tasks.spawn(serve_http(state.clone(), stream));
+                state.tasks.spawn(serve_http(state.clone(), stream, face));
             }
             Err(e) => {
                 // Out of file descriptors, most likely: back off rather than spin.
@@ -164,9 +178,9 @@ async fn accept_loop(state: Arc<ServerState>, listener: TcpListener) {
     }
 }
 
-async fn serve_http(state: Arc<ServerState>, stream: TcpStream) {
+async fn serve_http(state: Arc<ServerState>, stream: TcpStream, face: Face) {
     let service_state = state.clone();
-    let service = service_fn(move |req| http::handle(service_state.clone(), req));
+    let service = service_fn(move |req| http::handle(service_state.clone(), face, req));
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
     let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();

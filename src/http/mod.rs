@@ -1,6 +1,7 @@
 //! The hyper service: routes, the checks every authenticated route shares
 //! (origin, token, room), and JSON error responses.
 
+mod admin;
 mod api;
 mod demo;
 mod upgrade;
@@ -21,30 +22,67 @@ use crate::state::ServerState;
 
 pub type HttpResponse = Response<Full<Bytes>>;
 
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Face {
+    /// `--listen`: clients, the HTTP API, and the probes unless there is an admin listener.
+    Public,
+    /// `--admin-listen`: the probes, metrics and the admin API, nothing else.
+    Admin,
+}
+
 /// The hyper service function.
-pub async fn handle(state: Arc<ServerState>, req: Request<Incoming>) -> Result<HttpResponse, Infallible> {
-    Ok(route(&state, req).await.unwrap_or_else(ApiError::into_response))
+pub async fn handle(state: Arc<ServerState>, face: Face, req: Request<Incoming>) -> Result<HttpResponse, Infallible> {
+    let answer = match face {
+        Face::Public => route(&state, req).await,
+        Face::Admin => admin::route(&state, req).await,
+    };
+    Ok(answer.unwrap_or_else(ApiError::into_response))
+}
+
+/// The probes and metrics, wherever they are served; `None` for other paths.
+async fn operations(state: &ServerState, method: &Method, segments: &[&str]) -> Option<Result<HttpResponse, ApiError>> {
+    match (method, segments) {
+        (&Method::GET, ["healthz"]) => Some(Ok(text(StatusCode::OK, "ok"))),
+        (&Method::GET, ["readyz"]) => Some(Ok(readiness(state).await)),
+        (&Method::GET, ["metrics"]) => Some(Ok(metrics(state))),
+        (_, ["healthz" | "readyz" | "metrics"]) => Some(Err(method_not_allowed())),
+        _ => None,
+    }
+}
+
+fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "bad_request", "method not allowed")
+}
+
+fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+/// The path split into segments after the leading `/`.
+fn segments(path: &str) -> Vec<&str> {
+    path.trim_start_matches('/').split('/').collect()
 }
 
 async fn route(state: &Arc<ServerState>, req: Request<Incoming>) -> Result<HttpResponse, ApiError> {
     let path = req.uri().path().to_owned();
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let segments = segments(&path);
     let method = req.method().clone();
+    // With an admin listener, the probes and metrics live there only.
+    if state.config.admin_listen.is_none() {
+        if let Some(answer) = operations(state, &method, &segments).await {
+            return answer;
+        }
+    }
     match (&method, segments.as_slice()) {
-        (&Method::GET, ["healthz"]) => Ok(text(StatusCode::OK, "ok")),
-        (&Method::GET, ["readyz"]) => Ok(readiness(state).await),
-        (&Method::GET, ["metrics"]) => Ok(metrics(state)),
         (&Method::GET, ["ws"]) => upgrade::upgrade(state, req, None),
         (&Method::GET, ["ws", room]) => upgrade::upgrade(state, req, Some(room)),
         (&Method::POST, ["rooms", room, "messages"]) => api::publish(state, req, room).await,
         (&Method::GET, ["rooms", room, "history"]) => api::history(state, req, room).await,
         (&Method::GET, ["rooms", room, "presence"]) => api::presence(state, &req, room).await,
         (_, [""] | ["demo", ..]) => demo_route(state, req, &segments).await,
-        (
-            _,
-            ["healthz" | "readyz" | "metrics" | "ws"] | ["ws", _] | ["rooms", _, "messages" | "history" | "presence"],
-        ) => Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "bad_request", "method not allowed")),
-        _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")),
+        (_, ["ws"] | ["ws", _] | ["rooms", _, "messages" | "history" | "presence"]) => Err(method_not_allowed()),
+        _ => Err(not_found()),
     }
 }
 

@@ -45,6 +45,8 @@ const PROCESS_GUARD: Duration = Duration::from_secs(30);
 /// A running `chorus serve`, killed when dropped.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The `--admin-listen` address, when the server has one.
+    pub admin: Option<SocketAddr>,
     child: Child,
     stdout: mpsc::UnboundedReceiver<String>,
     stderr: Arc<Mutex<String>>,
@@ -98,6 +100,7 @@ impl TestServer {
             }
         });
 
+        let mut admin = None;
         let addr = loop {
             let line = tokio::time::timeout(PROCESS_GUARD, stdout.recv())
                 .await
@@ -107,11 +110,14 @@ impl TestServer {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 panic!("the server exited before listening; stderr:\n{}", stderr.lock().unwrap());
             };
+            if let Some(addr) = line.strip_prefix("chorus admin listening on ") {
+                admin = Some(addr.trim().parse().expect("unparsable admin address"));
+            }
             if let Some(addr) = line.strip_prefix("chorus listening on ") {
                 break addr.trim().parse().expect("unparsable listen address");
             }
         };
-        Self { addr, child, stdout, stderr }
+        Self { addr, admin, child, stdout, stderr }
     }
 
     /// The next line the server printed on stdout after its address line.
@@ -153,6 +159,11 @@ impl TestServer {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// A URL on the admin listener; panics when the server has none.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin.expect("the server has no --admin-listen"), path)
+    }
+
     pub fn ws_url(&self, path: &str) -> String {
         format!("ws://{}{}", self.addr, path)
     }
@@ -170,9 +181,10 @@ impl TestServer {
         (client, joined)
     }
 
-    /// The body of `GET /metrics`.
+    /// The body of `GET /metrics` (on the admin listener when there is one).
     pub async fn metrics(&self) -> String {
-        let response = reqwest::get(self.url("/metrics")).await.expect("GET /metrics");
+        let url = if self.admin.is_some() { self.admin_url("/metrics") } else { self.url("/metrics") };
+        let response = reqwest::get(url).await.expect("GET /metrics");
         assert_eq!(response.status(), 200);
         response.text().await.unwrap()
     }
