@@ -80,6 +80,7 @@ impl Members {
             let socket = tokio::net::TcpStream::from_std(server).expect("register");
             let setup = Setup {
                 id,
+                sub: "bench".into(),
                 send_queue: DRAIN_EVERY as usize + 1,
                 expires_at: u64::MAX,
                 now_ms: 0,

@@ -3,6 +3,7 @@
 //! The binary (`src/main.rs`), the tests and the benches share this library.
 //! docs/ARCHITECTURE.md walks through the modules and the path of a message.
 
+pub mod admin;
 pub mod auth;
 pub mod build_info;
 pub mod bus;

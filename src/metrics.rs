@@ -74,6 +74,8 @@ pub struct Metrics {
     /// `presence_state` frames queued to subscribers (on subscribing, and
     /// for changes too large for a diff).
     pub presence_states: Counter,
+    /// Connections closed with 4001 by the admin API.
+    pub admin_disconnects: Counter,
 }
 
 impl Metrics {
@@ -187,6 +189,8 @@ impl Metrics {
         );
         registry.register("presence_diffs", "presence_diff frames queued to subscribers", presence_diffs.clone());
         registry.register("presence_states", "presence_state frames queued to subscribers", presence_states.clone());
+        let admin_disconnects = Counter::default();
+        registry.register("admin_disconnects", "Connections closed by the admin API", admin_disconnects.clone());
         Self {
             registry,
             connections,
@@ -221,6 +225,7 @@ impl Metrics {
             presence_subscribers,
             presence_diffs,
             presence_states,
+            admin_disconnects,
         }
     }
 

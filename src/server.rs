@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::{self, Admin};
 use crate::bus::redis::{RedisBus, RedisSettings};
 use crate::bus::{fresh_epoch, local, Bus, Persistence};
 use crate::config::Config;
@@ -46,6 +47,10 @@ impl Server {
         let admin_listener = config.admin_listen.map(bind).transpose()?;
         let admin_addr = admin_listener.as_ref().map(TcpListener::local_addr).transpose()?;
         let state = Arc::new(build_state(config).await?);
+        // Bans first: a restarted node refuses a banned user from its first request.
+        admin::cluster::load_at_start(&state).await;
+        // Ends by itself at shutdown.
+        tokio::spawn(admin::cluster::run(state.clone()));
         let accept = tokio::spawn(accept_loop(state.clone(), listener, Face::Public));
         let admin_accept = admin_listener.map(|l| tokio::spawn(accept_loop(state.clone(), l, Face::Admin)));
         let sweep = tokio::spawn(liveness::run(state.clone()));
@@ -138,7 +143,8 @@ async fn build_state(config: Config) -> std::io::Result<ServerState> {
             Bus::redis(registry, metrics.clone(), redis)
         }
     };
-    Ok(ServerState::new(config, bus, metrics, shutdown))
+    let admin = Admin::new(config.redis_url.as_deref(), &config.redis_prefix).map_err(std::io::Error::other)?;
+    Ok(ServerState::new(config, bus, admin, metrics, shutdown))
 }
 
 /// Connects to the database and brings its schema up to date.

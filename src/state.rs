@@ -10,6 +10,7 @@ use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::Admin;
 use crate::bus::Bus;
 use crate::config::Config;
 use crate::conn::{Coalescing, Connection, WriterConfig};
@@ -22,6 +23,8 @@ pub struct ServerState {
     pub metrics: Arc<Metrics>,
     /// Who is in each room (PROTOCOL.md section 8).
     pub presence: Presence,
+    /// Bans, and how the admin API reaches the other nodes.
+    pub admin: Admin,
     /// What every connection's writing shares.
     pub writer: Arc<WriterConfig>,
     /// Every open connection, for the liveness sweep and shutdown.
@@ -35,7 +38,7 @@ pub struct ServerState {
 }
 
 impl ServerState {
-    pub fn new(config: Config, bus: Bus, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Self {
+    pub fn new(config: Config, bus: Bus, admin: Admin, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Self {
         let coalescing = Coalescing::new(config.write_coalesce, config.write_coalesce_load);
         let writer = Arc::new(WriterConfig { coalescing, metrics: metrics.clone() });
         let presence = presence(&config, metrics.clone(), &shutdown);
@@ -44,6 +47,7 @@ impl ServerState {
             config,
             bus,
             metrics,
+            admin,
             writer,
             connections: DashMap::new(),
             shutdown,

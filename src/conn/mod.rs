@@ -27,6 +27,8 @@ pub use writer::{flush_all, WriterConfig};
 /// What rooms, the sweep and shutdown share of one connection.
 pub struct Connection {
     pub id: u64,
+    /// The user (`sub`), for the admin API's disconnect and for logs.
+    pub sub: Arc<str>,
     pub outbox: Outbox,
     socket: TcpStream,
     writer: Arc<WriterConfig>,
@@ -49,6 +51,7 @@ pub struct Connection {
 /// What a connection starts with.
 pub struct Setup {
     pub id: u64,
+    pub sub: Arc<str>,
     pub send_queue: usize,
     pub expires_at: u64,
     pub now_ms: u64,
@@ -59,6 +62,7 @@ impl Connection {
     pub fn new(socket: TcpStream, setup: Setup) -> Self {
         Self {
             id: setup.id,
+            sub: setup.sub,
             outbox: Outbox::new(setup.send_queue),
             socket,
             writer: setup.writer,

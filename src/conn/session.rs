@@ -55,6 +55,7 @@ pub fn run(
     let room = room.map(Box::new);
     let setup = Setup {
         id: state.next_connection_id(),
+        sub: claims.sub.clone(),
         send_queue: state.config.send_queue,
         expires_at: claims.exp,
         now_ms: state.now_ms(),

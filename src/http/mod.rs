@@ -18,7 +18,7 @@ use hyper::{Method, Request, Response, StatusCode};
 
 use crate::auth::{AuthError, Claims};
 use crate::room::RoomName;
-use crate::state::ServerState;
+use crate::state::{unix_millis, ServerState};
 
 pub type HttpResponse = Response<Full<Bytes>>;
 
@@ -197,10 +197,16 @@ fn authenticate<B>(state: &ServerState, req: &Request<B>) -> Result<Claims, ApiE
         Some(token) => state.config.verifier.verify(&token),
         None => Err(AuthError::Missing),
     };
-    verified.map_err(|e| {
+    let claims = verified.map_err(|e| {
         state.metrics.auth_failure(e.reason());
         ApiError::new(StatusCode::UNAUTHORIZED, "invalid_token", e.to_string())
-    })
+    })?;
+    if let Some(until) = state.admin.bans.banned_until(&claims.sub, unix_millis()) {
+        state.metrics.auth_failure("banned");
+        let message = format!("user is banned until {until} (Unix milliseconds)");
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_token", message));
+    }
+    Ok(claims)
 }
 
 /// The token from `Authorization: Bearer`, else from `?token=`.
