@@ -13,6 +13,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::auth::{Expectations, KeyError, Verifier};
+use crate::logging::LogFormat;
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -22,6 +23,9 @@ pub struct ServeArgs {
     /// Private plain-HTTP address for /metrics, /healthz, /readyz and the admin API (which is off without it).
     #[arg(long, env = "CHORUS_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
+    /// Log lines as `text` or `json` (one object per line).
+    #[arg(long, env = "CHORUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// HS256 shared secret for client tokens. With no key at all, a random one is made at start.
     #[arg(long, env = "CHORUS_JWT_SECRET", hide_env_values = true, conflicts_with = "jwt_public_key")]
     pub jwt_secret: Option<String>,

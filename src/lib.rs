@@ -13,6 +13,7 @@ pub mod eviction;
 pub mod history;
 pub mod http;
 pub mod liveness;
+pub mod logging;
 pub mod metrics;
 pub mod presence;
 pub mod protocol;

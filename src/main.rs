@@ -57,7 +57,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Token(args) => print_token(args),
         Command::Serve(args) => {
-            init_tracing();
+            chorus::logging::init(args.log_format);
             let config = Config::from_args(*args).context("invalid configuration")?;
             let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
             runtime.block_on(serve(config))
@@ -141,10 +141,4 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
             _ = interrupt.recv() => {}
         }
     })
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }

@@ -296,6 +296,13 @@ impl Session {
     }
 
     fn error(&self, code: ErrorCode, message: &str, reference: Option<&str>) {
+        tracing::debug!(
+            conn = self.conn.id,
+            sub = %self.claims.sub,
+            code = code.as_str(),
+            "request failed: {}",
+            crate::logging::redact(message)
+        );
         self.send(outbound::error(code, message, reference));
     }
 

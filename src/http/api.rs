@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{authorize, json, query_param, ApiError, HttpResponse};
+use crate::auth::Claims;
 use crate::bus::BusError;
 use crate::protocol::inbound;
 use crate::protocol::outbound::{write_json_array, write_json_string};
@@ -24,6 +25,16 @@ struct PublishBody {
 /// `POST /rooms/{room}/messages` with `{"body": ...}`.
 pub async fn publish(state: &Arc<ServerState>, req: Request<Incoming>, room: &str) -> Result<HttpResponse, ApiError> {
     let (claims, room) = authorize(state, &req, Some(room))?;
+    let sub = claims.sub.clone();
+    publish_as(state, req, claims, room).await.map_err(|e| e.by(&sub))
+}
+
+async fn publish_as(
+    state: &Arc<ServerState>,
+    req: Request<Incoming>,
+    claims: Claims,
+    room: Option<RoomName>,
+) -> Result<HttpResponse, ApiError> {
     let room = room.ok_or_else(|| ApiError::bad_request("missing room"))?;
     let limit = state.config.max_message_bytes;
     let bytes = match Limited::new(req.into_body(), limit).collect().await {
@@ -50,10 +61,18 @@ pub async fn publish(state: &Arc<ServerState>, req: Request<Incoming>, room: &st
 
 /// `GET /rooms/{room}/history?before=&limit=`.
 pub async fn history(state: &Arc<ServerState>, req: Request<Incoming>, room: &str) -> Result<HttpResponse, ApiError> {
-    let (_, room) = authorize(state, &req, Some(room))?;
+    let (claims, room) = authorize(state, &req, Some(room))?;
+    history_of(state, &req, room).await.map_err(|e| e.by(&claims.sub))
+}
+
+async fn history_of(
+    state: &Arc<ServerState>,
+    req: &Request<Incoming>,
+    room: Option<RoomName>,
+) -> Result<HttpResponse, ApiError> {
     let room: RoomName = room.ok_or_else(|| ApiError::bad_request("missing room"))?;
-    let before = number_param(&req, "before")?;
-    let limit = inbound::limit(number_param(&req, "limit")?).map_err(ApiError::bad_request)?;
+    let before = number_param(req, "before")?;
+    let limit = inbound::limit(number_param(req, "limit")?).map_err(ApiError::bad_request)?;
     let messages = state.bus.history(&room, before, limit).await.map_err(unavailable)?;
     let mut out = Vec::with_capacity(messages.iter().map(|m| m.len() + 1).sum::<usize>() + 48);
     out.extend_from_slice(b"{\"room\":");

@@ -33,11 +33,16 @@ pub enum Face {
 
 /// The hyper service function.
 pub async fn handle(state: Arc<ServerState>, face: Face, req: Request<Incoming>) -> Result<HttpResponse, Infallible> {
+    // The path only: the query may hold a token.
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let answer = match face {
         Face::Public => route(&state, req).await,
         Face::Admin => admin::route(&state, req).await,
     };
-    Ok(answer.unwrap_or_else(ApiError::into_response))
+    Ok(answer.unwrap_or_else(|e| {
+        e.log(&method, &path);
+        e.into_response()
+    }))
 }
 
 /// The probes and metrics, wherever they are served; `None` for other paths.
@@ -125,11 +130,33 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// The user, once the token was checked: for the log line.
+    sub: Option<Arc<str>>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self { status, code, message: message.into(), sub: None }
+    }
+
+    /// Names the user who made the failed request, for the log.
+    pub fn by(mut self, sub: &Arc<str>) -> Self {
+        self.sub = Some(sub.clone());
+        self
+    }
+
+    /// One `debug` line per failed request, with the user where known and
+    /// never a token (neither the query nor an unredacted message).
+    fn log(&self, method: &Method, path: &str) {
+        tracing::debug!(
+            method = %method,
+            path = %crate::logging::redact(path),
+            status = self.status.as_u16(),
+            code = self.code,
+            sub = self.sub.as_deref(),
+            "request failed: {}",
+            crate::logging::redact(&self.message)
+        );
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -175,7 +202,7 @@ fn authorize<B>(
     let room = RoomName::parse(room).map_err(|e| ApiError::bad_request(e.to_string()))?;
     if !claims.rooms.allows(&room) {
         state.metrics.auth_failure("room");
-        return Err(ApiError::forbidden(format!("token does not allow room {room}")));
+        return Err(ApiError::forbidden(format!("token does not allow room {room}")).by(&claims.sub));
     }
     Ok((claims, Some(room)))
 }
@@ -204,7 +231,7 @@ fn authenticate<B>(state: &ServerState, req: &Request<B>) -> Result<Claims, ApiE
     if let Some(until) = state.admin.bans.banned_until(&claims.sub, unix_millis()) {
         state.metrics.auth_failure("banned");
         let message = format!("user is banned until {until} (Unix milliseconds)");
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_token", message));
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_token", message).by(&claims.sub));
     }
     Ok(claims)
 }

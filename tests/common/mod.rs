@@ -62,6 +62,11 @@ impl TestServer {
 
     /// `chorus serve --listen 127.0.0.1:0 <args>`: no key unless `args` gives one.
     pub async fn start_raw(args: &[&str]) -> Self {
+        Self::start_logging("info", args).await
+    }
+
+    /// [`TestServer::start_raw`] with `RUST_LOG` set to `rust_log`.
+    pub async fn start_logging(rust_log: &str, args: &[&str]) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_chorus"));
         command.arg("serve").args(["--listen", "127.0.0.1:0"]).args(args);
         // Keep the developer's environment out of the server's configuration.
@@ -71,7 +76,7 @@ impl TestServer {
             }
         }
         command
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
