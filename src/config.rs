@@ -23,6 +23,12 @@ pub struct ServeArgs {
     /// Private plain-HTTP address for /metrics, /healthz, /readyz and the admin API (which is off without it).
     #[arg(long, env = "CHORUS_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
+    /// On SIGTERM, /readyz answers 503 for this long (connections still accepted) so load balancers stop sending clients.
+    #[arg(long, env = "CHORUS_DRAIN_PERIOD", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub drain_period: Duration,
+    /// Then the open connections are closed with 1001 spread evenly over this long, so their reconnects ramp.
+    #[arg(long, env = "CHORUS_CLOSE_SPREAD", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub close_spread: Duration,
     /// Log lines as `text` or `json` (one object per line).
     #[arg(long, env = "CHORUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -135,6 +141,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// `None`: probes and metrics stay on `listen` and the admin API is off.
     pub admin_listen: Option<SocketAddr>,
+    pub drain_period: Duration,
+    pub close_spread: Duration,
     pub verifier: Verifier,
     pub key_source: KeySource,
     pub jwt_issuer: Option<String>,
@@ -184,6 +192,8 @@ impl Config {
         Ok(Self {
             listen,
             admin_listen,
+            drain_period: args.drain_period,
+            close_spread: args.close_spread,
             verifier,
             key_source,
             jwt_issuer: args.jwt_issuer,

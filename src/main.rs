@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use chorus::auth::NewToken;
 use chorus::config::KeySource;
+use chorus::server::Drain;
 use chorus::{Config, ServeArgs, Server};
 
 #[derive(Parser)]
@@ -77,14 +78,26 @@ fn print_token(args: TokenArgs) -> anyhow::Result<()> {
 async fn serve(config: Config) -> anyhow::Result<()> {
     // Handle the signals before the banner announces the server: a signal
     // right after it must shut down gracefully, not kill the process.
-    let signal = shutdown_signal()?;
+    let signals = Signals::new()?;
+    let (drain_period, close_spread) = (config.drain_period, config.close_spread);
     let banner = Banner::from_config(&config);
     tracing::info!("chorus {}", chorus::build_info::VERSION_LINE);
     let server = Server::start(config).await.context("cannot start the server")?;
     banner.print(server.local_addr(), server.admin_addr())?;
-    signal.await;
-    tracing::info!("shutting down");
-    server.shutdown(SHUTDOWN_GRACE).await;
+    let plan = Drain { period: drain_period, spread: close_spread, grace: SHUTDOWN_GRACE };
+    let mut signals = signals;
+    signals.next().await;
+    tracing::info!(?plan, "shutting down: draining, then closing connections");
+    // A second signal skips the rest of the drain; a third exits at once.
+    let hurry = async move {
+        signals.next().await;
+        tokio::spawn(async move {
+            signals.next().await;
+            tracing::warn!("third signal: exiting without finishing the shutdown");
+            std::process::exit(130);
+        });
+    };
+    server.drain(plan, hurry).await;
     Ok(())
 }
 
@@ -130,15 +143,26 @@ impl Banner {
     }
 }
 
-/// Starts handling SIGTERM and SIGINT now; the future ends at the first one.
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
-    Ok(async move {
+/// SIGTERM and SIGINT, handled from the moment this exists.
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            interrupt: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+        })
+    }
+
+    /// Waits for the next SIGTERM or SIGINT.
+    async fn next(&mut self) {
         tokio::select! {
-            _ = terminate.recv() => {}
-            _ = interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
         }
-    })
+    }
 }

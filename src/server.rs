@@ -17,7 +17,7 @@ use crate::admin::{self, Admin};
 use crate::bus::redis::{RedisBus, RedisSettings};
 use crate::bus::{fresh_epoch, local, Bus, Persistence};
 use crate::config::Config;
-use crate::conn::coalesce;
+use crate::conn::{coalesce, Connection};
 use crate::history::writer::WriteBehind;
 use crate::history::Database;
 use crate::http::Face;
@@ -28,6 +28,17 @@ use crate::{eviction, http, liveness};
 
 /// Pending connections the kernel holds for us during a connection storm.
 const LISTEN_BACKLOG: i32 = 4096;
+
+/// How a server stops (see [`Server::drain`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Drain {
+    /// `/readyz` answers 503 this long before anything closes.
+    pub period: Duration,
+    /// The 1001 closes are spread over this long.
+    pub spread: Duration,
+    /// Then at most this long for connections to finish, and again for history.
+    pub grace: Duration,
+}
 
 /// A running server.
 pub struct Server {
@@ -77,13 +88,55 @@ impl Server {
     /// Stops accepting, closes every connection with 1001 after what is
     /// already queued, and waits up to `grace` for them to finish.
     pub async fn shutdown(self, grace: Duration) {
-        let state = self.state;
-        state.shutdown.cancel();
+        let plan = Drain { period: Duration::ZERO, spread: Duration::ZERO, grace };
+        self.drain(plan, std::future::pending()).await;
+    }
+
+    /// A rolling deploy's stop: `/readyz` answers 503 for `plan.period`
+    /// while clients are still served, then the public listener stops
+    /// accepting and the open connections are closed with 1001 spread
+    /// evenly over `plan.spread`, so their reconnects reach the other nodes
+    /// as a ramp. When `hurry` ends (a second signal) whatever is left of
+    /// both is skipped and every connection is closed at once. Then, as
+    /// always, up to `plan.grace` for the connections to finish and for the
+    /// history owed to the database.
+    pub async fn drain(self, plan: Drain, hurry: impl std::future::Future<Output = ()>) {
+        let (state, grace) = (self.state, plan.grace);
+        let mut hurry = std::pin::pin!(hurry);
+        let mut hurried = false;
+        state.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+        if !plan.period.is_zero() {
+            tokio::select! {
+                () = tokio::time::sleep(plan.period) => {}
+                () = &mut hurry => hurried = true,
+            }
+        }
+        state.stop_accepting.cancel();
         let _ = self.accept.await;
+        if !hurried && !plan.spread.is_zero() {
+            let open: Vec<Arc<Connection>> = state.connections.iter().map(|c| c.value().clone()).collect();
+            let started = tokio::time::Instant::now();
+            for (i, conn) in open.iter().enumerate() {
+                // The i-th of n closes at i/n of the spread.
+                let due = started + plan.spread.mul_f64(i as f64 / open.len() as f64);
+                if !hurried {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(due) => {}
+                        () = &mut hurry => hurried = true,
+                    }
+                }
+                conn.close(1001, "going away");
+            }
+        }
+        if hurried {
+            tracing::warn!("second signal: closing every connection now");
+        }
+        state.shutdown.cancel();
         if let Some(admin) = self.admin_accept {
             let _ = admin.await;
         }
         let _ = self.sweep.await;
+        // Everyone left, those the spread did not reach included.
         for conn in state.connections.iter() {
             conn.close(1001, "going away");
         }
@@ -165,10 +218,15 @@ async fn open_persistence(url: &str, config: &Config, metrics: Arc<Metrics>) -> 
 }
 
 async fn accept_loop(state: Arc<ServerState>, listener: TcpListener, face: Face) {
+    // The admin listener serves probes and metrics until the very end.
+    let stop = match face {
+        Face::Public => state.stop_accepting.clone(),
+        Face::Admin => state.shutdown.clone(),
+    };
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = state.shutdown.cancelled() => return,
+            () = stop.cancelled() => return,
         };
         match accepted {
             Ok((stream, _)) => {

@@ -2,7 +2,7 @@
 //! through it the rooms), connections, metrics, the clock and the shutdown
 //! signal.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -31,6 +31,11 @@ pub struct ServerState {
     pub connections: DashMap<u64, Arc<Connection>>,
     /// Cancelled when the server starts shutting down.
     pub shutdown: CancellationToken,
+    /// Set at the first SIGTERM: `/readyz` answers 503 from then on.
+    pub draining: AtomicBool,
+    /// Cancelled when the public listener stops taking connections (after
+    /// the drain period); the admin listener goes on until `shutdown`.
+    pub stop_accepting: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     pub tasks: TaskTracker,
     started: Instant,
@@ -51,6 +56,8 @@ impl ServerState {
             writer,
             connections: DashMap::new(),
             shutdown,
+            draining: AtomicBool::new(false),
+            stop_accepting: CancellationToken::new(),
             tasks: TaskTracker::new(),
             started: Instant::now(),
             next_connection_id: AtomicU64::new(1),

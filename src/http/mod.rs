@@ -106,6 +106,10 @@ async fn demo_route(state: &ServerState, req: Request<Incoming>, segments: &[&st
 
 /// 200 when every configured backend answers, else 503 naming the ones that do not.
 async fn readiness(state: &ServerState) -> HttpResponse {
+    if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        let body = serde_json::json!({"error": "unavailable", "message": "draining: this node is shutting down", "backends": []});
+        return json(StatusCode::SERVICE_UNAVAILABLE, body.to_string().into_bytes());
+    }
     let unready = state.bus.unready_backends().await;
     if unready.is_empty() {
         return text(StatusCode::OK, "ready");

@@ -21,7 +21,7 @@ pub fn upgrade(
     room: Option<&str>,
 ) -> Result<HttpResponse, ApiError> {
     let (claims, room) = authorize(state, &req, room)?;
-    if state.shutdown.is_cancelled() {
+    if state.stop_accepting.is_cancelled() || state.shutdown.is_cancelled() {
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "shutting down"));
     }
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {

@@ -77,6 +77,9 @@ impl TestServer {
         }
         command
             .env("RUST_LOG", rust_log)
+            // Tests stop servers at once unless they pass the drain flags (flags win).
+            .env("CHORUS_DRAIN_PERIOD", "0s")
+            .env("CHORUS_CLOSE_SPREAD", "0s")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
