@@ -29,6 +29,12 @@ pub struct ServeArgs {
     /// Then the open connections are closed with 1001 spread evenly over this long, so their reconnects ramp.
     #[arg(long, env = "CHORUS_CLOSE_SPREAD", default_value = "15s", value_parser = humantime::parse_duration)]
     pub close_spread: Duration,
+    /// PEM certificate chain: the listener speaks TLS only (wss://, https://); SIGHUP reads it again.
+    #[arg(long, env = "CHORUS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, RSA or SEC1) of --tls-cert; SIGHUP reads it again.
+    #[arg(long, env = "CHORUS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Log lines as `text` or `json` (one object per line).
     #[arg(long, env = "CHORUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -143,6 +149,8 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     pub drain_period: Duration,
     pub close_spread: Duration,
+    /// `--tls-cert` and `--tls-key`, read when the server starts.
+    pub tls: Option<(PathBuf, PathBuf)>,
     pub verifier: Verifier,
     pub key_source: KeySource,
     pub jwt_issuer: Option<String>,
@@ -194,6 +202,7 @@ impl Config {
             admin_listen,
             drain_period: args.drain_period,
             close_spread: args.close_spread,
+            tls: args.tls_cert.zip(args.tls_key),
             verifier,
             key_source,
             jwt_issuer: args.jwt_issuer,

@@ -21,6 +21,7 @@ pub mod registry;
 pub mod room;
 pub mod server;
 pub mod state;
+pub mod tls;
 pub mod ws;
 
 pub use config::{Config, ServeArgs};

@@ -84,6 +84,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!("chorus {}", chorus::build_info::VERSION_LINE);
     let server = Server::start(config).await.context("cannot start the server")?;
     banner.print(server.local_addr(), server.admin_addr())?;
+    if let Some(tls) = server.tls() {
+        tokio::spawn(reload_on_sighup(tls)?);
+    }
     let plan = Drain { period: drain_period, spread: close_spread, grace: SHUTDOWN_GRACE };
     let mut signals = signals;
     signals.next().await;
@@ -104,6 +107,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 /// What to print at start: always the address, and a working token when the
 /// server made its own secret.
 struct Banner {
+    /// `wss` with `--tls-cert`, else `ws`.
+    scheme: &'static str,
     generated: Option<(String, NewToken)>,
     /// Whether the chat page is served at `/`.
     chat_page: bool,
@@ -120,7 +125,7 @@ impl Banner {
             }
             KeySource::Secret(_) | KeySource::PublicKey => None,
         };
-        Self { generated, chat_page: config.demo_secret.is_some() }
+        Self { scheme: if config.tls.is_some() { "wss" } else { "ws" }, generated, chat_page: config.demo_secret.is_some() }
     }
 
     fn print(&self, addr: std::net::SocketAddr, admin: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
@@ -134,10 +139,10 @@ impl Banner {
             println!("no JWT key configured: made a random secret for this run");
             println!("  secret:  {secret}");
             println!("  token:   {jwt}   (sub \"demo\", valid 24h)");
-            println!("  connect: ws://{addr}/ws?token={jwt}");
+            println!("  connect: {}://{addr}/ws?token={jwt}", self.scheme);
         }
         if self.chat_page {
-            println!("  chat:    http://{addr}/   (open it in two browser tabs)");
+            println!("  chat:    {}://{addr}/   (open it in two browser tabs)", if self.scheme == "wss" { "https" } else { "http" });
         }
         Ok(())
     }
@@ -165,4 +170,18 @@ impl Signals {
             _ = self.interrupt.recv() => {}
         }
     }
+}
+
+/// Reads the TLS files again on every SIGHUP; a failed reload keeps the pair in use.
+fn reload_on_sighup(tls: std::sync::Arc<chorus::tls::Tls>) -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    Ok(async move {
+        while hangup.recv().await.is_some() {
+            match tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
+                Err(e) => tracing::error!("SIGHUP: TLS reload failed, keeping the certificate in use: {e}"),
+            }
+        }
+    })
 }

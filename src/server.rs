@@ -24,6 +24,7 @@ use crate::http::Face;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::state::ServerState;
+use crate::tls::{Tls, TlsError};
 use crate::{eviction, http, liveness};
 
 /// Pending connections the kernel holds for us during a connection storm.
@@ -45,7 +46,9 @@ pub struct Server {
     state: Arc<ServerState>,
     local_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
-    accept: JoinHandle<()>,
+    /// The public accept loops: plain, or TLS and the loopback one behind it.
+    accept: Vec<JoinHandle<()>>,
+    tls: Option<Arc<Tls>>,
     admin_accept: Option<JoinHandle<()>>,
     sweep: JoinHandle<()>,
 }
@@ -57,23 +60,52 @@ impl Server {
         let local_addr = listener.local_addr()?;
         let admin_listener = config.admin_listen.map(bind).transpose()?;
         let admin_addr = admin_listener.as_ref().map(TcpListener::local_addr).transpose()?;
+        let tls = match &config.tls {
+            Some((cert, key)) => Some(Arc::new(Tls::load(cert, key).map_err(std::io::Error::other)?)),
+            None => None,
+        };
         let state = Arc::new(build_state(config).await?);
         // Bans first: a restarted node refuses a banned user from its first request.
         admin::cluster::load_at_start(&state).await;
         // Ends by itself at shutdown.
         tokio::spawn(admin::cluster::run(state.clone()));
-        let accept = tokio::spawn(accept_loop(state.clone(), listener, Face::Public));
+        let accept = match &tls {
+            None => vec![tokio::spawn(accept_loop(state.clone(), listener, Face::Public))],
+            Some(tls) => {
+                // TLS is terminated here and relayed to a private plain listener (see `tls`).
+                let plain = bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+                let plain_addr = plain.local_addr()?;
+                vec![
+                    tokio::spawn(accept_loop(state.clone(), plain, Face::Public)),
+                    tokio::spawn(tls_accept_loop(state.clone(), listener, tls.clone(), plain_addr)),
+                ]
+            }
+        };
         let admin_accept = admin_listener.map(|l| tokio::spawn(accept_loop(state.clone(), l, Face::Admin)));
         let sweep = tokio::spawn(liveness::run(state.clone()));
         // Ends by itself at shutdown.
         tokio::spawn(coalesce::run(state.writer.clone(), state.shutdown.clone()));
         // Ends by itself at shutdown; nothing waits for it.
         tokio::spawn(eviction::run(state.clone(), state.config.history_ttl));
-        Ok(Self { state, local_addr, admin_addr, accept, admin_accept, sweep })
+        Ok(Self { state, local_addr, admin_addr, accept, tls, admin_accept, sweep })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Reads `--tls-cert` and `--tls-key` again for new connections (SIGHUP);
+    /// on error the pair in use stays. Without TLS there is nothing to do.
+    pub fn reload_tls(&self) -> Result<(), TlsError> {
+        match &self.tls {
+            Some(tls) => tls.reload(),
+            None => Ok(()),
+        }
+    }
+
+    /// The listener's TLS, for a task that reloads it on SIGHUP.
+    pub fn tls(&self) -> Option<Arc<Tls>> {
+        self.tls.clone()
     }
 
     /// Where the admin listener (`--admin-listen`) is bound, if there is one.
@@ -112,7 +144,9 @@ impl Server {
             }
         }
         state.stop_accepting.cancel();
-        let _ = self.accept.await;
+        for accept in self.accept {
+            let _ = accept.await;
+        }
         if !hurried && !plan.spread.is_zero() {
             let open: Vec<Arc<Connection>> = state.connections.iter().map(|c| c.value().clone()).collect();
             let started = tokio::time::Instant::now();
@@ -256,4 +290,44 @@ async fn serve_http(state: Arc<ServerState>, stream: TcpStream, face: Face) {
             let _ = conn.await;
         }
     }
+}
+
+/// Accepts TLS clients on the public address: each one's handshake, then its
+/// plaintext relayed to the server's private plain listener at `plain`.
+async fn tls_accept_loop(state: Arc<ServerState>, listener: TcpListener, tls: Arc<Tls>, plain: SocketAddr) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = state.stop_accepting.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                state.tasks.spawn(relay_tls(stream, tls.acceptor().clone(), plain));
+            }
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// How long a client may take over its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn relay_tls(stream: TcpStream, acceptor: tokio_rustls::TlsAcceptor, plain: SocketAddr) {
+    let mut secure = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(secure)) => secure,
+        Ok(Err(e)) => return tracing::debug!("TLS handshake failed: {e}"),
+        Err(_) => return tracing::debug!("TLS handshake timed out"),
+    };
+    let mut inner = match TcpStream::connect(plain).await {
+        Ok(inner) => inner,
+        Err(e) => return tracing::warn!("cannot reach the plain listener behind TLS: {e}"),
+    };
+    let _ = inner.set_nodelay(true);
+    // Ends when both sides have closed: the server's close frame and FIN
+    // travel out as close_notify, the client's close back as FIN.
+    let _ = tokio::io::copy_bidirectional(&mut secure, &mut inner).await;
 }
