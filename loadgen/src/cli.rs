@@ -28,10 +28,15 @@ pub struct Cli {
 #[derive(Args, Debug, Clone, Serialize)]
 #[command(next_help_heading = "Common options (any scenario)")]
 pub struct Common {
-    /// WebSocket URL of a server node (ws://host:port[/path], path default /ws).
+    /// WebSocket URL of a server node (ws:// or wss://host:port[/path], path default /ws).
     /// Give it more than once to spread connections over nodes, round robin.
     #[arg(long = "url", global = true, default_value = "ws://127.0.0.1:8080")]
     pub urls: Vec<String>,
+
+    /// PEM certificate(s) to trust for wss:// URLs (the server's self-signed
+    /// certificate or its private CA); wss:// needs it.
+    #[arg(long, global = true)]
+    pub tls_ca: Option<PathBuf>,
 
     /// HS256 secret to mint one token per connection (sub = <sub-prefix><n>).
     #[arg(long, global = true, env = "CHORUS_JWT_SECRET", hide_env_values = true)]

@@ -17,9 +17,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use fastwebsockets::OpCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::TlsConnector;
 
 use crate::frames::FrameReader;
 
@@ -35,12 +37,37 @@ pub struct Target {
     pub host: String,
     /// Request path, e.g. `/ws`.
     pub path: String,
+    /// `wss://`: the host name the certificate must be for.
+    pub tls_name: Option<String>,
+}
+
+/// The reading and writing halves of a connection, plain or TLS.
+pub type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+pub type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// A TLS client that trusts only the certificates in `path` (PEM): the
+/// self-signed or private-CA certificate of the servers under test.
+pub fn tls_trusting(path: &std::path::Path) -> Result<TlsConnector> {
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path).with_context(|| format!("cannot read {}", path.display()))? {
+        roots.add(cert.with_context(|| format!("bad certificate in {}", path.display()))?)?;
+    }
+    if roots.is_empty() {
+        bail!("no certificate in {}", path.display());
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
 }
 
 impl Target {
     /// Parse `ws://host[:port][/path]` and resolve the host.
     pub async fn resolve(url: &str) -> Result<Target> {
         let (host, port, path) = parse_ws_url(url)?;
+        let tls_name = url.starts_with("wss://").then(|| host.clone());
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
             .await
             .with_context(|| format!("cannot resolve host of {url}"))?
@@ -52,25 +79,26 @@ impl Target {
             .or_else(|| addrs.first())
             .copied()
             .ok_or_else(|| anyhow!("host of {url} resolves to no address"))?;
-        let host_header = if port == 80 {
+        let default_port = if tls_name.is_some() { 443 } else { 80 };
+        let host_header = if port == default_port {
             host.clone()
         } else if host.contains(':') {
             format!("[{host}]:{port}")
         } else {
             format!("{host}:{port}")
         };
-        Ok(Target { url: url.to_string(), addr, host: host_header, path })
+        Ok(Target { url: url.to_string(), addr, host: host_header, path, tls_name })
     }
 }
 
-/// Split a ws:// URL into host, port and path.
+/// Split a ws:// or wss:// URL into host, port and path.
 pub fn parse_ws_url(url: &str) -> Result<(String, u16, String)> {
-    let rest = if let Some(r) = url.strip_prefix("ws://") {
-        r
-    } else if url.starts_with("wss://") {
-        bail!("{url}: wss:// (TLS) is not supported by loadgen; point it at the plain ws:// listener")
+    let (rest, default_port) = if let Some(r) = url.strip_prefix("ws://") {
+        (r, 80)
+    } else if let Some(r) = url.strip_prefix("wss://") {
+        (r, 443)
     } else {
-        bail!("{url}: expected a ws://host:port URL")
+        bail!("{url}: expected a ws://host:port or wss://host:port URL")
     };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
@@ -86,13 +114,13 @@ pub fn parse_ws_url(url: &str) -> Result<(String, u16, String)> {
         let host = &stripped[..end];
         let port = match stripped[end + 1..].strip_prefix(':') {
             Some(p) => p.parse().with_context(|| format!("{url}: bad port"))?,
-            None => 80,
+            None => default_port,
         };
         (host.to_string(), port)
     } else {
         match authority.rsplit_once(':') {
             Some((h, p)) => (h.to_string(), p.parse().with_context(|| format!("{url}: bad port"))?),
-            None => (authority.to_string(), 80),
+            None => (authority.to_string(), default_port),
         }
     };
     Ok((host, port, path))
@@ -193,6 +221,8 @@ pub struct Connector {
     targets: Vec<Target>,
     source_ips: u8,
     timeout: Duration,
+    /// For `wss://` targets (`--tls-ca`).
+    tls: Option<TlsConnector>,
 }
 
 /// The frame writer of a connection, shared by the task that sends and the
@@ -210,7 +240,13 @@ pub struct Conn {
 
 impl Connector {
     pub fn new(targets: Vec<Target>, source_ips: u8, timeout: Duration) -> Self {
-        Self { targets, source_ips: source_ips.max(1), timeout }
+        Self { targets, source_ips: source_ips.max(1), timeout, tls: None }
+    }
+
+    /// Trusts this TLS client's roots for `wss://` targets.
+    pub fn with_tls(mut self, tls: TlsConnector) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     pub fn targets(&self) -> &[Target] {
@@ -231,14 +267,23 @@ impl Connector {
         let start = Instant::now();
         let fut = async {
             let stream = tcp_connect(target.addr, source).await.map_err(ConnectError::Tcp)?;
-            handshake(stream, target, token).await
+            let Some(name) = &target.tls_name else {
+                let (prefix, stream) = handshake(stream, target, token).await?;
+                let (rd, wr) = stream.into_split();
+                return Ok((prefix, Box::new(rd) as ReadHalf, Box::new(wr) as WriteHalf));
+            };
+            let tls = self.tls.as_ref().ok_or_else(|| ConnectError::Handshake("wss:// needs --tls-ca".into()))?;
+            let name = ServerName::try_from(name.clone()).map_err(|e| ConnectError::Handshake(e.to_string()))?;
+            let secure = tls.connect(name, stream).await.map_err(|e| ConnectError::Handshake(format!("TLS: {e}")))?;
+            let (prefix, secure) = handshake(secure, target, token).await?;
+            let (rd, wr) = tokio::io::split(secure);
+            Ok((prefix, Box::new(rd) as ReadHalf, Box::new(wr) as WriteHalf))
         };
-        let (prefix, stream) = match tokio::time::timeout(self.timeout, fut).await {
+        let (prefix, rd, wr) = match tokio::time::timeout(self.timeout, fut).await {
             Ok(r) => r?,
             Err(_) => return Err(ConnectError::Timeout),
         };
         let connect_ns = start.elapsed().as_nanos() as u64;
-        let (rd, wr) = stream.into_split();
         Ok(Conn {
             reader: FrameReader::new(rd, prefix),
             writer: Arc::new(tokio::sync::Mutex::new(Writer::new(wr))),
@@ -280,7 +325,11 @@ fn bind_no_port(sock: &TcpSocket) {
 /// Send the upgrade request and read the response head. Returns the bytes
 /// read past the head (the first frames, if the server was quick) and the
 /// stream.
-async fn handshake(mut stream: TcpStream, target: &Target, token: &str) -> Result<(Vec<u8>, TcpStream), ConnectError> {
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    target: &Target,
+    token: &str,
+) -> Result<(Vec<u8>, S), ConnectError> {
     let key = fastwebsockets::handshake::generate_key();
     let req = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -356,13 +405,13 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// Client frame writer: frames are masked and appended to a buffer, and
 /// `flush` writes the whole batch with one `write` where possible.
 pub struct Writer {
-    half: OwnedWriteHalf,
+    half: WriteHalf,
     buf: Vec<u8>,
     closed: bool,
 }
 
 impl Writer {
-    fn new(half: OwnedWriteHalf) -> Self {
+    fn new(half: WriteHalf) -> Self {
         Self { half, buf: Vec::with_capacity(256), closed: false }
     }
 
@@ -445,7 +494,7 @@ mod tests {
         assert_eq!(parse_ws_url("ws://127.0.0.1:8080").unwrap(), ("127.0.0.1".into(), 8080, "/ws".into()));
         assert_eq!(parse_ws_url("ws://example.com/ws/").unwrap(), ("example.com".into(), 80, "/ws".into()));
         assert_eq!(parse_ws_url("ws://[::1]:9000/chat").unwrap(), ("::1".into(), 9000, "/chat".into()));
-        assert!(parse_ws_url("wss://x").is_err());
+        assert_eq!(parse_ws_url("wss://example.com").unwrap(), ("example.com".into(), 443, "/ws".into()));
         assert!(parse_ws_url("http://x").is_err());
     }
 

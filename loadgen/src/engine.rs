@@ -73,7 +73,11 @@ pub async fn run(cli: Cli) -> Result<Summary> {
     for url in &common.urls {
         targets.push(Target::resolve(url).await?);
     }
-    let connector = Arc::new(Connector::new(targets, common.source_ips, common.connect_timeout));
+    let mut connector = Connector::new(targets, common.source_ips, common.connect_timeout);
+    if let Some(ca) = &common.tls_ca {
+        connector = connector.with_tls(crate::client::tls_trusting(ca)?);
+    }
+    let connector = Arc::new(connector);
     let stats = Stats::new(plan.rooms.len(), common.threads.max(1) * 4)?;
     let mut shared = Shared::new(stats, clock, plan.rooms.clone());
     shared.presence = common.presence;

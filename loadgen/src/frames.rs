@@ -10,8 +10,8 @@
 
 use std::io;
 
+use crate::client::ReadHalf;
 use tokio::io::AsyncReadExt;
-use tokio::net::tcp::OwnedReadHalf;
 
 /// Largest message (all fragments together) accepted from the server.
 const MAX_MESSAGE: usize = 16 << 20;
@@ -44,7 +44,7 @@ pub enum ReadError {
 }
 
 pub struct FrameReader {
-    stream: OwnedReadHalf,
+    stream: ReadHalf,
     buf: Vec<u8>,
     /// Where the unread bytes in `buf` start.
     start: usize,
@@ -66,7 +66,7 @@ struct Header {
 impl FrameReader {
     /// A reader that first hands out the frames in `read_ahead` (bytes
     /// that came with the upgrade response).
-    pub fn new(stream: OwnedReadHalf, read_ahead: Vec<u8>) -> Self {
+    pub fn new(stream: ReadHalf, read_ahead: Vec<u8>) -> Self {
         Self { stream, buf: read_ahead, start: 0, want: 0, fragments: None, joined: Vec::new() }
     }
 
@@ -214,7 +214,7 @@ mod tests {
         let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
         let (rd, _wr) = client.into_split();
-        (FrameReader::new(rd, read_ahead), server)
+        (FrameReader::new(Box::new(rd), read_ahead), server)
     }
 
     /// Every frame the reader gets out of `wire`, sent in `step`-byte pieces.

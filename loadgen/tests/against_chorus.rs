@@ -434,3 +434,68 @@ fn version_names_the_commit_it_was_built_from() {
         None => assert_eq!(commit, "unknown", "{stdout:?}"),
     }
 }
+
+/// The fanout over `wss://`: chorus with a certificate made now, loadgen
+/// trusting it with `--tls-ca`; every message reaches every member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_over_wss_with_a_trusted_certificate() {
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+    let cert = TempFile::new("tls-cert.pem");
+    let key = TempFile::new("tls-key.pem");
+    std::fs::write(cert.path(), made.cert.pem()).unwrap();
+    std::fs::write(key.path(), made.signing_key.serialize_pem()).unwrap();
+    let cli = ServeCli::try_parse_from([
+        "chorus",
+        "--listen",
+        "127.0.0.1:0",
+        "--jwt-secret",
+        SECRET,
+        "--tls-cert",
+        cert.arg(),
+        "--tls-key",
+        key.arg(),
+    ])
+    .expect("chorus options");
+    let server = chorus::Server::start(chorus::Config::from_args(cli.args).expect("config")).await.expect("starts");
+    let url = format!("wss://localhost:{}", server.local_addr().port());
+    let json = TempFile::new("wss.json");
+    let words = [
+        "loadgen",
+        "fanout",
+        "--rooms",
+        "1",
+        "--members",
+        "10",
+        "--room-prefix",
+        "it-wss",
+        "--publishers",
+        "1",
+        "--rate",
+        "50",
+        "--duration",
+        "1s",
+        "--drain",
+        "2s",
+        "--quiet",
+        "--url",
+        &url,
+        "--jwt-secret",
+        SECRET,
+        "--source-ips",
+        "1",
+        "--json",
+        json.arg(),
+    ];
+    // Without the certificate to trust, wss:// is refused before anything runs.
+    let untrusting = Cli::try_parse_from(words).expect("loadgen options");
+    let refused = loadgen::run(untrusting).await;
+    assert!(refused.as_ref().map_or(true, |s| s.connections.established == 0), "connected without --tls-ca");
+
+    let mut argv = words.to_vec();
+    argv.extend(["--tls-ca", cert.arg()]);
+    let s = loadgen::run(Cli::try_parse_from(&argv).expect("loadgen options")).await.expect("loadgen runs");
+    eprintln!("{}", report::table(&s));
+    server.shutdown(Duration::from_secs(5)).await;
+    assert_clean(&s, 10 + 1, 10);
+    assert_every_delivery(&s, 50, 10);
+}
