@@ -125,7 +125,11 @@ impl Banner {
             }
             KeySource::Secret(_) | KeySource::PublicKey => None,
         };
-        Self { scheme: if config.tls.is_some() { "wss" } else { "ws" }, generated, chat_page: config.demo_secret.is_some() }
+        Self {
+            scheme: if config.tls.is_some() { "wss" } else { "ws" },
+            generated,
+            chat_page: config.demo_secret.is_some(),
+        }
     }
 
     fn print(&self, addr: std::net::SocketAddr, admin: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
@@ -142,7 +146,10 @@ impl Banner {
             println!("  connect: {}://{addr}/ws?token={jwt}", self.scheme);
         }
         if self.chat_page {
-            println!("  chat:    {}://{addr}/   (open it in two browser tabs)", if self.scheme == "wss" { "https" } else { "http" });
+            println!(
+                "  chat:    {}://{addr}/   (open it in two browser tabs)",
+                if self.scheme == "wss" { "https" } else { "http" }
+            );
         }
         Ok(())
     }
