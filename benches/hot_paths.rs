@@ -84,6 +84,7 @@ impl Members {
                 expires_at: u64::MAX,
                 now_ms: 0,
                 writer: writer.clone(),
+                deflate: None,
             };
             members.conns.push(Arc::new(Connection::new(socket, setup)));
             members.clients.push(client);

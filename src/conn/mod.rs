@@ -30,6 +30,8 @@ pub struct Connection {
     pub outbox: Outbox,
     socket: TcpStream,
     writer: Arc<WriterConfig>,
+    /// permessage-deflate, when the upgrade negotiated it.
+    deflate: Option<ws::PeerDeflate>,
     /// Milliseconds on the server clock when the client last sent anything.
     last_seen: AtomicU64,
     /// Milliseconds on the server clock of the last server ping.
@@ -53,6 +55,7 @@ pub struct Setup {
     pub expires_at: u64,
     pub now_ms: u64,
     pub writer: Arc<WriterConfig>,
+    pub deflate: Option<ws::PeerDeflate>,
 }
 
 impl Connection {
@@ -62,6 +65,7 @@ impl Connection {
             outbox: Outbox::new(setup.send_queue),
             socket,
             writer: setup.writer,
+            deflate: setup.deflate,
             last_seen: AtomicU64::new(setup.now_ms),
             last_ping: AtomicU64::new(setup.now_ms),
             expires_at: AtomicU64::new(setup.expires_at),
@@ -73,6 +77,21 @@ impl Connection {
 
     pub fn socket(&self) -> &TcpStream {
         &self.socket
+    }
+
+    /// What the upgrade negotiated for compression, if anything.
+    pub fn deflate(&self) -> Option<ws::PeerDeflate> {
+        self.deflate
+    }
+
+    /// A frame made for this connection alone (a reply): compressed when it
+    /// negotiated compression and the payload qualifies. Control frames and
+    /// frames already compressed go as they are.
+    pub fn own_frame(&self, frame: Bytes) -> Bytes {
+        match self.deflate {
+            Some(peer) if peer.wants(ws::frame::payload(&frame).len()) => ws::deflate_frame(&frame).unwrap_or(frame),
+            _ => frame,
+        }
     }
 
     /// Queues a frame and writes it now if nobody else is writing; a full
