@@ -9,12 +9,16 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
 
 use common::{tcp_connect, token, TestServer, GUARD};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::process::Command;
 
 const OFFER: &str = "permessage-deflate; client_max_window_bits";
 const ANSWER: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
@@ -377,4 +381,74 @@ async fn bad_compressed_frames_close_the_connection_and_the_server_goes_on() {
     ok.join("fine").await;
     ok.send_compressed(&json!({"type":"send","room":"fine","body":chat_body(3)})).await;
     assert!(ok.frame_of("message").await.compressed());
+}
+
+/// Runs one close-matrix driver (tests/close_clients) on a spec: its results.
+async fn run_driver(program: &Path, script: &str, spec: &Value) -> Vec<Value> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/close_clients");
+    let spec_path = std::env::temp_dir().join(format!("chorus-compression-{script}-{}.json", std::process::id()));
+    std::fs::write(&spec_path, spec.to_string()).unwrap();
+    let child = Command::new(program)
+        .arg(dir.join(script))
+        .arg(&spec_path)
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+    let output =
+        tokio::time::timeout(Duration::from_secs(60), child.wait_with_output()).await.expect("driver hung").unwrap();
+    let _ = std::fs::remove_file(&spec_path);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().find_map(|l| l.strip_prefix("RESULTS ")).unwrap_or_else(|| {
+        panic!("{script} printed no results:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr))
+    });
+    serde_json::from_str(line).unwrap()
+}
+
+#[tokio::test]
+async fn real_clients_negotiate_and_inflate() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = std::env::var_os("CHORUS_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/close-clients/venv/bin/python"));
+    let chromium = std::env::var_os("CHORUS_TEST_CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    let node_ws = root.join("tests/close_clients/node_modules/ws/package.json");
+    assert!(
+        python.exists() && chromium.exists() && node_ws.exists(),
+        "needs Python websockets, Chromium and Node ws: run scripts/setup-close-clients (scripts/test runs it)"
+    );
+    let server = TestServer::start(&["--compression"]).await;
+    for (client, program, script) in
+        [("python", python, "python_websockets.py"), ("chromium", PathBuf::from("node"), "chromium.mjs")]
+    {
+        let room = format!("deflate-{client}");
+        // A raw member of the same room sees what went on the wire.
+        let mut watcher = Peer::compressing(server.addr, &format!("/ws/{room}"), "watcher").await;
+        watcher.frame_of("joined").await;
+        let body = chat_body(42);
+        let url = format!("ws://{}/ws/{room}?token={}", server.addr, token(client, None, 3600));
+        let text = json!({"type":"send","room":room,"body":body}).to_string();
+        let spec =
+            json!({"timeout_ms": 20_000, "cases": [{"name": "compress", "do": "compress", "url": url, "text": text}]});
+        let results = run_driver(&program, script, &spec).await;
+        let result = &results[0];
+        assert_eq!(result["body"], body, "{client}: {result}");
+        match client {
+            "python" => {
+                assert_eq!(result["extensions"], json!(["permessage-deflate"]), "{result}");
+                assert_eq!(result["no_context_takeover"], json!([true]), "{result}");
+            }
+            _ => assert_eq!(result["extensions"], ANSWER, "{result}"),
+        }
+        // The client's message reached the room, and the room's frame was the
+        // compressed one that this client (having negotiated) got too.
+        let seen = watcher.frame_of("message").await;
+        assert!(seen.compressed(), "{client}");
+        assert_eq!(seen.json()["body"], body);
+    }
 }
