@@ -12,6 +12,7 @@
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,12 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::frames::FrameReader;
+
+/// Connections whose upgrade negotiated permessage-deflate.
+pub static COMPRESSED_CONNECTIONS: AtomicU64 = AtomicU64::new(0);
+
+/// What loadgen offers with `--compression`: what browsers offer.
+const DEFLATE_OFFER: &str = "permessage-deflate; client_max_window_bits";
 
 /// Largest upgrade response head we read.
 const MAX_HEAD: usize = 16 << 10;
@@ -193,6 +200,8 @@ pub struct Connector {
     targets: Vec<Target>,
     source_ips: u8,
     timeout: Duration,
+    /// Offer permessage-deflate.
+    compression: bool,
 }
 
 /// The frame writer of a connection, shared by the task that sends and the
@@ -210,7 +219,13 @@ pub struct Conn {
 
 impl Connector {
     pub fn new(targets: Vec<Target>, source_ips: u8, timeout: Duration) -> Self {
-        Self { targets, source_ips: source_ips.max(1), timeout }
+        Self { targets, source_ips: source_ips.max(1), timeout, compression: false }
+    }
+
+    /// Offers permessage-deflate in every upgrade (`--compression`).
+    pub fn with_compression(mut self, compression: bool) -> Self {
+        self.compression = compression;
+        self
     }
 
     pub fn targets(&self) -> &[Target] {
@@ -231,16 +246,16 @@ impl Connector {
         let start = Instant::now();
         let fut = async {
             let stream = tcp_connect(target.addr, source).await.map_err(ConnectError::Tcp)?;
-            handshake(stream, target, token).await
+            handshake(stream, target, token, self.compression).await
         };
-        let (prefix, stream) = match tokio::time::timeout(self.timeout, fut).await {
+        let (prefix, stream, deflate) = match tokio::time::timeout(self.timeout, fut).await {
             Ok(r) => r?,
             Err(_) => return Err(ConnectError::Timeout),
         };
         let connect_ns = start.elapsed().as_nanos() as u64;
         let (rd, wr) = stream.into_split();
         Ok(Conn {
-            reader: FrameReader::new(rd, prefix),
+            reader: FrameReader::new(rd, prefix).with_inflate(deflate),
             writer: Arc::new(tokio::sync::Mutex::new(Writer::new(wr))),
             connect_ns,
             target: ti,
@@ -280,11 +295,17 @@ fn bind_no_port(sock: &TcpSocket) {
 /// Send the upgrade request and read the response head. Returns the bytes
 /// read past the head (the first frames, if the server was quick) and the
 /// stream.
-async fn handshake(mut stream: TcpStream, target: &Target, token: &str) -> Result<(Vec<u8>, TcpStream), ConnectError> {
+async fn handshake(
+    mut stream: TcpStream,
+    target: &Target,
+    token: &str,
+    compression: bool,
+) -> Result<(Vec<u8>, TcpStream, bool), ConnectError> {
     let key = fastwebsockets::handshake::generate_key();
+    let offer = if compression { format!("Sec-WebSocket-Extensions: {DEFLATE_OFFER}\r\n") } else { String::new() };
     let req = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\
          Authorization: Bearer {token}\r\nUser-Agent: chorus-loadgen\r\n\r\n",
         target.path, target.host
     );
@@ -328,8 +349,21 @@ async fn handshake(mut stream: TcpStream, target: &Target, token: &str) -> Resul
     if !upgrade_ok {
         return Err(ConnectError::Handshake("101 without `Upgrade: websocket`".into()));
     }
+    // Only an answer without context takeover on the server side can be
+    // inflated message by message, which is all loadgen does.
+    let deflate = match header(&head, "sec-websocket-extensions") {
+        Some(ext) if ext.starts_with("permessage-deflate") => {
+            if !ext.contains("server_no_context_takeover") {
+                return Err(ConnectError::Handshake(format!("compression with context takeover: {ext}")));
+            }
+            COMPRESSED_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
+            true
+        }
+        Some(ext) => return Err(ConnectError::Handshake(format!("unexpected extension {ext}"))),
+        None => false,
+    };
     let rest = buf[head_end..].to_vec();
-    Ok((rest, stream))
+    Ok((rest, stream, deflate))
 }
 
 fn parse_status(head: &str) -> Option<u16> {
