@@ -7,6 +7,8 @@
 //! Chromium) are driven by `real_clients_negotiate_and_inflate`.
 
 mod common;
+#[path = "common/keyspace.rs"]
+mod keyspace;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -451,4 +453,35 @@ async fn real_clients_negotiate_and_inflate() {
         assert!(seen.compressed(), "{client}");
         assert_eq!(seen.json()["body"], body);
     }
+}
+
+/// Cluster mode: a message published on one node reaches a compressing
+/// member of another compressed, and a joiner replayed from Redis (not from
+/// what its node delivered) gets the compressed form too.
+#[tokio::test]
+async fn cluster_nodes_compress_what_redis_delivers_and_replays() {
+    let url = std::env::var("CHORUS_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let prefix = keyspace::TestPrefix::new("compression", &url);
+    let node = |url: String, prefix: String| async move {
+        TestServer::start(&["--redis-url", &url, "--redis-prefix", &prefix, "--compression"]).await
+    };
+    let a = node(url.clone(), prefix.as_str().to_owned()).await;
+    let b = node(url.clone(), prefix.as_str().to_owned()).await;
+    let mut member = Peer::compressing(b.addr, "/ws/c-room", "m").await;
+    member.frame_of("joined").await;
+    let mut sender = Peer::plain(a.addr, "/ws", "s").await;
+    let body = chat_body(9);
+    sender.send_plain(&json!({"type":"send","room":"c-room","body":body,"ref":"x"})).await;
+    sender.frame_of("ack").await;
+    let live = member.frame_of("message").await;
+    assert!(live.compressed());
+    assert_eq!(live.json()["body"], body);
+    // A joiner on a node with no member of the room: replayed from Redis.
+    let c = node(url, prefix.as_str().to_owned()).await;
+    let mut joiner = Peer::compressing(c.addr, "/ws", "j").await;
+    joiner.send_plain(&json!({"type":"join","room":"c-room","since":0})).await;
+    let replayed = joiner.frame_of("message").await;
+    assert!(replayed.compressed());
+    assert_eq!(replayed.text(), live.text());
+    assert_eq!(joiner.frame_of("joined").await.json()["recovered"], true);
 }
