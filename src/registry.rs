@@ -727,16 +727,11 @@ fn restart_epoch(state: &mut RoomState, room: &RoomName, epoch: &str, seq: u64) 
     state.seq = Some(seq);
     state.clear_recent();
     let joined = outbound::joined(room, seq, epoch, Some(false));
-    let len = payload(&joined).len();
     // Compressed at most once, and only when some member wants it that way.
-    let mut deflated: Option<Option<Bytes>> = None;
+    let mut deflated = None;
     for member in state.members.iter_mut().filter(|m| m.skip_through != u64::MAX) {
         member.skip_through = seq;
-        let frame = if member.conn.deflate().is_some_and(|p| p.wants(len)) {
-            deflated.get_or_insert_with(|| deflate_frame(&joined)).clone().unwrap_or_else(|| joined.clone())
-        } else {
-            joined.clone()
-        };
+        let frame = member.conn.shared_frame(&joined, &mut deflated);
         if member.conn.queue(frame) == Ok(Pushed::FlushNeeded) {
             state.to_flush.push(member.conn.clone());
         }

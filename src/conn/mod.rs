@@ -94,6 +94,18 @@ impl Connection {
         }
     }
 
+    /// A frame shared by several connections (a presence diff, an epoch's
+    /// `joined`), in the form this one gets: `deflated` caches the
+    /// compressed twin, made at most once for all of them.
+    pub fn shared_frame(&self, frame: &Bytes, deflated: &mut Option<Option<Bytes>>) -> Bytes {
+        match self.deflate {
+            Some(peer) if peer.wants(ws::frame::payload(frame).len()) => {
+                deflated.get_or_insert_with(|| ws::deflate_frame(frame)).clone().unwrap_or_else(|| frame.clone())
+            }
+            _ => frame.clone(),
+        }
+    }
+
     /// Queues a frame and writes it now if nobody else is writing; a full
     /// queue cuts the connection as a slow consumer (and says `Full`).
     pub fn send(self: &Arc<Self>, frame: Bytes) -> Result<(), PushError> {
