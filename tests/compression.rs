@@ -485,3 +485,22 @@ async fn cluster_nodes_compress_what_redis_delivers_and_replays() {
     assert_eq!(replayed.text(), live.text());
     assert_eq!(joiner.frame_of("joined").await.json()["recovered"], true);
 }
+
+/// Presence frames follow the rule per connection: a compressing
+/// subscriber gets its state and diffs compressed, a plain one plain.
+#[tokio::test]
+async fn presence_frames_are_compressed_for_those_that_negotiated() {
+    let server = TestServer::start(&["--compression", "--compression-min-bytes", "0"]).await;
+    let mut z = Peer::compressing(server.addr, "/ws", "zed").await;
+    let mut p = Peer::plain(server.addr, "/ws", "pat").await;
+    z.send_plain(&json!({"type":"join","room":"pr","presence":true})).await;
+    let state = z.frame_of("presence_state").await;
+    assert!(state.compressed());
+    assert_eq!(state.json()["members"][0]["sub"], "zed");
+    p.send_plain(&json!({"type":"join","room":"pr","presence":true})).await;
+    assert!(!p.frame_of("presence_state").await.compressed());
+    // pat's join reaches zed as a diff, compressed.
+    let diff = z.frame_of("presence_diff").await;
+    assert!(diff.compressed());
+    assert_eq!(diff.json()["joins"], json!(["pat"]));
+}
