@@ -361,5 +361,5 @@ fn deflate(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, parse, encode, fanout, coalesced_write, jwt, room_patterns, deflate);
+criterion_group!(benches, parse, encode, deflate, fanout, coalesced_write, jwt, room_patterns);
 criterion_main!(benches);
