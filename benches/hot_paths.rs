@@ -1,6 +1,7 @@
 //! Criterion benches of the server's hot paths: parsing a client frame,
 //! encoding a message frame, fanning a message out to a room's members,
-//! checking a JWT and matching a room against a token's patterns.
+//! checking a JWT, matching a room against a token's patterns, and
+//! compressing a message once against compressing it per member.
 //!
 //! Run: `cargo bench --bench hot_paths` (add `-- --quick` for a fast pass).
 //! docs/BENCHMARKS.md records the figures.
@@ -85,6 +86,7 @@ impl Members {
                 expires_at: u64::MAX,
                 now_ms: 0,
                 writer: writer.clone(),
+                deflate: None,
             };
             members.conns.push(Arc::new(Connection::new(socket, setup)));
             members.clients.push(client);
@@ -295,5 +297,70 @@ fn room_patterns(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, parse, encode, fanout, coalesced_write, jwt, room_patterns);
+/// A realistic chat `message` frame of about 300 bytes of JSON, message `i`.
+fn chat_message(i: u64) -> bytes::Bytes {
+    let body = format!(
+        r#"{{"text":"message {i}: on my way, the train is late again, see you at the usual place in ten minutes","author":{{"id":"user-{}","name":"Alice Example"}},"mentions":["bob","carol"],"client_ts":{}}}"#,
+        10_000 + i % 7,
+        TS + i
+    );
+    outbound::message(&room("team-design"), i, "alice@example.com", TS + i, body.as_bytes())
+}
+
+/// Compression's cost: chorus compresses a message once for a whole room
+/// (no context takeover); the servers that compress per connection run one
+/// deflate per recipient, each with its own window (context takeover), or
+/// without one. Per-delivery cost: `once_per_message` / room size, against
+/// `per_member_*` (each paid once per recipient).
+fn deflate(c: &mut Criterion) {
+    use chorus::ws::deflate::deflate_frame;
+    use flate2::{Compress, Compression, FlushCompress};
+    let messages: Vec<bytes::Bytes> = (1..=64).map(chat_message).collect();
+    let plain: usize = messages.iter().map(|m| m.len()).sum();
+    let once: usize = messages.iter().map(|m| deflate_frame(m).expect("deflates").len()).sum();
+    let mut kept = Compress::new(Compression::new(6), false);
+    let mut with_context = 0;
+    for m in &messages {
+        let mut out = Vec::with_capacity(m.len() + 64);
+        kept.compress_vec(chorus::ws::frame::payload(m), &mut out, FlushCompress::Sync).expect("deflates");
+        with_context += out.len() - 4;
+    }
+    eprintln!(
+        "deflate: {} B per message plain, {} B compressed once (no context takeover), {} B with context takeover",
+        plain / messages.len(),
+        once / messages.len(),
+        with_context / messages.len()
+    );
+    let mut group = c.benchmark_group("deflate");
+    group.throughput(Throughput::Elements(1));
+    let mut i = 0;
+    group.bench_function("once_per_message", |b| {
+        b.iter(|| {
+            i = (i + 1) % messages.len();
+            black_box(deflate_frame(black_box(&messages[i])))
+        })
+    });
+    let mut z = Compress::new(Compression::new(6), false);
+    let mut out = Vec::with_capacity(1024);
+    group.bench_function("per_member_context_takeover", |b| {
+        b.iter(|| {
+            i = (i + 1) % messages.len();
+            out.clear();
+            z.compress_vec(chorus::ws::frame::payload(&messages[i]), &mut out, FlushCompress::Sync).expect("deflates");
+            black_box(&out);
+        })
+    });
+    group.bench_function("per_member_no_context_takeover", |b| {
+        b.iter(|| {
+            i = (i + 1) % messages.len();
+            out.clear();
+            z.reset();
+            z.compress_vec(chorus::ws::frame::payload(&messages[i]), &mut out, FlushCompress::Sync).expect("deflates");
+            black_box(&out);
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, parse, encode, deflate, fanout, coalesced_write, jwt, room_patterns);
 criterion_main!(benches);

@@ -116,6 +116,12 @@ pub struct ServeArgs {
     /// Serve the chat page at `/` and hand anyone a token at `POST /demo/token` (on anyway with no JWT key).
     #[arg(long, env = "CHORUS_DEMO")]
     pub demo: bool,
+    /// Accept permessage-deflate from clients that offer it (compressed once per message, no window per connection).
+    #[arg(long, env = "CHORUS_COMPRESSION")]
+    pub compression: bool,
+    /// With --compression, server frames with a payload shorter than this many bytes are sent plain.
+    #[arg(long, env = "CHORUS_COMPRESSION_MIN_BYTES", default_value_t = 256)]
+    pub compression_min_bytes: usize,
 }
 
 /// Why the configuration cannot be used.
@@ -181,6 +187,9 @@ pub struct Config {
     /// The HS256 secret the chat page's tokens are signed with, when the page
     /// is served: with a generated secret, or with `--demo`.
     pub demo_secret: Option<String>,
+    /// `--compression`: the smallest payload sent compressed; `None` turns
+    /// the extension off.
+    pub compression_min_bytes: Option<usize>,
 }
 
 impl Config {
@@ -228,6 +237,7 @@ impl Config {
             durable_acks: args.durable_acks,
             persist_queue: args.persist_queue,
             demo_secret,
+            compression_min_bytes: args.compression.then_some(args.compression_min_bytes),
         })
     }
 }
@@ -371,5 +381,14 @@ mod tests {
         assert!(config(&[]).unwrap().demo_secret.is_some());
         assert_eq!(config(&["--jwt-secret", "s"]).unwrap().demo_secret, None);
         assert_eq!(config(&["--jwt-secret", "s", "--demo"]).unwrap().demo_secret.as_deref(), Some("s"));
+    }
+
+    #[test]
+    fn compression_is_off_unless_asked_for() {
+        assert_eq!(config(&["--jwt-secret", "s"]).unwrap().compression_min_bytes, None);
+        let c = config(&["--jwt-secret", "s", "--compression"]).unwrap();
+        assert_eq!(c.compression_min_bytes, Some(256));
+        let c = config(&["--jwt-secret", "s", "--compression", "--compression-min-bytes", "0"]).unwrap();
+        assert_eq!(c.compression_min_bytes, Some(0));
     }
 }

@@ -30,20 +30,43 @@ use crate::conn::outbox::{PushError, Pushed};
 use crate::conn::{flush_all, Connection};
 use crate::protocol::outbound;
 use crate::room::RoomName;
+use crate::ws::deflate_frame;
 use crate::ws::frame::payload;
 use budget::{message_bytes, room_bytes};
 pub use budget::{Budget, DEFAULT_LIMIT as DEFAULT_HISTORY_MEMORY};
 use tombstones::{Tombstone, Tombstones};
 
 /// One message as history keeps it: its complete frame, whose payload is the
-/// message's JSON text.
+/// message's JSON text, and with `--compression` the same frame compressed,
+/// made once and shared by every member that negotiated permessage-deflate
+/// (history keeps it too, so a replay never compresses again).
 #[derive(Clone, Debug)]
 pub struct StoredMessage {
     pub seq: u64,
     pub frame: Bytes,
+    pub deflated: Option<Bytes>,
 }
 
 impl StoredMessage {
+    pub fn new(seq: u64, frame: Bytes) -> Self {
+        Self { seq, frame, deflated: None }
+    }
+
+    /// The bytes of frames this message holds (both forms when compressed),
+    /// as the history memory budget counts them.
+    pub fn held_len(&self) -> usize {
+        self.frame.len() + self.deflated.as_ref().map_or(0, |d| d.len())
+    }
+
+    /// The frame `conn` gets: the compressed one when it negotiated
+    /// compression and the payload suits its limits, else the plain one.
+    pub fn frame_for(&self, conn: &Connection) -> Bytes {
+        match (&self.deflated, conn.deflate()) {
+            (Some(deflated), Some(peer)) if peer.wants(payload(&self.frame).len()) => deflated.clone(),
+            _ => self.frame.clone(),
+        }
+    }
+
     /// The message's JSON text, sharing the frame's memory.
     pub fn json(&self) -> Bytes {
         let header = self.frame.len() - payload(&self.frame).len();
@@ -122,18 +145,18 @@ struct RoomState {
 
 impl RoomState {
     fn keep(&mut self, message: StoredMessage) {
-        self.bytes += message_bytes(message.frame.len());
+        self.bytes += message_bytes(message.held_len());
         self.recent.push_back(message);
     }
 
     fn drop_oldest(&mut self) {
         if let Some(message) = self.recent.pop_front() {
-            self.bytes -= message_bytes(message.frame.len());
+            self.bytes -= message_bytes(message.held_len());
         }
     }
 
     fn clear_recent(&mut self) {
-        let freed: usize = self.recent.iter().map(|m| message_bytes(m.frame.len())).sum();
+        let freed: usize = self.recent.iter().map(|m| message_bytes(m.held_len())).sum();
         self.bytes -= freed;
         self.recent.clear();
     }
@@ -171,6 +194,8 @@ pub struct Registry {
     inline_eviction: Mutex<()>,
     /// What inline evictions did, for the eviction task to record.
     evicted_inline: Mutex<Evicted>,
+    /// `--compression-min-bytes` when `--compression` is on.
+    compress_min: Option<usize>,
 }
 
 impl Registry {
@@ -189,6 +214,7 @@ impl Registry {
             budget: Budget::new(history_memory),
             inline_eviction: Mutex::new(()),
             evicted_inline: Mutex::new(Evicted::default()),
+            compress_min: None,
         }
     }
 
@@ -202,6 +228,34 @@ impl Registry {
 
     fn node_epoch(&self) -> Arc<str> {
         self.epoch.lock().clone()
+    }
+
+    /// Compresses every message with a payload of at least `min_bytes`, once.
+    pub fn with_compression(mut self, min_bytes: Option<usize>) -> Self {
+        self.compress_min = min_bytes;
+        self
+    }
+
+    /// Compresses the messages a joiner that negotiated compression will be
+    /// replayed from a snapshot (Redis or the database): those were read for
+    /// this joiner alone. What is held here was compressed when delivered.
+    fn compress_replay(&self, snapshot: &mut Snapshot, member: &Connection, since: Option<Since<'_>>) {
+        let (Some(since), Some(_)) = (since, member.deflate()) else {
+            return;
+        };
+        for message in snapshot.messages.iter_mut().filter(|m| m.seq > since.seq) {
+            self.compress(message);
+        }
+    }
+
+    /// Makes the message's compressed frame if it qualifies and has none.
+    fn compress(&self, message: &mut StoredMessage) {
+        let Some(min) = self.compress_min else {
+            return;
+        };
+        if message.deflated.is_none() && payload(&message.frame).len() >= min {
+            message.deflated = deflate_frame(&message.frame);
+        }
     }
 
     pub fn room_count(&self) -> usize {
@@ -392,7 +446,7 @@ impl Registry {
         self.with_room(room, |state| {
             state.assigned += 1;
             let seq = state.assigned;
-            let message = StoredMessage { seq, frame: outbound::message(room, seq, from, ts_millis, body) };
+            let message = StoredMessage::new(seq, outbound::message(room, seq, from, ts_millis, body));
             let (recipients, slow_consumers) = self.fan_out(state, message);
             Delivery { seq, epoch: state.epoch.clone(), recipients, slow_consumers }
         })
@@ -447,13 +501,14 @@ impl Registry {
     }
 
     /// Queues `message` to the members, keeps it in `recent`, moves `seq`.
-    fn fan_out(&self, state: &mut RoomState, message: StoredMessage) -> (usize, usize) {
+    fn fan_out(&self, state: &mut RoomState, mut message: StoredMessage) -> (usize, usize) {
         state.active = Instant::now();
+        self.compress(&mut message);
         let mut recipients = 0;
         let mut slow_consumers = 0;
         for member in state.members.iter().filter(|m| m.skip_through < message.seq) {
             recipients += 1;
-            match member.conn.queue(message.frame.clone()) {
+            match member.conn.queue(message.frame_for(&member.conn)) {
                 Ok(Pushed::FlushNeeded) => state.to_flush.push(member.conn.clone()),
                 Ok(Pushed::Queued) | Err(PushError::Closed) => {}
                 Err(PushError::Full) => slow_consumers += 1,
@@ -482,8 +537,9 @@ impl Registry {
         self.with_room(room, |state| {
             upsert_member(state, member, 0);
             // Without `older`, everything to replay is held here.
-            let snapshot =
+            let mut snapshot =
                 older.unwrap_or_else(|| Snapshot { seq: 0, epoch: state.epoch.clone(), messages: Vec::new() });
+            self.compress_replay(&mut snapshot, member, since);
             finish_join(state, room, member, since, snapshot);
         });
     }
@@ -509,8 +565,9 @@ impl Registry {
         room: &RoomName,
         member: &Arc<Connection>,
         since: Option<Since<'_>>,
-        snapshot: Snapshot,
+        mut snapshot: Snapshot,
     ) {
+        self.compress_replay(&mut snapshot, member, since);
         self.with_existing_room(room, |state| {
             if state.seq.is_some() && *state.epoch != *snapshot.epoch {
                 restart_epoch(state, room, &snapshot.epoch, snapshot.seq);
@@ -648,12 +705,13 @@ fn finish_join(
     let latest = state.seq.unwrap_or(0).max(snapshot.seq);
     let (replay, recovered) = match since {
         Some(since) => {
-            let (replay, recovered) = replay_after(&snapshot, &state.recent, latest, since);
+            let pick = |m: &StoredMessage| m.frame_for(member);
+            let (replay, recovered) = replay_after(&snapshot, &state.recent, latest, since, pick);
             (replay, Some(recovered))
         }
         None => (Vec::new(), None),
     };
-    let joined = outbound::joined(room, latest, &state.epoch, recovered);
+    let joined = member.own_frame(outbound::joined(room, latest, &state.epoch, recovered));
     if member.outbox.push_all(replay.into_iter().chain([joined])) == Ok(Pushed::FlushNeeded) {
         state.to_flush.push(member.clone());
     }
@@ -669,9 +727,12 @@ fn restart_epoch(state: &mut RoomState, room: &RoomName, epoch: &str, seq: u64) 
     state.seq = Some(seq);
     state.clear_recent();
     let joined = outbound::joined(room, seq, epoch, Some(false));
+    // Compressed at most once, and only when some member wants it that way.
+    let mut deflated = None;
     for member in state.members.iter_mut().filter(|m| m.skip_through != u64::MAX) {
         member.skip_through = seq;
-        if member.conn.queue(joined.clone()) == Ok(Pushed::FlushNeeded) {
+        let frame = member.conn.shared_frame(&joined, &mut deflated);
+        if member.conn.queue(frame) == Ok(Pushed::FlushNeeded) {
             state.to_flush.push(member.conn.clone());
         }
     }
@@ -694,6 +755,7 @@ fn replay_after(
     recent: &VecDeque<StoredMessage>,
     latest: u64,
     since: Since<'_>,
+    pick: impl Fn(&StoredMessage) -> Bytes,
 ) -> (Vec<Bytes>, bool) {
     if since.epoch.is_some_and(|e| e != &*snapshot.epoch) || since.seq > latest {
         return (Vec::new(), false);
@@ -710,7 +772,7 @@ fn replay_after(
         }
         recovered &= message.seq == next;
         next = message.seq + 1;
-        frames.push(message.frame.clone());
+        frames.push(pick(message));
     }
     (frames, recovered && next > latest)
 }
@@ -720,7 +782,7 @@ mod tests {
     use super::*;
 
     fn messages(seqs: std::ops::RangeInclusive<u64>) -> Vec<StoredMessage> {
-        seqs.map(|seq| StoredMessage { seq, frame: Bytes::from(seq.to_string()) }).collect()
+        seqs.map(|seq| StoredMessage::new(seq, Bytes::from(seq.to_string()))).collect()
     }
 
     fn snapshot(seq: u64, held: std::ops::RangeInclusive<u64>) -> Snapshot {
@@ -736,7 +798,7 @@ mod tests {
     }
 
     fn replay(snap: &Snapshot, recent: &[StoredMessage], latest: u64, s: Since<'_>) -> (Vec<Bytes>, bool) {
-        replay_after(snap, &recent.iter().cloned().collect(), latest, s)
+        replay_after(snap, &recent.iter().cloned().collect(), latest, s, |m| m.frame.clone())
     }
 
     #[test]

@@ -201,8 +201,10 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 async fn build_state(config: Config) -> std::io::Result<ServerState> {
     let metrics = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
-    let registry =
-        Arc::new(Registry::with_history_memory(config.history_size, fresh_epoch().into(), config.history_memory));
+    let registry = Arc::new(
+        Registry::with_history_memory(config.history_size, fresh_epoch().into(), config.history_memory)
+            .with_compression(config.compression_min_bytes),
+    );
     let bus = match &config.redis_url {
         None => {
             let persistence = match &config.database_url {

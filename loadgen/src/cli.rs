@@ -61,6 +61,11 @@ pub struct Common {
     #[arg(long, global = true, default_value_t = 16, value_parser = clap::value_parser!(u8).range(1..=254))]
     pub source_ips: u8,
 
+    /// Offer permessage-deflate in every upgrade (as browsers do) and inflate
+    /// what the server compresses; the report shows the bytes on the wire.
+    #[arg(long, global = true)]
+    pub compression: bool,
+
     /// PID of a server process to measure (CPU, RSS); repeatable.
     #[arg(long = "server-pid", global = true)]
     pub server_pids: Vec<u32>,

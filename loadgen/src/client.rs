@@ -12,6 +12,7 @@
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,12 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 use tokio_rustls::TlsConnector;
 
 use crate::frames::FrameReader;
+
+/// Connections whose upgrade negotiated permessage-deflate.
+pub static COMPRESSED_CONNECTIONS: AtomicU64 = AtomicU64::new(0);
+
+/// What loadgen offers with `--compression`: what browsers offer.
+const DEFLATE_OFFER: &str = "permessage-deflate; client_max_window_bits";
 
 /// Largest upgrade response head we read.
 const MAX_HEAD: usize = 16 << 10;
@@ -223,6 +230,8 @@ pub struct Connector {
     timeout: Duration,
     /// For `wss://` targets (`--tls-ca`).
     tls: Option<TlsConnector>,
+    /// Offer permessage-deflate.
+    compression: bool,
 }
 
 /// The frame writer of a connection, shared by the task that sends and the
@@ -240,12 +249,18 @@ pub struct Conn {
 
 impl Connector {
     pub fn new(targets: Vec<Target>, source_ips: u8, timeout: Duration) -> Self {
-        Self { targets, source_ips: source_ips.max(1), timeout, tls: None }
+        Self { targets, source_ips: source_ips.max(1), timeout, tls: None, compression: false }
     }
 
     /// Trusts this TLS client's roots for `wss://` targets.
     pub fn with_tls(mut self, tls: TlsConnector) -> Self {
         self.tls = Some(tls);
+        self
+    }
+
+    /// Offers permessage-deflate in every upgrade (`--compression`).
+    pub fn with_compression(mut self, compression: bool) -> Self {
+        self.compression = compression;
         self
     }
 
@@ -268,24 +283,24 @@ impl Connector {
         let fut = async {
             let stream = tcp_connect(target.addr, source).await.map_err(ConnectError::Tcp)?;
             let Some(name) = &target.tls_name else {
-                let (prefix, stream) = handshake(stream, target, token).await?;
+                let (prefix, stream, deflate) = handshake(stream, target, token, self.compression).await?;
                 let (rd, wr) = stream.into_split();
-                return Ok((prefix, Box::new(rd) as ReadHalf, Box::new(wr) as WriteHalf));
+                return Ok((prefix, Box::new(rd) as ReadHalf, Box::new(wr) as WriteHalf, deflate));
             };
             let tls = self.tls.as_ref().ok_or_else(|| ConnectError::Handshake("wss:// needs --tls-ca".into()))?;
             let name = ServerName::try_from(name.clone()).map_err(|e| ConnectError::Handshake(e.to_string()))?;
             let secure = tls.connect(name, stream).await.map_err(|e| ConnectError::Handshake(format!("TLS: {e}")))?;
-            let (prefix, secure) = handshake(secure, target, token).await?;
+            let (prefix, secure, deflate) = handshake(secure, target, token, self.compression).await?;
             let (rd, wr) = tokio::io::split(secure);
-            Ok((prefix, Box::new(rd) as ReadHalf, Box::new(wr) as WriteHalf))
+            Ok((prefix, Box::new(rd) as ReadHalf, Box::new(wr) as WriteHalf, deflate))
         };
-        let (prefix, rd, wr) = match tokio::time::timeout(self.timeout, fut).await {
+        let (prefix, rd, wr, deflate) = match tokio::time::timeout(self.timeout, fut).await {
             Ok(r) => r?,
             Err(_) => return Err(ConnectError::Timeout),
         };
         let connect_ns = start.elapsed().as_nanos() as u64;
         Ok(Conn {
-            reader: FrameReader::new(rd, prefix),
+            reader: FrameReader::new(rd, prefix).with_inflate(deflate),
             writer: Arc::new(tokio::sync::Mutex::new(Writer::new(wr))),
             connect_ns,
             target: ti,
@@ -329,11 +344,13 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     target: &Target,
     token: &str,
-) -> Result<(Vec<u8>, S), ConnectError> {
+    compression: bool,
+) -> Result<(Vec<u8>, S, bool), ConnectError> {
     let key = fastwebsockets::handshake::generate_key();
+    let offer = if compression { format!("Sec-WebSocket-Extensions: {DEFLATE_OFFER}\r\n") } else { String::new() };
     let req = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\
          Authorization: Bearer {token}\r\nUser-Agent: chorus-loadgen\r\n\r\n",
         target.path, target.host
     );
@@ -377,8 +394,21 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     if !upgrade_ok {
         return Err(ConnectError::Handshake("101 without `Upgrade: websocket`".into()));
     }
+    // Only an answer without context takeover on the server side can be
+    // inflated message by message, which is all loadgen does.
+    let deflate = match header(&head, "sec-websocket-extensions") {
+        Some(ext) if ext.starts_with("permessage-deflate") => {
+            if !ext.contains("server_no_context_takeover") {
+                return Err(ConnectError::Handshake(format!("compression with context takeover: {ext}")));
+            }
+            COMPRESSED_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
+            true
+        }
+        Some(ext) => return Err(ConnectError::Handshake(format!("unexpected extension {ext}"))),
+        None => false,
+    };
     let rest = buf[head_end..].to_vec();
-    Ok((rest, stream))
+    Ok((rest, stream, deflate))
 }
 
 fn parse_status(head: &str) -> Option<u16> {

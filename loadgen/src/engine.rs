@@ -12,8 +12,9 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::cli::{Cli, Common};
-use crate::client::{Connector, Target};
+use crate::client::{Connector, Target, COMPRESSED_CONNECTIONS};
 use crate::clock::Clock;
+use crate::frames::WIRE_BYTES_IN;
 use crate::histo::Histograms;
 use crate::interrupt::Interrupt;
 use crate::limits;
@@ -25,7 +26,7 @@ use crate::session::{self, Session, Shared};
 use crate::stats::Stats;
 use crate::summary::{
     curve, Connections, Curves, Event, Joins, Latencies, LoadgenFigures, Messages, Percentiles, Phases,
-    PresenceFigures, RoomCounts, ServerFigures, Summary,
+    PresenceFigures, RoomCounts, ServerFigures, Summary, WireFigures,
 };
 use crate::token::TokenSource;
 use crate::verdict;
@@ -73,7 +74,8 @@ pub async fn run(cli: Cli) -> Result<Summary> {
     for url in &common.urls {
         targets.push(Target::resolve(url).await?);
     }
-    let mut connector = Connector::new(targets, common.source_ips, common.connect_timeout);
+    let mut connector =
+        Connector::new(targets, common.source_ips, common.connect_timeout).with_compression(common.compression);
     if let Some(ca) = &common.tls_ca {
         connector = connector.with_tls(crate::client::tls_trusting(ca)?);
     }
@@ -155,6 +157,7 @@ pub async fn run(cli: Cli) -> Result<Summary> {
     let measure_at_s;
     let self_cpu0;
     let self_cpu1;
+    let wire0;
     let phase_secs;
     match plan.timing {
         Timing::Send { duration, drain } => {
@@ -172,6 +175,7 @@ pub async fn run(cli: Cli) -> Result<Summary> {
             measure_at_s = t0.elapsed().as_secs_f64();
             let c0 = server.cpu();
             self_cpu0 = proc::cpu_seconds("self").unwrap_or(0.0);
+            wire0 = WIRE_BYTES_IN.load(Ordering::Relaxed);
             let ts = Instant::now();
             if intr.sleep_until(clock.instant_at(end_ns).into()).await {
                 stop.store(true, Ordering::SeqCst);
@@ -196,6 +200,7 @@ pub async fn run(cli: Cli) -> Result<Summary> {
             measure_at_s = t0.elapsed().as_secs_f64();
             sh.stats.counting.store(true, Ordering::SeqCst);
             self_cpu0 = proc::cpu_seconds("self").unwrap_or(0.0);
+            wire0 = WIRE_BYTES_IN.load(Ordering::Relaxed);
             let th = Instant::now();
             intr.sleep(d).await;
             hold_s = th.elapsed().as_secs_f64();
@@ -207,6 +212,7 @@ pub async fn run(cli: Cli) -> Result<Summary> {
     if intr.is_set() {
         warnings.push("interrupted: the measured phase was cut short".into());
     }
+    let wire_in = WIRE_BYTES_IN.load(Ordering::Relaxed).saturating_sub(wire0);
 
     // Figures.
     sh.stats.counting.store(false, Ordering::SeqCst);
@@ -349,6 +355,12 @@ pub async fn run(cli: Cli) -> Result<Summary> {
             }
         }),
         loadgen,
+        wire: WireFigures {
+            compression_offered: common.compression,
+            compressed_connections: COMPRESSED_CONNECTIONS.load(Ordering::Relaxed),
+            bytes_in: wire_in,
+            bytes_in_per_delivery: if merged.delivered > 0 { wire_in as f64 / merged.delivered as f64 } else { 0.0 },
+        },
         events,
         problems: vec![],
         warnings,

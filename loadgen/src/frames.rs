@@ -8,7 +8,11 @@
 //! session read the clock per frame: at a million deliveries a second that
 //! was a fifth of loadgen's CPU. Here a frame is a slice of the buffer.
 
+use std::cell::RefCell;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use flate2::{Decompress, FlushDecompress, Status};
 
 use crate::client::ReadHalf;
 use tokio::io::AsyncReadExt;
@@ -19,6 +23,16 @@ const MAX_MESSAGE: usize = 16 << 20;
 const READ_CHUNK: usize = 8 << 10;
 /// An emptied buffer larger than this is given back (after a big message).
 const KEEP_CAPACITY: usize = 64 << 10;
+
+/// Bytes read from every server socket, WebSocket headers included: what
+/// the server put on the wire for this process.
+pub static WIRE_BYTES_IN: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// One inflater per thread, reset per message: the server negotiates no
+    /// context takeover, so no connection needs a window of its own.
+    static INFLATE: RefCell<Decompress> = RefCell::new(Decompress::new(false));
+}
 
 /// A frame, borrowed from the reader until the next call.
 #[derive(Debug, PartialEq, Eq)]
@@ -52,12 +66,17 @@ pub struct FrameReader {
     want: usize,
     /// A fragmented message being put together: opcode and bytes so far.
     fragments: Option<(u8, Vec<u8>)>,
+    /// Whether the fragmented message is compressed.
+    fragments_compressed: bool,
+    /// permessage-deflate was negotiated: RSV1 frames are inflated.
+    inflate: bool,
     /// A joined message handed out by the last call, dropped by the next.
     joined: Vec<u8>,
 }
 
 struct Header {
     fin: bool,
+    rsv1: bool,
     opcode: u8,
     head: usize,
     len: usize,
@@ -67,7 +86,23 @@ impl FrameReader {
     /// A reader that first hands out the frames in `read_ahead` (bytes
     /// that came with the upgrade response).
     pub fn new(stream: ReadHalf, read_ahead: Vec<u8>) -> Self {
-        Self { stream, buf: read_ahead, start: 0, want: 0, fragments: None, joined: Vec::new() }
+        WIRE_BYTES_IN.fetch_add(read_ahead.len() as u64, Ordering::Relaxed);
+        Self {
+            stream,
+            buf: read_ahead,
+            start: 0,
+            want: 0,
+            fragments: None,
+            fragments_compressed: false,
+            inflate: false,
+            joined: Vec::new(),
+        }
+    }
+
+    /// Inflates RSV1 messages (the upgrade negotiated permessage-deflate).
+    pub fn with_inflate(mut self, inflate: bool) -> Self {
+        self.inflate = inflate;
+        self
     }
 
     /// Reads once from the socket (waiting for data).
@@ -77,7 +112,10 @@ impl FrameReader {
         self.buf.reserve(READ_CHUNK.max(self.want.saturating_sub(self.buf.len())));
         match self.stream.read_buf(&mut self.buf).await {
             Ok(0) => Err(ReadError::Eof),
-            Ok(_) => Ok(()),
+            Ok(n) => {
+                WIRE_BYTES_IN.fetch_add(n as u64, Ordering::Relaxed);
+                Ok(())
+            }
             Err(e) => Err(ReadError::Io(e)),
         }
     }
@@ -115,10 +153,22 @@ impl FrameReader {
             let payload = self.start + h.head..end;
             self.start = end;
             self.want = 0;
+            if h.rsv1 && !(self.inflate && matches!(h.opcode, 0x1 | 0x2) && self.fragments.is_none()) {
+                return Err(ReadError::Protocol("reserved bits set"));
+            }
+            if h.rsv1 && h.fin {
+                self.joined = inflate(&self.buf[payload])?;
+                return if h.opcode == 0x1 {
+                    text(&self.joined).map(Some)
+                } else {
+                    Ok(Some(Frame::Binary(&self.joined)))
+                };
+            }
             match (h.opcode, h.fin) {
                 (0x1, true) if self.fragments.is_none() => return text(&self.buf[payload]).map(Some),
                 (0x2, true) if self.fragments.is_none() => return Ok(Some(Frame::Binary(&self.buf[payload]))),
                 (0x1 | 0x2, false) if self.fragments.is_none() => {
+                    self.fragments_compressed = h.rsv1;
                     self.fragments = Some((h.opcode, self.buf[payload].to_vec()));
                 }
                 (0x1 | 0x2, _) => return Err(ReadError::Protocol("new message inside a fragmented one")),
@@ -133,6 +183,9 @@ impl FrameReader {
                     if fin {
                         let is_text = *opcode == 0x1;
                         self.joined = self.fragments.take().map(|(_, b)| b).unwrap_or_default();
+                        if self.fragments_compressed {
+                            self.joined = inflate(&self.joined)?;
+                        }
                         return if is_text {
                             text(&self.joined).map(Some)
                         } else {
@@ -151,6 +204,35 @@ impl FrameReader {
     }
 }
 
+/// Inflates one compressed message (RFC 7692: the sync tail restored).
+fn inflate(compressed: &[u8]) -> Result<Vec<u8>, ReadError> {
+    INFLATE.with(|cell| {
+        let mut z = cell.borrow_mut();
+        z.reset(false);
+        let mut out = Vec::with_capacity(compressed.len() * 4 + 64);
+        for input in [compressed, &[0, 0, 0xFF, 0xFF][..]] {
+            let start = z.total_in();
+            loop {
+                let used = (z.total_in() - start) as usize;
+                let status = z
+                    .decompress_vec(&input[used..], &mut out, FlushDecompress::None)
+                    .map_err(|_| ReadError::Protocol("compressed message does not inflate"))?;
+                if status == Status::StreamEnd {
+                    return Ok(out);
+                }
+                if (z.total_in() - start) as usize == input.len() && out.len() < out.capacity() {
+                    break;
+                }
+                if out.len() > MAX_MESSAGE {
+                    return Err(ReadError::Protocol("message too large"));
+                }
+                out.reserve(out.capacity().max(1024));
+            }
+        }
+        Ok(out)
+    })
+}
+
 /// A text message, which RFC 6455 requires to be UTF-8.
 fn text(payload: &[u8]) -> Result<Frame<'_>, ReadError> {
     match std::str::from_utf8(payload) {
@@ -162,7 +244,8 @@ fn text(payload: &[u8]) -> Result<Frame<'_>, ReadError> {
 /// The frame header at the start of `b`, or None if it is not all there.
 fn header(b: &[u8]) -> Result<Option<Header>, ReadError> {
     let [b0, b1, ..] = *b else { return Ok(None) };
-    if b0 & 0x70 != 0 {
+    // RSV1 is permessage-deflate's, checked by the caller.
+    if b0 & 0x30 != 0 {
         return Err(ReadError::Protocol("reserved bits set"));
     }
     if b1 & 0x80 != 0 {
@@ -182,7 +265,7 @@ fn header(b: &[u8]) -> Result<Option<Header>, ReadError> {
     if len > MAX_MESSAGE as u64 {
         return Err(ReadError::Protocol("message too large"));
     }
-    Ok(Some(Header { fin: b0 & 0x80 != 0, opcode: b0 & 0x0f, head, len: len as usize }))
+    Ok(Some(Header { fin: b0 & 0x80 != 0, rsv1: b0 & 0x40 != 0, opcode: b0 & 0x0f, head, len: len as usize }))
 }
 
 #[cfg(test)]
@@ -243,6 +326,32 @@ mod tests {
                 Err(e) => return Err(format!("{e:?}")),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn compressed_messages_are_inflated_once_negotiated() {
+        let text = br#"{"type":"message","body":"hello hello hello hello hello hello"}"#;
+        // The server's own compressor makes the frame.
+        let wire = chorus::ws::deflate::deflate_text(text).unwrap().to_vec();
+        assert_eq!(wire[0], 0xC1);
+        let (mut reader, mut server) = pair(wire.clone()).await;
+        reader = reader.with_inflate(true);
+        assert_eq!(reader.next_frame().unwrap(), Some(Frame::Text(text)));
+        // Fragmented: RSV1 on the first frame only.
+        let payload = &wire[2..];
+        let mut fragments = frame(false, 0x41, &payload[..5]);
+        fragments.extend(frame(true, 0, &payload[5..]));
+        server.write_all(&fragments).await.unwrap();
+        let got = loop {
+            if let Some(f) = reader.next_frame().unwrap() {
+                break format!("{f:?}");
+            }
+            reader.fill().await.unwrap();
+        };
+        assert_eq!(got, format!("{:?}", Frame::Text(text)));
+        // Without negotiation RSV1 is a protocol error.
+        let (mut plain, _server) = pair(wire).await;
+        assert!(matches!(plain.next_frame(), Err(ReadError::Protocol("reserved bits set"))));
     }
 
     #[tokio::test]

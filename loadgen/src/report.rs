@@ -115,6 +115,20 @@ pub fn table(s: &Summary) -> String {
         l.threads,
         bytes(l.rss_bytes as f64)
     );
+    let w = &s.wire;
+    if w.bytes_in > 0 {
+        let compression = match w.compression_offered {
+            true => format!("compression on {} of {} connections", w.compressed_connections, c.established),
+            false => "no compression offered".to_string(),
+        };
+        let _ = writeln!(
+            o,
+            "{:<13} in {} while measuring, {:.0} B per delivered message ({compression})",
+            "wire",
+            bytes(w.bytes_in as f64),
+            w.bytes_in_per_delivery
+        );
+    }
     for p in &s.problems {
         let _ = writeln!(o, "{:<13} {p}", "PROBLEM");
     }

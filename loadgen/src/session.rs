@@ -438,8 +438,16 @@ async fn send_loop(
     }
 }
 
+/// Words the padding is made of: chat-like text, so that compression sees
+/// what it would in a real room rather than a run of one letter.
+const PAD_WORDS: [&str; 32] = [
+    "the", "meeting", "is", "moved", "to", "three", "see", "you", "there", "thanks", "for", "the", "update", "can",
+    "we", "ship", "it", "today", "I", "think", "so", "deploy", "looks", "good", "on", "staging", "lunch", "later",
+    "sounds", "great", "sorry", "late",
+];
+
 /// A `send` frame whose body is `payload` bytes long (or the shortest body
-/// holding the marker): `{"t":sched,"s":sent,"p":publisher,"k":k,"pad":"xx.."}`.
+/// holding the marker): `{"t":sched,"s":sent,"p":publisher,"k":k,"pad":"words.."}`.
 pub fn build_send(
     out: &mut Vec<u8>,
     room_json: &str,
@@ -457,7 +465,16 @@ pub fn build_send(
     let body_start = out.len();
     let _ = write!(out, r#"{{"t":{sched_ns},"s":{sent_ns},"p":{publisher},"k":{k},"pad":""#);
     let pad = payload.saturating_sub(out.len() - body_start + 2);
-    out.resize(out.len() + pad, b'x');
+    let end = out.len() + pad;
+    let mut x = k.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    while out.len() < end {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(PAD_WORDS[(x % PAD_WORDS.len() as u64) as usize].as_bytes());
+        out.push(b' ');
+    }
+    out.truncate(end);
     out.extend_from_slice(br#""}}"#);
 }
 

@@ -30,6 +30,9 @@ pub struct Summary {
     #[serde(default)]
     pub presence: Option<PresenceFigures>,
     pub loadgen: LoadgenFigures,
+    /// What the server sent, as bytes on the wire.
+    #[serde(default)]
+    pub wire: WireFigures,
     /// Failures, errors and close codes, grouped by kind.
     pub events: Vec<Event>,
     /// Problems found, in words, one line per kind, with counts.
@@ -233,6 +236,19 @@ pub struct ServerFigures {
     pub rss_end_bytes: Option<u64>,
     /// (rss_connected - rss_before) / established connections.
     pub bytes_per_connection: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WireFigures {
+    /// `--compression` was given.
+    pub compression_offered: bool,
+    /// Connections whose upgrade negotiated permessage-deflate.
+    pub compressed_connections: u64,
+    /// Bytes read from the server from the start of the measured phase to
+    /// the end of the drain, WebSocket headers included.
+    pub bytes_in: u64,
+    /// `bytes_in` per delivered message (pings, acks and replies included).
+    pub bytes_in_per_delivery: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -38,18 +38,15 @@ struct ServeCli {
 /// A chorus server on a free loopback port, with a rate limit far above
 /// what the scenarios send.
 async fn start_server() -> chorus::Server {
-    let cli = ServeCli::try_parse_from([
-        "chorus",
-        "--listen",
-        "127.0.0.1:0",
-        "--jwt-secret",
-        SECRET,
-        "--rate",
-        "100000",
-        "--burst",
-        "100000",
-    ])
-    .expect("chorus options");
+    start_server_with(&[]).await
+}
+
+/// [`start_server`] with more `chorus serve` options.
+async fn start_server_with(extra: &[&str]) -> chorus::Server {
+    let mut argv =
+        vec!["chorus", "--listen", "127.0.0.1:0", "--jwt-secret", SECRET, "--rate", "100000", "--burst", "100000"];
+    argv.extend_from_slice(extra);
+    let cli = ServeCli::try_parse_from(argv).expect("chorus options");
     let config = chorus::Config::from_args(cli.args).expect("chorus configuration");
     chorus::Server::start(config).await.expect("chorus starts")
 }
@@ -314,6 +311,48 @@ async fn fanout_delivers_every_message_to_every_member() {
 
     let page = std::fs::read_to_string(html.path()).expect("read the --report file");
     assert!(page.contains("<svg") && page.trim_end().ends_with("</html>"), "the report is an HTML page with plots");
+}
+
+/// `--compression` on both sides: every member negotiates permessage-deflate,
+/// inflates what the server compressed (the seq and marker checks read the
+/// inflated JSON), and the report counts the bytes on the wire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_with_compression_inflates_every_delivery() {
+    let server = start_server_with(&["--compression"]).await;
+    let json = TempFile::new("fanout-deflate.json");
+    let s = run_loadgen(
+        &server,
+        &json,
+        &[
+            "fanout",
+            "--rooms",
+            "1",
+            "--members",
+            "20",
+            "--room-prefix",
+            "it-deflate",
+            "--publishers",
+            "1",
+            "--rate",
+            "100",
+            "--payload",
+            "300",
+            "--duration",
+            "1s",
+            "--drain",
+            "2s",
+            "--compression",
+        ],
+    )
+    .await;
+    server.shutdown(Duration::from_secs(5)).await;
+    assert_clean(&s, 20 + 1, 20);
+    assert_every_delivery(&s, 100, 20);
+    assert!(s.wire.compression_offered);
+    assert!(s.wire.compressed_connections >= 21, "{:?}", s.wire);
+    assert!(s.wire.bytes_in > 0 && s.wire.bytes_in_per_delivery > 0.0, "{:?}", s.wire);
+    let v = check_json(json.path(), &s);
+    assert_eq!(v["wire"]["compression_offered"], true);
 }
 
 /// 3 rooms x 4 members, each member in 2 rooms (so 8 members per room)

@@ -67,7 +67,7 @@ async fn publish_durably(
         let frame = outbound::message(room, seq, from, ts, body.get().as_bytes());
         let delivered_room = room.clone();
         let on_commit = Box::new(move || {
-            let (recipients, slow) = registry.deliver_committed(&delivered_room, StoredMessage { seq, frame });
+            let (recipients, slow) = registry.deliver_committed(&delivered_room, StoredMessage::new(seq, frame));
             metrics.record_fanout(started, recipients, slow);
             let _ = committed.send(seq);
         });

@@ -32,6 +32,8 @@ pub struct Connection {
     pub outbox: Outbox,
     socket: TcpStream,
     writer: Arc<WriterConfig>,
+    /// permessage-deflate, when the upgrade negotiated it.
+    deflate: Option<ws::PeerDeflate>,
     /// Milliseconds on the server clock when the client last sent anything.
     last_seen: AtomicU64,
     /// Milliseconds on the server clock of the last server ping.
@@ -56,6 +58,7 @@ pub struct Setup {
     pub expires_at: u64,
     pub now_ms: u64,
     pub writer: Arc<WriterConfig>,
+    pub deflate: Option<ws::PeerDeflate>,
 }
 
 impl Connection {
@@ -66,6 +69,7 @@ impl Connection {
             outbox: Outbox::new(setup.send_queue),
             socket,
             writer: setup.writer,
+            deflate: setup.deflate,
             last_seen: AtomicU64::new(setup.now_ms),
             last_ping: AtomicU64::new(setup.now_ms),
             expires_at: AtomicU64::new(setup.expires_at),
@@ -77,6 +81,33 @@ impl Connection {
 
     pub fn socket(&self) -> &TcpStream {
         &self.socket
+    }
+
+    /// What the upgrade negotiated for compression, if anything.
+    pub fn deflate(&self) -> Option<ws::PeerDeflate> {
+        self.deflate
+    }
+
+    /// A frame made for this connection alone (a reply): compressed when it
+    /// negotiated compression and the payload qualifies. Control frames and
+    /// frames already compressed go as they are.
+    pub fn own_frame(&self, frame: Bytes) -> Bytes {
+        match self.deflate {
+            Some(peer) if peer.wants(ws::frame::payload(&frame).len()) => ws::deflate_frame(&frame).unwrap_or(frame),
+            _ => frame,
+        }
+    }
+
+    /// A frame shared by several connections (a presence diff, an epoch's
+    /// `joined`), in the form this one gets: `deflated` caches the
+    /// compressed twin, made at most once for all of them.
+    pub fn shared_frame(&self, frame: &Bytes, deflated: &mut Option<Option<Bytes>>) -> Bytes {
+        match self.deflate {
+            Some(peer) if peer.wants(ws::frame::payload(frame).len()) => {
+                deflated.get_or_insert_with(|| ws::deflate_frame(frame)).clone().unwrap_or_else(|| frame.clone())
+            }
+            _ => frame.clone(),
+        }
     }
 
     /// Queues a frame and writes it now if nobody else is writing; a full

@@ -24,7 +24,7 @@ use crate::registry::Since;
 use crate::room::RoomName;
 use crate::state::ServerState;
 use crate::ws::linger::Bounds;
-use crate::ws::{self, FrameReader, Incoming};
+use crate::ws::{self, FrameReader, Incoming, PeerDeflate};
 
 /// How long a closing connection waits for its close frame to be written.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -50,6 +50,7 @@ pub fn run(
     early: Bytes,
     claims: Claims,
     room: Option<RoomName>,
+    deflate: Option<PeerDeflate>,
 ) -> impl Future<Output = ()> + Send {
     // Boxed: the future keeps it for as long as it lives (8 bytes, not 16).
     let room = room.map(Box::new);
@@ -60,13 +61,14 @@ pub fn run(
         expires_at: claims.exp,
         now_ms: state.now_ms(),
         writer: state.writer.clone(),
+        deflate,
     };
     let conn = Arc::new(Connection::new(stream, setup));
     state.connections.insert(conn.id, conn.clone());
     state.metrics.connections.inc();
     // `early` is a slice of hyper's read buffer: copy what it holds and let
     // the buffer go, or every connection keeps kilobytes it never uses.
-    let mut reader = FrameReader::new(&early, state.config.max_message_bytes);
+    let mut reader = FrameReader::new(&early, state.config.max_message_bytes, deflate.is_some());
     drop(early);
     let bucket = TokenBucket::new(limit(&state), state.uptime());
     let mut session = Session { state, conn, claims, rooms: Vec::new(), bucket, refused_in_a_row: 0 };
@@ -307,7 +309,7 @@ impl Session {
     }
 
     fn send(&self, frame: Bytes) {
-        if self.conn.send(frame) == Err(PushError::Full) {
+        if self.conn.send(self.conn.own_frame(frame)) == Err(PushError::Full) {
             self.state.metrics.slow_consumers.inc();
         }
     }

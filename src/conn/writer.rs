@@ -258,7 +258,8 @@ mod tests {
         let (socket, _) = listener.accept().await.unwrap();
         let writer =
             Arc::new(WriterConfig { coalescing: Coalescing::new(coalesce, 0.0), metrics: Arc::new(Metrics::new()) });
-        let setup = Setup { id: 1, sub: "test".into(), send_queue, expires_at: u64::MAX, now_ms: 0, writer };
+        let setup =
+            Setup { id: 1, sub: "test".into(), send_queue, expires_at: u64::MAX, now_ms: 0, writer, deflate: None };
         (Arc::new(Connection::new(socket, setup)), peer)
     }
 

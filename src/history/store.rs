@@ -217,5 +217,5 @@ fn stored(room: &RoomName, row: &tokio_postgres::Row) -> Result<StoredMessage, t
     let sender: &str = row.try_get(1)?;
     let ts = row.try_get::<_, i64>(2)? as u64;
     let body: &str = row.try_get(3)?;
-    Ok(StoredMessage { seq, frame: outbound::message(room, seq, sender, ts, body.as_bytes()) })
+    Ok(StoredMessage::new(seq, outbound::message(room, seq, sender, ts, body.as_bytes())))
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use futures_util::future::{Either, FutureExt};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::header::{HeaderValue, SEC_WEBSOCKET_EXTENSIONS};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -14,6 +15,7 @@ use tokio::net::TcpStream;
 use super::{authorize, ApiError, HttpResponse};
 use crate::conn::session;
 use crate::state::ServerState;
+use crate::ws::{extension, PeerDeflate};
 
 pub fn upgrade(
     state: &Arc<ServerState>,
@@ -27,8 +29,22 @@ pub fn upgrade(
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return Err(ApiError::new(StatusCode::UPGRADE_REQUIRED, "bad_request", "expected a WebSocket upgrade"));
     }
-    let (response, upgrading) =
+    // permessage-deflate, only with --compression and when the client offers it.
+    let accepted = state.config.compression_min_bytes.and_then(|min| {
+        let offers = req.headers().get_all(SEC_WEBSOCKET_EXTENSIONS).iter().filter_map(|v| v.to_str().ok());
+        extension::negotiate(offers).map(|accepted| (accepted, PeerDeflate::new(min, accepted.window_bits())))
+    });
+    let (mut response, upgrading) =
         fastwebsockets::upgrade::upgrade(&mut req).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let deflate = match accepted {
+        Some((accepted, peer)) => {
+            let value =
+                HeaderValue::from_str(&accepted.response()).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            response.headers_mut().insert(SEC_WEBSOCKET_EXTENSIONS, value);
+            Some(peer)
+        }
+        None => None,
+    };
     let session_state = state.clone();
     // `then` rather than an async block: the task's future is either the
     // upgrade or the session, never both, so every connection's task is
@@ -43,7 +59,9 @@ pub fn upgrade(
         };
         // We gave hyper a TcpStream, so that is what comes back.
         match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => Either::Left(session::run(session_state, parts.io.into_inner(), parts.read_buf, claims, room)),
+            Ok(parts) => {
+                Either::Left(session::run(session_state, parts.io.into_inner(), parts.read_buf, claims, room, deflate))
+            }
             Err(_) => {
                 tracing::error!("upgraded connection is not a TcpStream");
                 Either::Right(std::future::ready(()))

@@ -159,7 +159,7 @@ impl RoomPresence {
                 true
             }
         };
-        (new, conn.queue(state))
+        (new, conn.queue(conn.own_frame(state)))
     }
 
     /// Stops sending presence frames to `id`; whether it was subscribed.
@@ -271,18 +271,24 @@ impl RoomPresence {
         // flush each have their own starting point.
         let mut changes: HashMap<usize, Change> = HashMap::new();
         let mut state: Option<Bytes> = None;
+        // The compressed twin of each frame, made once for every subscriber
+        // that negotiated compression (keyed like `changes`; `usize::MAX`
+        // for the state).
+        let mut deflated: HashMap<usize, Option<Option<Bytes>>> = HashMap::new();
         for subscriber in &mut live.subscribers {
+            let key = subscriber.from;
             let change = changes.entry(subscriber.from).or_insert_with(|| self.change(room, &log[subscriber.from..]));
             subscriber.from = 0;
             let frame = match change {
                 Change::None => continue,
                 Change::Diff(frame) => {
                     metrics.presence_diffs.inc();
-                    frame.clone()
+                    subscriber.conn.shared_frame(frame, deflated.entry(key).or_default())
                 }
                 Change::State => {
                     metrics.presence_states.inc();
-                    state.get_or_insert_with(|| outbound::presence_state(room, self.view())).clone()
+                    let state = state.get_or_insert_with(|| outbound::presence_state(room, self.view()));
+                    subscriber.conn.shared_frame(state, deflated.entry(usize::MAX).or_default())
                 }
             };
             match subscriber.conn.queue(frame) {

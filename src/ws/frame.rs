@@ -12,7 +12,9 @@ use bytes::Bytes;
 /// Room for the longest header of an unmasked frame (2 + 8 length bytes).
 const MAX_HEADER: usize = 10;
 
-const FIN: u8 = 0x80;
+pub(super) const FIN: u8 = 0x80;
+/// Set on the first frame of a compressed message (RFC 7692).
+pub(super) const RSV1: u8 = 0x40;
 
 /// Builds one text frame: write the payload into [`buf`](Self::buf), then
 /// [`finish`](Self::finish).
@@ -53,7 +55,7 @@ pub fn text_frame(payload: &[u8]) -> Bytes {
 }
 
 /// The header of an unmasked frame with the given first byte and payload length.
-fn header(first: u8, len: usize) -> ([u8; MAX_HEADER], usize) {
+pub(super) fn header(first: u8, len: usize) -> ([u8; MAX_HEADER], usize) {
     let mut h = [0; MAX_HEADER];
     h[0] = first;
     if len < 126 {

@@ -8,6 +8,8 @@
 //! message rather than of each fragment, and answers an oversized message with
 //! a 1009 close.
 
+pub mod deflate;
+pub mod extension;
 pub mod frame;
 pub mod linger;
 pub mod reader;
@@ -22,5 +24,6 @@ mod opcode {
     pub const PONG: u8 = 0xA;
 }
 
+pub use deflate::{deflate_frame, PeerDeflate};
 pub use frame::{close_frame, ping_frame, pong_frame, TextFrameBuilder};
 pub use reader::{FrameReader, Incoming, ReadError};

@@ -5,6 +5,7 @@
 //! frames the reader drops its buffer and waits for readiness; it allocates a
 //! read buffer only when bytes are there to read.
 
+use super::deflate::{self, InflateError};
 use super::opcode;
 use std::task::{ready, Context, Poll};
 
@@ -40,6 +41,8 @@ pub enum ReadError {
     InvalidUtf8,
     #[error("message too large")]
     TooLarge,
+    #[error("compressed message does not inflate")]
+    BadCompression,
 }
 
 impl ReadError {
@@ -50,6 +53,7 @@ impl ReadError {
             ReadError::Protocol(why) => Some((1002, why)),
             ReadError::InvalidUtf8 => Some((1007, "invalid utf-8")),
             ReadError::TooLarge => Some((1009, "message too large")),
+            ReadError::BadCompression => Some((1007, "invalid compressed data")),
         }
     }
 }
@@ -57,6 +61,8 @@ impl ReadError {
 /// A message being reassembled from fragments.
 struct Partial {
     text: bool,
+    /// The message is permessage-deflate compressed (RSV1 on its first frame).
+    compressed: bool,
     data: BytesMut,
 }
 
@@ -64,14 +70,17 @@ struct Partial {
 pub struct FrameReader {
     buf: BytesMut,
     max_message: usize,
+    /// permessage-deflate was negotiated: RSV1 marks a compressed message.
+    inflate: bool,
     /// Boxed: rare, and the reader lives in every connection's future.
     partial: Option<Box<Partial>>,
 }
 
 impl FrameReader {
-    /// `initial` holds bytes already read past the HTTP upgrade request.
-    pub fn new(initial: &[u8], max_message: usize) -> Self {
-        Self { buf: BytesMut::from(initial), max_message, partial: None }
+    /// `initial` holds bytes already read past the HTTP upgrade request;
+    /// `inflate` says whether the upgrade negotiated permessage-deflate.
+    pub fn new(initial: &[u8], max_message: usize, inflate: bool) -> Self {
+        Self { buf: BytesMut::from(initial), max_message, inflate, partial: None }
     }
 
     /// Hands over the bytes read but not yet used, and drops any message
@@ -123,6 +132,12 @@ impl FrameReader {
             let Some(head) = FrameHead::parse(&self.buf)? else {
                 return Ok(None);
             };
+            // RSV1 marks the first frame of a compressed message, and only
+            // once the extension was negotiated (RFC 7692 6).
+            let data_start = matches!(head.opcode, opcode::TEXT | opcode::BINARY);
+            if head.rsv1 && !(self.inflate && data_start) {
+                return Err(ReadError::Protocol("reserved bits set"));
+            }
             self.check_size(&head)?;
             let total = head.header_len + head.payload_len;
             if self.buf.len() < total {
@@ -132,7 +147,7 @@ impl FrameReader {
             self.buf.advance(head.header_len);
             let mut payload = self.buf.split_to(head.payload_len);
             fastwebsockets::unmask(&mut payload, head.mask);
-            if let Some(incoming) = self.accept(head.fin, head.opcode, payload)? {
+            if let Some(incoming) = self.accept(&head, payload)? {
                 return Ok(Some(incoming));
             }
         }
@@ -143,24 +158,33 @@ impl FrameReader {
             return Ok(());
         }
         let so_far = self.partial.as_ref().map_or(0, |p| p.data.len());
-        if so_far.saturating_add(head.payload_len) > self.max_message {
+        let compressed = self.partial.as_ref().map_or(head.rsv1, |p| p.compressed);
+        // A compressed message is held to the limit once inflated; on the
+        // wire it may be a little larger than its text if incompressible.
+        let limit = match compressed {
+            true => self.max_message.saturating_add(self.max_message / 64).saturating_add(64),
+            false => self.max_message,
+        };
+        if so_far.saturating_add(head.payload_len) > limit {
             return Err(ReadError::TooLarge);
         }
         Ok(())
     }
 
     /// Interprets one unmasked frame; `None` while a fragmented message is incomplete.
-    fn accept(&mut self, fin: bool, opcode: u8, payload: BytesMut) -> Result<Option<Incoming>, ReadError> {
-        match opcode {
+    fn accept(&mut self, head: &FrameHead, payload: BytesMut) -> Result<Option<Incoming>, ReadError> {
+        let fin = head.fin;
+        match head.opcode {
             opcode::TEXT | opcode::BINARY => {
                 if self.partial.is_some() {
                     return Err(ReadError::Protocol("expected a continuation frame"));
                 }
-                let text = opcode == opcode::TEXT;
+                let text = head.opcode == opcode::TEXT;
+                let compressed = head.rsv1;
                 if fin {
-                    return complete(text, payload).map(Some);
+                    return self.complete(text, compressed, payload).map(Some);
                 }
-                self.partial = Some(Box::new(Partial { text, data: payload }));
+                self.partial = Some(Box::new(Partial { text, compressed, data: payload }));
                 Ok(None)
             }
             opcode::CONTINUATION => {
@@ -169,7 +193,7 @@ impl FrameReader {
                 };
                 partial.data.extend_from_slice(&payload);
                 if fin {
-                    return complete(partial.text, partial.data).map(Some);
+                    return self.complete(partial.text, partial.compressed, partial.data).map(Some);
                 }
                 self.partial = Some(partial);
                 Ok(None)
@@ -179,6 +203,21 @@ impl FrameReader {
             opcode::PONG => Ok(Some(Incoming::Pong)),
             _ => Err(ReadError::Protocol("unknown opcode")),
         }
+    }
+}
+
+impl FrameReader {
+    /// A whole message: inflated if compressed (within the size limit),
+    /// then checked as UTF-8 if text.
+    fn complete(&self, text: bool, compressed: bool, data: BytesMut) -> Result<Incoming, ReadError> {
+        let data = match compressed {
+            true => deflate::inflate(&data, self.max_message).map_err(|e| match e {
+                InflateError::TooLarge => ReadError::TooLarge,
+                InflateError::Corrupt => ReadError::BadCompression,
+            })?,
+            false => data,
+        };
+        complete(text, data)
     }
 }
 
@@ -214,6 +253,7 @@ fn close_code(payload: &[u8]) -> Result<Option<u16>, ReadError> {
 /// The fixed part of a frame, once enough bytes are there to read it.
 struct FrameHead {
     fin: bool,
+    rsv1: bool,
     opcode: u8,
     mask: [u8; 4],
     header_len: usize,
@@ -227,9 +267,12 @@ impl FrameHead {
         };
         let fin = b0 & 0x80 != 0;
         let opcode = b0 & 0x0F;
-        if b0 & 0x70 != 0 {
+        // RSV1 belongs to permessage-deflate (checked by the reader); no
+        // extension uses RSV2 or RSV3.
+        if b0 & 0x30 != 0 {
             return Err(ReadError::Protocol("reserved bits set"));
         }
+        let rsv1 = b0 & 0x40 != 0;
         if b1 & 0x80 == 0 {
             return Err(ReadError::Protocol("client frames must be masked"));
         }
@@ -256,7 +299,7 @@ impl FrameHead {
         }
         let mut mask = [0; 4];
         mask.copy_from_slice(&buf[header_len - 4..header_len]);
-        Ok(Some(Self { fin, opcode, mask, header_len, payload_len }))
+        Ok(Some(Self { fin, rsv1, opcode, mask, header_len, payload_len }))
     }
 }
 
@@ -285,7 +328,7 @@ mod tests {
     }
 
     fn reader_with(bytes: &[u8], max: usize) -> FrameReader {
-        FrameReader::new(bytes, max)
+        FrameReader::new(bytes, max, false)
     }
 
     #[test]

@@ -17,6 +17,20 @@ function play(c, timeoutMs) {
       clearTimeout(timer);
       resolve({ case: c.name, code: e.code, reason: e.reason, clean: e.wasClean });
     };
+    if (c.do === 'compress') {
+      // Compression check (tests/compression.rs): after `joined`, send the
+      // case's text; report the negotiated extensions and the body of the
+      // `message` that comes back.
+      ws.onmessage = (e) => {
+        const m = JSON.parse(e.data);
+        if (m.type === 'joined') ws.send(c.text);
+        if (m.type !== 'message') return;
+        clearTimeout(timer);
+        resolve({ case: c.name, extensions: ws.extensions, body: m.body });
+        ws.close(1000);
+      };
+      return;
+    }
     ws.onopen = () => {
       switch (c.do) {
         case 'close': ws.close(c.code, c.reason); break;

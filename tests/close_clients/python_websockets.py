@@ -27,10 +27,30 @@ async def until_closed(ws):
             return closed.rcvd.code, closed.rcvd.reason
 
 
+async def compressed_round_trip(ws, case):
+    """Compression check (tests/compression.rs): after `joined`, sends the
+    case's text and returns the extensions negotiated and the body of the
+    `message` that comes back."""
+    await ws.recv()
+    await ws.send(case["text"])
+    while True:
+        message = json.loads(await ws.recv())
+        if message["type"] == "message":
+            break
+    deflate = [e for e in ws.protocol.extensions if e.name == "permessage-deflate"]
+    return {
+        "extensions": [e.name for e in ws.protocol.extensions],
+        "no_context_takeover": [d.remote_no_context_takeover and d.local_no_context_takeover for d in deflate],
+        "body": message["body"],
+    }
+
+
 async def play(case):
     # No keepalive pings of our own: a ping timeout must be the server's.
     async with connect(case["url"], ping_interval=None, open_timeout=10, close_timeout=5) as ws:
         action = case["do"]
+        if action == "compress":
+            return await compressed_round_trip(ws, case)
         try:
             if action == "close":
                 await ws.close(case["code"], case["reason"])
@@ -53,7 +73,10 @@ async def play(case):
 
 async def run(case, timeout_s):
     try:
-        code, reason = await asyncio.wait_for(play(case), timeout_s)
+        result = await asyncio.wait_for(play(case), timeout_s)
+        if isinstance(result, dict):
+            return {"case": case["name"], **result}
+        code, reason = result
         return {"case": case["name"], "code": code, "reason": reason}
     except Exception as failure:  # Reported in the cell, so one case never hides the others.
         return {"case": case["name"], "code": None, "reason": f"{type(failure).__name__}: {failure}"}

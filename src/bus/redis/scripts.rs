@@ -238,7 +238,7 @@ pub fn stored_messages(flat: &[Vec<u8>]) -> Vec<StoredMessage> {
     flat.chunks_exact(2)
         .filter_map(|pair| {
             let seq = std::str::from_utf8(&pair[1]).ok()?.parse().ok()?;
-            Some(StoredMessage { seq, frame: text_frame(&pair[0]) })
+            Some(StoredMessage::new(seq, text_frame(&pair[0])))
         })
         .collect()
 }

@@ -201,7 +201,7 @@ pub(super) async fn on_message(
         return Ok(());
     };
     metrics.bus_messages_received.inc();
-    let message = StoredMessage { seq: envelope.seq, frame: text_frame(envelope.json) };
+    let message = StoredMessage::new(envelope.seq, text_frame(envelope.json));
     let started = Instant::now();
     if scripts.keys.is_cluster() && envelope.seq > 1 && *registry.room_epoch(&room) != *envelope.epoch {
         // A new epoch (a failover on a Redis Cluster): its first messages
