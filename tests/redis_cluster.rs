@@ -362,10 +362,27 @@ async fn a_primary_killed_under_load_loses_nothing_acked_within_an_epoch() {
         }
     }
     assert!(owner_of(&cluster.seeds, &prefix, room) != victim, "a replica took over the slot");
-    // Let the last messages arrive, then compare.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Read until every acked body arrived (a node resubscribes, and fills
+    // the gap from history, once a second: on a busy machine that can come
+    // well after the last ack), or until a deadline; then compare.
+    let acked_bodies: std::collections::HashSet<i64> = acked.iter().map(|(_, body)| *body).collect();
     for (name, client) in [("ann", &mut on_a), ("bob", &mut on_b)] {
         let mut frames = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !acked_bodies.is_subset(&seen) {
+            let Ok(Some(Ok(message))) = tokio::time::timeout_at(deadline, client.next()).await else {
+                break;
+            };
+            if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
+                let frame = serde_json::from_str::<Value>(&text).unwrap();
+                if frame["type"] == "message" {
+                    seen.insert(frame["body"].as_i64().unwrap());
+                }
+                frames.push(frame);
+            }
+        }
+        // Anything a moment later (a duplicate would show here).
         while let Ok(Some(Ok(message))) = tokio::time::timeout(Duration::from_millis(300), client.next()).await {
             if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
                 frames.push(serde_json::from_str::<Value>(&text).unwrap());
