@@ -383,6 +383,55 @@ async fn fanout_with_presence_churn_keeps_every_delivery() {
     assert!(report::table(&s).contains("churn"), "the table has a churn line");
 }
 
+/// `idle --presence --churn`: churn with nothing sent, during the hold
+/// phase (the other timing the engine has): 30 users in one room, 20
+/// leaves and rejoins a second for 1.5 s, each rejoin answered, the
+/// presence frames of that phase counted apart from the join storm's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_with_presence_churn_rejoins_every_member() {
+    let server = start_server().await;
+    let json = TempFile::new("idle-churn.json");
+    let pid = std::process::id().to_string();
+    let s = run_loadgen(
+        &server,
+        &json,
+        &[
+            "idle",
+            "--connections",
+            "30",
+            "--per-room",
+            "30",
+            "--room-prefix",
+            "it-idle-churn",
+            "--duration",
+            "1500ms",
+            "--presence",
+            "--churn",
+            "20",
+            "--server-pid",
+            &pid,
+            "--settle",
+            "100ms",
+        ],
+    )
+    .await;
+    server.shutdown(Duration::from_secs(5)).await;
+
+    assert_clean(&s, 30, 30);
+    assert_eq!((s.messages.sent, s.messages.delivered), (0, 0));
+    let c = s.churn.as_ref().expect("churn figures with --churn");
+    assert!(c.leaves >= 20 && c.leaves + c.skipped <= 31, "churn events: {c:?}");
+    assert_eq!((c.rejoins, c.unrecovered, c.failed), (c.leaves, 0, 0), "{c:?}");
+    assert!(c.presence_states >= c.rejoins && c.presence_frames == c.presence_states + c.presence_diffs, "{c:?}");
+    assert!(c.server_cpu_us_per_churn.is_some_and(|us| us.is_finite() && us >= 0.0), "{c:?}");
+    let p = s.presence.as_ref().expect("presence figures");
+    assert_eq!(p.complete, 30, "every subscriber saw the whole room: {p:?}");
+    // The join storm's frames are not in the churn's.
+    assert!(p.frames >= c.presence_frames + 30, "{p:?} {c:?}");
+    let v = check_json(json.path(), &s);
+    assert_eq!(v["churn"]["rejoins"], v["churn"]["leaves"]);
+}
+
 /// `--compression` on both sides: every member negotiates permessage-deflate,
 /// inflates what the server compressed (the seq and marker checks read the
 /// inflated JSON), and the report counts the bytes on the wire.
