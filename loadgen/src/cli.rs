@@ -58,6 +58,12 @@ pub struct Common {
     #[arg(long, global = true)]
     pub churn: Option<f64>,
 
+    /// With --churn: how long a member stays out of the room before it
+    /// rejoins (0: at once, on `left`). Keep it below --drain.
+    #[arg(long, global = true, default_value = "0s", value_parser = humantime::parse_duration)]
+    #[serde(with = "secs")]
+    pub churn_away: Duration,
+
     /// Prefix of the `sub` claim of minted tokens.
     #[arg(long, global = true, default_value = "lg-")]
     pub sub_prefix: String,

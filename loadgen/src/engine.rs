@@ -83,6 +83,7 @@ pub async fn run(cli: Cli) -> Result<Summary> {
     let stats = Stats::new(plan.rooms.len(), common.threads.max(1) * 4)?;
     let mut shared = Shared::new(stats, clock, plan.rooms.clone());
     shared.presence = common.presence;
+    shared.churn_away = common.churn_away;
     shared.room_members = vec![0; plan.rooms.len()];
     for room in plan.specs.iter().flat_map(|s| &s.joins) {
         if let Some(n) = shared.room_members.get_mut(*room) {
@@ -215,7 +216,10 @@ pub async fn run(cli: Cli) -> Result<Summary> {
             let c0 = server.cpu();
             if let Some(rate) = churn_rate {
                 let start_ns = clock.now_ns();
-                let end_ns = start_ns + d.as_nanos() as u64;
+                // No drain follows a hold: the last leave is early enough
+                // for its rejoin to be answered within it.
+                let end_ns =
+                    start_ns + d.saturating_sub(common.churn_away + Duration::from_millis(100)).as_nanos() as u64;
                 churn_task = crate::churn::spawn(&sessions, rate, start_ns, end_ns, sh.clone(), churn_stop.clone());
             }
             let th = Instant::now();
@@ -386,6 +390,7 @@ pub async fn run(cli: Cli) -> Result<Summary> {
             let states = presence1.1 - presence0.1;
             ChurnFigures {
                 rate,
+                away_s: common.churn_away.as_secs_f64(),
                 leaves,
                 rejoins: st.churn_rejoins.load(Ordering::Relaxed),
                 unrecovered: st.churn_unrecovered.load(Ordering::Relaxed),

@@ -256,6 +256,7 @@ fn merged_churn(runs: &[(String, Summary)], subscribers: u64) -> Option<ChurnFig
     for c in runs.iter().filter_map(|(_, r)| r.churn.as_ref()) {
         let o = out.get_or_insert_with(ChurnFigures::default);
         o.rate += c.rate;
+        o.away_s = o.away_s.max(c.away_s);
         o.leaves += c.leaves;
         o.rejoins += c.rejoins;
         o.unrecovered += c.unrecovered;

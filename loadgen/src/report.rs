@@ -41,8 +41,16 @@ pub fn table(s: &Summary) -> String {
         let cpu = c.server_cpu_us_per_churn.map_or_else(String::new, |us| format!("; server {us:.0} us CPU per churn"));
         let _ = writeln!(
             o,
-            "{:<13} {} leaves ({:.1}/s of {:.1} asked), {} rejoined, {} unrecovered, {} refused, {} skipped",
-            "churn", c.leaves, c.per_s, c.rate, c.rejoins, c.unrecovered, c.failed, c.skipped
+            "{:<13} {} leaves ({:.1}/s of {:.1} asked, {:.0} ms away), {} rejoined, {} unrecovered, {} refused, {} skipped",
+            "churn",
+            c.leaves,
+            c.per_s,
+            c.rate,
+            c.away_s * 1e3,
+            c.rejoins,
+            c.unrecovered,
+            c.failed,
+            c.skipped
         );
         let _ = writeln!(
             o,

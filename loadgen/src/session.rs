@@ -42,6 +42,8 @@ pub struct Shared {
     pub send_start_ns: AtomicU64,
     /// `--presence`: joins ask for presence frames.
     pub presence: bool,
+    /// `--churn-away`: how long a churned member stays out of its room.
+    pub churn_away: std::time::Duration,
     /// Members each room will have once every join is done.
     pub room_members: Vec<u64>,
     /// The factor every schedule's times are multiplied by (f64 bits):
@@ -61,6 +63,7 @@ impl Shared {
             rooms_json,
             send_start_ns: AtomicU64::new(0),
             presence: false,
+            churn_away: std::time::Duration::ZERO,
             room_members: Vec::new(),
             schedule_scale: AtomicU64::new(1.0f64.to_bits()),
         }
@@ -214,18 +217,37 @@ async fn read_frames(reader: &mut FrameReader, writer: &SharedWriter, st: &mut R
             }
         }
         if !st.outbox.is_empty() {
-            let mut w = writer.lock().await;
-            for frame in st.outbox.drain(..) {
-                w.push_text(frame.as_bytes());
+            let frames: Vec<String> = st.outbox.drain(..).collect();
+            if sh.churn_away.is_zero() {
+                write_frames(writer, &frames).await;
+            } else {
+                // `since` was fixed on `left` (nothing of the room arrives
+                // after it), so the rejoin may wait without losing a seq.
+                let (writer, away) = (writer.clone(), sh.churn_away);
+                tokio::spawn(async move {
+                    tokio::time::sleep(away).await;
+                    write_frames(&writer, &frames).await;
+                });
             }
-            // A failed write shows up as the read's error.
-            let _ = w.flush().await;
         }
         if let Err(e) = reader.fill().await {
             return error_key(&e);
         }
         now = sh.clock.now_ns();
     }
+}
+
+/// Writes frames unless the connection is closing; a failed write shows up
+/// as the reader's error.
+async fn write_frames(writer: &SharedWriter, frames: &[String]) {
+    let mut w = writer.lock().await;
+    if w.is_closed() {
+        return;
+    }
+    for frame in frames {
+        w.push_text(frame.as_bytes());
+    }
+    let _ = w.flush().await;
 }
 
 /// Answers a ping, or echoes the server's close (then nothing more is sent).

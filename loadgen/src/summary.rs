@@ -117,6 +117,9 @@ pub struct PresenceFigures {
 pub struct ChurnFigures {
     /// Churn events per second asked for (this process's share).
     pub rate: f64,
+    /// `--churn-away`: how long a member stayed out before rejoining, s.
+    #[serde(default)]
+    pub away_s: f64,
     /// Leaves sent; rejoins answered with `joined`; rejoins whose `joined`
     /// said `recovered: false`; rejoins refused; events passed over because
     /// every member tried was still rejoining.

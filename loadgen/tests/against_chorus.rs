@@ -314,10 +314,11 @@ async fn fanout_delivers_every_message_to_every_member() {
 }
 
 /// `--presence --churn`: 2 rooms x 10 presence subscribers take 400
-/// messages while members leave and rejoin 20 times a second. Each rejoin
-/// carries `since`, so every acked message still reaches every member once,
-/// in order; every leave is rejoined and recovered; each rejoin gets a
-/// fresh `presence_state`; the server's CPU per
+/// messages while members leave, stay out 300 ms (`--churn-away`) and
+/// rejoin, 20 times a second. Each rejoin carries `since`, so every acked
+/// message still reaches every member once, in order, the ones published
+/// while it was out replayed; every leave is rejoined and recovered; each
+/// rejoin gets a fresh `presence_state`; the server's CPU per
 /// churn event is measured (this test process is the server).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_with_presence_churn_keeps_every_delivery() {
@@ -346,6 +347,8 @@ async fn fanout_with_presence_churn_keeps_every_delivery() {
             "--presence",
             "--churn",
             "20",
+            "--churn-away",
+            "300ms",
             "--server-pid",
             &pid,
             "--settle",
@@ -368,8 +371,11 @@ async fn fanout_with_presence_churn_keeps_every_delivery() {
     assert_eq!((c.unrecovered, c.failed), (0, 0), "{c:?}");
     assert!(c.presence_states >= c.rejoins, "a fresh state per rejoin: {c:?}");
     assert_eq!(c.presence_frames, c.presence_states + c.presence_diffs);
-    // No count of diffs is asserted: a leave and its rejoin within one
-    // 100 ms round of the room net to nothing, which is the server's job.
+    // Out for 300 ms, longer than a presence round (100 ms): each leave
+    // reaches the room's 9 other subscribers as a diff before the rejoin,
+    // and a round carries few leaves at 10 a second per room.
+    assert!(c.presence_diffs >= c.leaves, "the others saw the leaves as diffs: {c:?}");
+    assert_eq!(c.away_s, 0.3);
     assert!(c.presence_frames_per_subscriber > 0.0);
     assert!(c.server_cpu_us_per_churn.is_some_and(|us| us.is_finite() && us >= 0.0), "{c:?}");
     let p = s.presence.as_ref().expect("presence figures with --presence");
