@@ -52,6 +52,18 @@ pub struct Common {
     #[arg(long, global = true)]
     pub presence: bool,
 
+    /// During the send (or hold) phase, members leave one of their rooms and
+    /// rejoin it (with `since`, so no message is lost or repeated) at this
+    /// many events per second in total (split over --of processes).
+    #[arg(long, global = true)]
+    pub churn: Option<f64>,
+
+    /// With --churn: how long a member stays out of the room before it
+    /// rejoins (0: at once, on `left`). Keep it below --drain.
+    #[arg(long, global = true, default_value = "0s", value_parser = humantime::parse_duration)]
+    #[serde(with = "secs")]
+    pub churn_away: Duration,
+
     /// Prefix of the `sub` claim of minted tokens.
     #[arg(long, global = true, default_value = "lg-")]
     pub sub_prefix: String,

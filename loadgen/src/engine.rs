@@ -25,7 +25,7 @@ use crate::scenario::{self, Plan, Timing};
 use crate::session::{self, Session, Shared};
 use crate::stats::Stats;
 use crate::summary::{
-    curve, Connections, Curves, Event, Joins, Latencies, LoadgenFigures, Messages, Percentiles, Phases,
+    curve, ChurnFigures, Connections, Curves, Event, Joins, Latencies, LoadgenFigures, Messages, Percentiles, Phases,
     PresenceFigures, RoomCounts, ServerFigures, Summary, WireFigures,
 };
 use crate::token::TokenSource;
@@ -83,6 +83,7 @@ pub async fn run(cli: Cli) -> Result<Summary> {
     let stats = Stats::new(plan.rooms.len(), common.threads.max(1) * 4)?;
     let mut shared = Shared::new(stats, clock, plan.rooms.clone());
     shared.presence = common.presence;
+    shared.churn_away = common.churn_away;
     shared.room_members = vec![0; plan.rooms.len()];
     for room in plan.specs.iter().flat_map(|s| &s.joins) {
         if let Some(n) = shared.room_members.get_mut(*room) {
@@ -159,6 +160,13 @@ pub async fn run(cli: Cli) -> Result<Summary> {
     let self_cpu1;
     let wire0;
     let phase_secs;
+    // `--churn`, this process's share of it.
+    let churn_rate = common.churn.filter(|r| *r > 0.0 && r.is_finite()).map(|r| r / common.of.max(1) as f64);
+    let churn_stop = Arc::new(AtomicBool::new(false));
+    let mut churn_task = None;
+    let presence0 =
+        (sh.stats.presence_frames.load(Ordering::Relaxed), sh.stats.presence_states.load(Ordering::Relaxed));
+    let cpu_measured;
     match plan.timing {
         Timing::Send { duration, drain } => {
             let start_ns = send_start(clock, common.start_at, &mut warnings);
@@ -170,6 +178,9 @@ pub async fn run(cli: Cli) -> Result<Summary> {
             let stop = Arc::new(AtomicBool::new(false));
             let pacer = pacer::spawn(clock, start_ns, end_ns, senders, stop.clone())
                 .context("cannot start the pacer thread")?;
+            if let Some(rate) = churn_rate {
+                churn_task = crate::churn::spawn(&sessions, rate, start_ns, end_ns, sh.clone(), churn_stop.clone());
+            }
             intr.sleep_until(clock.instant_at(start_ns).into()).await;
             phase.set(Phase::Send);
             measure_at_s = t0.elapsed().as_secs_f64();
@@ -193,6 +204,7 @@ pub async fn run(cli: Cli) -> Result<Summary> {
             stop.store(true, Ordering::SeqCst);
             let _ = tokio::task::spawn_blocking(move || pacer.join()).await;
             cpu_send = c0.zip(c1).map(|(a, b)| b - a);
+            cpu_measured = cpu_send;
             cpu_send_drain = c0.zip(c2).map(|(a, b)| b - a);
         }
         Timing::Hold(d) => {
@@ -201,9 +213,19 @@ pub async fn run(cli: Cli) -> Result<Summary> {
             sh.stats.counting.store(true, Ordering::SeqCst);
             self_cpu0 = proc::cpu_seconds("self").unwrap_or(0.0);
             wire0 = WIRE_BYTES_IN.load(Ordering::Relaxed);
+            let c0 = server.cpu();
+            if let Some(rate) = churn_rate {
+                let start_ns = clock.now_ns();
+                // No drain follows a hold: the last leave is early enough
+                // for its rejoin to be answered within it.
+                let end_ns =
+                    start_ns + d.saturating_sub(common.churn_away + Duration::from_millis(100)).as_nanos() as u64;
+                churn_task = crate::churn::spawn(&sessions, rate, start_ns, end_ns, sh.clone(), churn_stop.clone());
+            }
             let th = Instant::now();
             intr.sleep(d).await;
             hold_s = th.elapsed().as_secs_f64();
+            cpu_measured = c0.zip(server.cpu()).map(|(a, b)| b - a);
             self_cpu1 = proc::cpu_seconds("self").unwrap_or(0.0);
             phase_secs = hold_s;
         }
@@ -213,6 +235,12 @@ pub async fn run(cli: Cli) -> Result<Summary> {
         warnings.push("interrupted: the measured phase was cut short".into());
     }
     let wire_in = WIRE_BYTES_IN.load(Ordering::Relaxed).saturating_sub(wire0);
+    churn_stop.store(true, Ordering::SeqCst);
+    if let Some(t) = churn_task {
+        let _ = t.await;
+    }
+    let presence1 =
+        (sh.stats.presence_frames.load(Ordering::Relaxed), sh.stats.presence_states.load(Ordering::Relaxed));
 
     // Figures.
     sh.stats.counting.store(false, Ordering::SeqCst);
@@ -349,9 +377,31 @@ pub async fn run(cli: Cli) -> Result<Summary> {
                 subscribers,
                 frames,
                 states: st.presence_states.load(Ordering::Relaxed),
+                diffs: frames.saturating_sub(st.presence_states.load(Ordering::Relaxed)),
                 frames_per_subscriber: if subscribers > 0 { frames as f64 / subscribers as f64 } else { 0.0 },
                 complete: st.presence_complete.load(Ordering::Relaxed),
                 complete_after_s: (last > 0).then(|| last.saturating_sub(run_start_ns) as f64 / 1e9),
+            }
+        }),
+        churn: churn_rate.map(|rate| {
+            let leaves = st.churn_leaves.load(Ordering::Relaxed);
+            let subscribers = if common.presence { plan.joins() as u64 } else { 0 };
+            let frames = presence1.0 - presence0.0;
+            let states = presence1.1 - presence0.1;
+            ChurnFigures {
+                rate,
+                away_s: common.churn_away.as_secs_f64(),
+                leaves,
+                rejoins: st.churn_rejoins.load(Ordering::Relaxed),
+                unrecovered: st.churn_unrecovered.load(Ordering::Relaxed),
+                failed: st.churn_failed.load(Ordering::Relaxed),
+                skipped: st.churn_skipped.load(Ordering::Relaxed),
+                per_s: if phase_secs > 0.0 { leaves as f64 / phase_secs } else { 0.0 },
+                presence_frames: frames,
+                presence_states: states,
+                presence_diffs: frames - states,
+                presence_frames_per_subscriber: if subscribers > 0 { frames as f64 / subscribers as f64 } else { 0.0 },
+                server_cpu_us_per_churn: cpu_measured.filter(|_| leaves > 0).map(|c| c * 1e6 / leaves as f64),
             }
         }),
         loadgen,

@@ -10,6 +10,7 @@
 //! The binary is a thin shell over [`run`], so a test can drive a server
 //! with a scenario and check the returned [`Summary`].
 
+pub mod churn;
 pub mod cli;
 pub mod client;
 pub mod clock;

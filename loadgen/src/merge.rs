@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::histo;
 use crate::stats::{new_hist, Hist};
-use crate::summary::{curve, Event, Percentiles, RoomCounts, ServerFigures, Summary};
+use crate::summary::{curve, ChurnFigures, Event, Percentiles, PresenceFigures, RoomCounts, ServerFigures, Summary};
 use crate::verdict;
 
 /// Read a `--json` file of a single run.
@@ -197,6 +197,8 @@ pub fn merge(runs: &[(String, Summary)]) -> Result<Summary> {
     out.rooms = rooms.into_values().collect();
     out.events = events.into_values().collect();
     out.server = merged_server(runs, out.messages.delivered);
+    out.presence = merged_presence(runs);
+    out.churn = merged_churn(runs, out.presence.as_ref().map_or(0, |p| p.subscribers));
     out.latency.delivery = Percentiles::from_hist(&delivery);
     out.latency.delivery_from_send = Percentiles::from_hist(&from_send);
     out.latency.ack = Percentiles::from_hist(&ack);
@@ -222,6 +224,58 @@ fn merged_server(runs: &[(String, Summary)], delivered: u64) -> Option<ServerFig
     let mut s = r.server.clone()?;
     s.cpu_us_per_delivery = s.cpu_s_send.filter(|_| delivered > 0).map(|c| c * 1e6 / delivered as f64);
     Some(s)
+}
+
+/// The parts' presence counters added (each part's subscribers are its own).
+fn merged_presence(runs: &[(String, Summary)]) -> Option<PresenceFigures> {
+    let mut out: Option<PresenceFigures> = None;
+    for p in runs.iter().filter_map(|(_, r)| r.presence.as_ref()) {
+        let o = out.get_or_insert_with(PresenceFigures::default);
+        o.subscribers += p.subscribers;
+        o.frames += p.frames;
+        o.states += p.states;
+        o.diffs += p.diffs;
+        o.complete += p.complete;
+        o.complete_after_s = match (o.complete_after_s, p.complete_after_s) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    if let Some(o) = &mut out {
+        o.frames_per_subscriber = if o.subscribers > 0 { o.frames as f64 / o.subscribers as f64 } else { 0.0 };
+    }
+    out
+}
+
+/// The parts' churn added; the server's CPU per churn event is the most
+/// CPU any part measured (they all measured the same server over about the
+/// same phase) over every part's leaves.
+fn merged_churn(runs: &[(String, Summary)], subscribers: u64) -> Option<ChurnFigures> {
+    let mut out: Option<ChurnFigures> = None;
+    let mut cpu_us: Option<f64> = None;
+    for c in runs.iter().filter_map(|(_, r)| r.churn.as_ref()) {
+        let o = out.get_or_insert_with(ChurnFigures::default);
+        o.rate += c.rate;
+        o.away_s = o.away_s.max(c.away_s);
+        o.leaves += c.leaves;
+        o.rejoins += c.rejoins;
+        o.unrecovered += c.unrecovered;
+        o.failed += c.failed;
+        o.skipped += c.skipped;
+        o.per_s += c.per_s;
+        o.presence_frames += c.presence_frames;
+        o.presence_states += c.presence_states;
+        o.presence_diffs += c.presence_diffs;
+        if let Some(us) = c.server_cpu_us_per_churn {
+            cpu_us = Some(cpu_us.unwrap_or(0.0).max(us * c.leaves as f64));
+        }
+    }
+    if let Some(o) = &mut out {
+        o.presence_frames_per_subscriber =
+            if subscribers > 0 { o.presence_frames as f64 / subscribers as f64 } else { 0.0 };
+        o.server_cpu_us_per_churn = cpu_us.filter(|_| o.leaves > 0).map(|us| us / o.leaves as f64);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -265,5 +319,49 @@ mod tests {
         assert_eq!((m.messages.expected, m.messages.missing, m.messages.delivered), (30, 1, 29));
         assert!(!m.ok);
         assert!(m.problems.iter().any(|p| p.contains("1 of 30 expected deliveries missing")));
+    }
+
+    #[test]
+    fn presence_and_churn_add_up() {
+        let (mut a, mut b) = (run(0, 2, "idle"), run(1, 2, "idle"));
+        a.1.presence = Some(PresenceFigures {
+            subscribers: 10,
+            frames: 30,
+            states: 10,
+            diffs: 20,
+            complete: 10,
+            complete_after_s: Some(1.0),
+            ..Default::default()
+        });
+        b.1.presence = Some(PresenceFigures {
+            subscribers: 10,
+            frames: 50,
+            states: 20,
+            diffs: 30,
+            complete: 9,
+            complete_after_s: Some(2.0),
+            ..Default::default()
+        });
+        let churn = |leaves: u64, us: f64| ChurnFigures {
+            rate: 5.0,
+            leaves,
+            rejoins: leaves,
+            presence_frames: 20,
+            presence_states: 5,
+            presence_diffs: 15,
+            server_cpu_us_per_churn: Some(us),
+            ..Default::default()
+        };
+        a.1.churn = Some(churn(10, 100.0));
+        b.1.churn = Some(churn(20, 40.0));
+        let m = merge(&[a, b]).unwrap();
+        let p = m.presence.unwrap();
+        assert_eq!((p.subscribers, p.frames, p.states, p.diffs, p.complete), (20, 80, 30, 50, 19));
+        assert_eq!((p.frames_per_subscriber, p.complete_after_s), (4.0, Some(2.0)));
+        let c = m.churn.unwrap();
+        assert_eq!((c.rate, c.leaves, c.rejoins, c.presence_frames, c.presence_diffs), (10.0, 30, 30, 40, 30));
+        assert_eq!(c.presence_frames_per_subscriber, 2.0);
+        // The server measured 1,000 us CPU (part a: 10 x 100) over 30 leaves.
+        assert!((c.server_cpu_us_per_churn.unwrap() - 1000.0 / 30.0).abs() < 1e-9);
     }
 }

@@ -33,6 +33,8 @@ pub struct ServerFrame<'a> {
     pub marker: Option<Marker>,
     /// `count` of presence frames.
     pub count: Option<u64>,
+    /// `recovered` of a `joined` answering a join with `since`.
+    pub recovered: Option<bool>,
 }
 
 /// Parse one text frame; None when it is not a JSON object with a `type`.
@@ -46,6 +48,7 @@ pub fn parse(buf: &[u8]) -> Option<ServerFrame<'_>> {
             b"room" => f.room = Some(p.string()?),
             b"seq" => f.seq = p.number(),
             b"count" => f.count = p.number(),
+            b"recovered" => f.recovered = p.boolean(),
             b"ref" => f.reference = p.string_or_skip(),
             b"code" => f.code = p.string_or_skip(),
             b"message" => f.message = p.string_or_skip(),
@@ -158,6 +161,21 @@ impl<'a> Scanner<'a> {
                 None
             }
         }
+    }
+
+    /// `true` or `false`; any other value is skipped and gives None.
+    fn boolean(&mut self) -> Option<bool> {
+        self.ws();
+        let rest = self.b.get(self.i..)?;
+        let value = if rest.starts_with(b"true") {
+            Some(true)
+        } else if rest.starts_with(b"false") {
+            Some(false)
+        } else {
+            None
+        };
+        self.skip_value();
+        value
     }
 
     fn skip_scalar(&mut self) {
@@ -315,7 +333,11 @@ mod tests {
         assert_eq!(f.message, Some(r#"bad \"room\""#));
         assert_eq!(f.reference, None);
         let f = parse(br#"{"type":"joined","room":"a","seq":0,"epoch":"e1","recovered":false}"#).unwrap();
-        assert_eq!((f.seq, f.epoch), (Some(0), Some("e1")));
+        assert_eq!((f.seq, f.epoch, f.recovered), (Some(0), Some("e1"), Some(false)));
+        let f = parse(br#"{"type":"joined","recovered": true ,"room":"a","seq":3}"#).unwrap();
+        assert_eq!((f.recovered, f.room, f.seq), (Some(true), Some("a"), Some(3)));
+        let f = parse(br#"{"type":"joined","recovered":"yes","room":"a"}"#).unwrap();
+        assert_eq!((f.recovered, f.room), (None, Some("a")));
         assert!(parse(b"[1]").is_none());
         assert!(parse(br#"{"seq":1}"#).is_none());
         assert!(parse(br#"{"type":"x""#).is_none());

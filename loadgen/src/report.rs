@@ -33,8 +33,29 @@ pub fn table(s: &Summary) -> String {
         let after = p.complete_after_s.map_or_else(|| "never".to_owned(), |t| format!("{t:.2} s in"));
         let _ = writeln!(
             o,
-            "{:<13} {} frames ({} states), {:.1} per subscriber; {} of {} saw their whole room, the last {after}",
-            "presence", p.frames, p.states, p.frames_per_subscriber, p.complete, p.subscribers
+            "{:<13} {} frames ({} diffs, {} states), {:.1} per subscriber; {} of {} saw their whole room, the last {after}",
+            "presence", p.frames, p.diffs, p.states, p.frames_per_subscriber, p.complete, p.subscribers
+        );
+    }
+    if let Some(c) = &s.churn {
+        let cpu = c.server_cpu_us_per_churn.map_or_else(String::new, |us| format!("; server {us:.0} us CPU per churn"));
+        let _ = writeln!(
+            o,
+            "{:<13} {} leaves ({:.1}/s of {:.1} asked, {:.0} ms away), {} rejoined, {} unrecovered, {} refused, {} skipped",
+            "churn",
+            c.leaves,
+            c.per_s,
+            c.rate,
+            c.away_s * 1e3,
+            c.rejoins,
+            c.unrecovered,
+            c.failed,
+            c.skipped
+        );
+        let _ = writeln!(
+            o,
+            "{:<13} {} presence frames meanwhile ({} diffs, {} states), {:.1} per subscriber{cpu}",
+            "", c.presence_frames, c.presence_diffs, c.presence_states, c.presence_frames_per_subscriber
         );
     }
     let m = &s.messages;

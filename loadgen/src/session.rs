@@ -4,9 +4,17 @@
 //! that send, a send task that turns the pacer's due counters into `send`
 //! frames stamped with their scheduled time, batching whatever is due into
 //! one write.
+//!
+//! With `--churn`, the churn driver (`churn.rs`) writes a `leave` on a
+//! member's connection; its reader, on `left`, rejoins the room with `since`
+//! = the last seq it saw and that seq's epoch. Waiting for `left` matters:
+//! every message the server delivered before the leave arrives before
+//! `left`, so `since` is exact and the replay neither repeats nor skips a
+//! message; the seq check and the expected deliveries (acked x members)
+//! hold across the leave and the rejoin.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use fastwebsockets::OpCode;
@@ -34,6 +42,8 @@ pub struct Shared {
     pub send_start_ns: AtomicU64,
     /// `--presence`: joins ask for presence frames.
     pub presence: bool,
+    /// `--churn-away`: how long a churned member stays out of its room.
+    pub churn_away: std::time::Duration,
     /// Members each room will have once every join is done.
     pub room_members: Vec<u64>,
     /// The factor every schedule's times are multiplied by (f64 bits):
@@ -53,6 +63,7 @@ impl Shared {
             rooms_json,
             send_start_ns: AtomicU64::new(0),
             presence: false,
+            churn_away: std::time::Duration::ZERO,
             room_members: Vec::new(),
             schedule_scale: AtomicU64::new(1.0f64.to_bits()),
         }
@@ -98,6 +109,11 @@ pub struct SendSpec {
 /// A running connection.
 pub struct Session {
     pub id: usize,
+    /// Rooms it joined (for the churn driver).
+    pub rooms: Vec<usize>,
+    /// Set by the churn driver when it sends a leave, cleared by the reader
+    /// once the rejoin is answered: one churn at a time per connection.
+    pub churning: Arc<AtomicBool>,
     pub writer: SharedWriter,
     pub tasks: Vec<JoinHandle<()>>,
     /// For the pacer: the schedule and where to send due counters.
@@ -112,16 +128,19 @@ pub fn start(conn: Conn, spec: Spec, sh: Arc<Shared>) -> Session {
         sh.stats.join_pending.fetch_add(spec.joins.len() as i64, Ordering::SeqCst);
     }
     let send = spec.send.map(Arc::new);
+    let churning = Arc::new(AtomicBool::new(false));
     let state = ReaderState {
         id: spec.id,
         tracks: spec
             .joins
             .iter()
-            .map(|&room| Track { room, seq: SeqTrack::default(), join: JoinState::Pending })
+            .map(|&room| Track { room, seq: SeqTrack::default(), join: JoinState::Pending, epoch: None })
             .collect(),
         pending: spec.joins.len(),
         send: send.clone(),
         presence_complete: false,
+        churning: churning.clone(),
+        outbox: Vec::new(),
     };
     let mut tasks = vec![tokio::spawn(read_loop(reader, writer.clone(), state, sh.clone()))];
     let mut ticks = None;
@@ -130,7 +149,7 @@ pub fn start(conn: Conn, spec: Spec, sh: Arc<Shared>) -> Session {
         ticks = Some((send.schedule, tx));
         tasks.push(tokio::spawn(send_loop(spec.id, rx, writer.clone(), send, sh)));
     }
-    Session { id: spec.id, writer, tasks, ticks }
+    Session { id: spec.id, rooms: spec.joins, churning, writer, tasks, ticks }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,12 +157,16 @@ enum JoinState {
     Pending,
     Joined,
     Failed,
+    /// Left for churn; the rejoin with `since` is sent, `joined` awaited.
+    Rejoining,
 }
 
 struct Track {
     room: usize,
     seq: SeqTrack,
     join: JoinState,
+    /// The epoch of the last `joined`, sent back with `since` on a rejoin.
+    epoch: Option<String>,
 }
 
 struct ReaderState {
@@ -154,6 +177,11 @@ struct ReaderState {
     send: Option<Arc<SendSpec>>,
     /// A presence frame already showed every member of the room.
     presence_complete: bool,
+    /// See `Session::churning`.
+    churning: Arc<AtomicBool>,
+    /// Frames to write once the frames of the current read are handled
+    /// (rejoins).
+    outbox: Vec<String>,
 }
 
 async fn read_loop(mut reader: FrameReader, writer: SharedWriter, mut st: ReaderState, sh: Arc<Shared>) {
@@ -188,11 +216,38 @@ async fn read_frames(reader: &mut FrameReader, writer: &SharedWriter, st: &mut R
                 Err(e) => return error_key(&e),
             }
         }
+        if !st.outbox.is_empty() {
+            let frames: Vec<String> = st.outbox.drain(..).collect();
+            if sh.churn_away.is_zero() {
+                write_frames(writer, &frames).await;
+            } else {
+                // `since` was fixed on `left` (nothing of the room arrives
+                // after it), so the rejoin may wait without losing a seq.
+                let (writer, away) = (writer.clone(), sh.churn_away);
+                tokio::spawn(async move {
+                    tokio::time::sleep(away).await;
+                    write_frames(&writer, &frames).await;
+                });
+            }
+        }
         if let Err(e) = reader.fill().await {
             return error_key(&e);
         }
         now = sh.clock.now_ns();
     }
+}
+
+/// Writes frames unless the connection is closing; a failed write shows up
+/// as the reader's error.
+async fn write_frames(writer: &SharedWriter, frames: &[String]) {
+    let mut w = writer.lock().await;
+    if w.is_closed() {
+        return;
+    }
+    for frame in frames {
+        w.push_text(frame.as_bytes());
+    }
+    let _ = w.flush().await;
 }
 
 /// Answers a ping, or echoes the server's close (then nothing more is sent).
@@ -258,6 +313,7 @@ impl ReaderState {
             "message" => self.on_message(&f, now, sh),
             "ack" => self.on_ack(&f, now, sh),
             "joined" => self.on_joined(&f, sh),
+            "left" => self.on_left(&f, sh),
             "error" => self.on_error(&f, sh),
             "presence_state" | "presence_diff" => self.on_presence(&f, now, sh),
             _ => {}
@@ -339,11 +395,49 @@ impl ReaderState {
         }
     }
 
+    /// The answer to a churn leave: rejoin at once with `since` = the last
+    /// seq seen (every message delivered before the leave came before this).
+    fn on_left(&mut self, f: &ServerFrame<'_>, sh: &Shared) {
+        let Some(i) = self.track(f.room, sh) else { return };
+        let t = &mut self.tracks[i];
+        if t.join != JoinState::Joined {
+            return;
+        }
+        t.join = JoinState::Rejoining;
+        let presence = if sh.presence { r#","presence":true"# } else { "" };
+        let since = t.seq.last.unwrap_or(0);
+        let epoch = match &t.epoch {
+            Some(e) => format!(r#","epoch":"{e}""#),
+            None => String::new(),
+        };
+        self.outbox
+            .push(format!(r#"{{"type":"join","room":{},"since":{since}{epoch}{presence}}}"#, sh.rooms_json[t.room]));
+    }
+
     fn on_joined(&mut self, f: &ServerFrame<'_>, sh: &Shared) {
         let Some(i) = self.track(f.room, sh) else {
             return;
         };
         let t = &mut self.tracks[i];
+        if let Some(e) = f.epoch {
+            t.epoch = Some(e.to_string());
+        }
+        if t.join == JoinState::Rejoining {
+            // The replay came before this `joined`; the seq check saw it.
+            t.join = JoinState::Joined;
+            sh.stats.churn_rejoins.fetch_add(1, Ordering::Relaxed);
+            if f.recovered == Some(false) {
+                // Nothing was replayed (history gone, or a new epoch whose
+                // seqs have nothing to do with the old ones): go on from
+                // the seq of this `joined`. What the member missed shows as
+                // missing deliveries and as this count, not as a gap or a
+                // reorder.
+                sh.stats.churn_unrecovered.fetch_add(1, Ordering::Relaxed);
+                t.seq.last = f.seq.or(t.seq.last);
+            }
+            self.churning.store(false, Ordering::SeqCst);
+            return;
+        }
         if t.join != JoinState::Pending {
             return;
         }
@@ -365,6 +459,26 @@ impl ReaderState {
         let code = f.code.unwrap_or("unknown");
         let message = f.message.unwrap_or("");
         let is_send = f.reference.is_some_and(|r| r.parse::<u64>().is_ok());
+        if !is_send {
+            let rejoin = self
+                .tracks
+                .iter()
+                .position(|t| t.join == JoinState::Rejoining && Some(sh.rooms[t.room].as_str()) == f.room)
+                .or_else(|| self.tracks.iter().position(|t| t.join == JoinState::Rejoining));
+            if let Some(i) = rejoin {
+                // The rejoin was refused: this member is out of the room
+                // from here on, and its missed messages count as missing.
+                self.tracks[i].join = JoinState::Failed;
+                self.churning.store(false, Ordering::SeqCst);
+                sh.stats.churn_failed.fetch_add(1, Ordering::Relaxed);
+                let room = &sh.rooms[self.tracks[i].room];
+                sh.stats
+                    .issues()
+                    .join
+                    .add(code, || format!("rejoining room {room:?} after a churn leave: {code}: {message}"));
+                return;
+            }
+        }
         if self.pending > 0 && !is_send {
             // An error while joins are outstanding answers the oldest one.
             let i = self
@@ -509,10 +623,12 @@ mod tests {
             pending: joins.len(),
             tracks: joins
                 .into_iter()
-                .map(|room| Track { room, seq: SeqTrack::default(), join: JoinState::Pending })
+                .map(|room| Track { room, seq: SeqTrack::default(), join: JoinState::Pending, epoch: None })
                 .collect(),
             send: send.map(Arc::new),
             presence_complete: false,
+            churning: Arc::new(AtomicBool::new(false)),
+            outbox: Vec::new(),
         }
     }
 
@@ -572,6 +688,62 @@ mod tests {
         assert_eq!(sh.stats.acked_room[1].load(Ordering::SeqCst), 2);
         assert_eq!(sh.stats.issues().errors.0["rate_limited"].0, 1);
         assert_eq!(sh.stats.merged().ack.len(), 3);
+    }
+
+    /// A churn leave: on `left` the reader rejoins with `since` = the last
+    /// seq seen and its epoch; the replay and live messages after it pass
+    /// the seq check without gap or duplicate, and the rejoin is counted.
+    #[test]
+    fn churn_rejoins_with_since_and_keeps_the_seq_check() {
+        let mut sh = Shared::new(Stats::new(1, 1).unwrap(), Clock::new(), vec!["a".into()]);
+        sh.presence = true;
+        sh.stats.counting.store(true, Ordering::SeqCst);
+        let mut st = state(&sh, vec![0], None);
+        st.on_text(br#"{"type":"joined","room":"a","seq":10,"epoch":"e1"}"#, sh.clock.now_ns(), &sh);
+        st.on_text(&msg("a", 11, 0), sh.clock.now_ns(), &sh);
+        st.churning.store(true, Ordering::SeqCst);
+        // Delivered before the server handled the leave: still counted.
+        st.on_text(&msg("a", 12, 1), sh.clock.now_ns(), &sh);
+        st.on_text(br#"{"type":"left","room":"a"}"#, sh.clock.now_ns(), &sh);
+        assert_eq!(
+            st.outbox,
+            vec![r#"{"type":"join","room":"a","since":12,"epoch":"e1","presence":true}"#.to_string()]
+        );
+        // A second `left` (not ours) sends nothing more.
+        st.on_text(br#"{"type":"left","room":"a"}"#, sh.clock.now_ns(), &sh);
+        assert_eq!(st.outbox.len(), 1);
+        // The replay, then `joined`, then live messages.
+        st.on_text(&msg("a", 13, 2), sh.clock.now_ns(), &sh);
+        st.on_text(br#"{"type":"joined","room":"a","seq":13,"epoch":"e1","recovered":true}"#, sh.clock.now_ns(), &sh);
+        st.on_text(&msg("a", 14, 3), sh.clock.now_ns(), &sh);
+        assert!(!st.churning.load(Ordering::SeqCst), "the member can churn again");
+        assert_eq!(sh.stats.churn_rejoins.load(Ordering::SeqCst), 1);
+        assert_eq!(sh.stats.churn_unrecovered.load(Ordering::SeqCst), 0);
+        let m = sh.stats.merged();
+        assert_eq!((m.gaps, m.duplicates, m.reorders, m.delivered), (0, 0, 0, 4));
+        // Members are counted once, however often they rejoin.
+        assert_eq!(sh.stats.room_members[0].load(Ordering::SeqCst), 1);
+        assert_eq!(sh.stats.joined.load(Ordering::SeqCst), 1);
+
+        // A rejoin the server could not replay is counted; the seqs go on
+        // from its `joined` (a new epoch's seqs may be lower).
+        st.outbox.clear();
+        st.on_text(br#"{"type":"left","room":"a"}"#, sh.clock.now_ns(), &sh);
+        st.on_text(br#"{"type":"joined","room":"a","seq":3,"epoch":"e2","recovered":false}"#, sh.clock.now_ns(), &sh);
+        st.on_text(&msg("a", 4, 4), sh.clock.now_ns(), &sh);
+        assert_eq!(sh.stats.churn_unrecovered.load(Ordering::SeqCst), 1);
+        let m = sh.stats.merged();
+        assert_eq!((m.gaps, m.reorders), (0, 0));
+        st.outbox.clear();
+
+        // A refused rejoin: the track is out of the room, counted as failed.
+        st.on_text(br#"{"type":"left","room":"a"}"#, sh.clock.now_ns(), &sh);
+        assert!(st.outbox[0].contains(r#""since":4,"epoch":"e2""#), "{:?}", st.outbox);
+        st.churning.store(true, Ordering::SeqCst);
+        st.on_text(br#"{"type":"error","code":"forbidden","message":"no"}"#, sh.clock.now_ns(), &sh);
+        assert_eq!(sh.stats.churn_failed.load(Ordering::SeqCst), 1);
+        assert!(!st.churning.load(Ordering::SeqCst));
+        assert_eq!(sh.stats.issues().join.0["forbidden"].0, 1);
     }
 
     #[test]

@@ -151,6 +151,15 @@ pub struct Stats {
     pub presence_states: AtomicU64,
     pub presence_complete: AtomicU64,
     pub presence_complete_last_ns: AtomicU64,
+    /// `--churn`: leaves sent, rejoins answered with `joined`, rejoins whose
+    /// `joined` said `recovered: false` (messages lost for that member),
+    /// rejoins refused, and churn events skipped because every member tried
+    /// was still between its leave and its rejoin.
+    pub churn_leaves: AtomicU64,
+    pub churn_rejoins: AtomicU64,
+    pub churn_unrecovered: AtomicU64,
+    pub churn_failed: AtomicU64,
+    pub churn_skipped: AtomicU64,
     pub connect_hist: Mutex<Hist>,
     pub issues: Mutex<Issues>,
     /// Deliveries and acks count while this is set (send and drain phases).
@@ -181,6 +190,11 @@ impl Stats {
             presence_states: AtomicU64::new(0),
             presence_complete: AtomicU64::new(0),
             presence_complete_last_ns: AtomicU64::new(0),
+            churn_leaves: AtomicU64::new(0),
+            churn_rejoins: AtomicU64::new(0),
+            churn_unrecovered: AtomicU64::new(0),
+            churn_failed: AtomicU64::new(0),
+            churn_skipped: AtomicU64::new(0),
             issues: Mutex::new(Issues::default()),
             counting: AtomicBool::new(false),
             closing: AtomicBool::new(false),

@@ -29,6 +29,9 @@ pub struct Summary {
     /// Set with --presence.
     #[serde(default)]
     pub presence: Option<PresenceFigures>,
+    /// Set with --churn.
+    #[serde(default)]
+    pub churn: Option<ChurnFigures>,
     pub loadgen: LoadgenFigures,
     /// What the server sent, as bytes on the wire.
     #[serde(default)]
@@ -98,11 +101,46 @@ pub struct PresenceFigures {
     /// `presence_state` and `presence_diff` frames received, states among them.
     pub frames: u64,
     pub states: u64,
+    /// `presence_diff` frames (frames - states).
+    #[serde(default)]
+    pub diffs: u64,
     pub frames_per_subscriber: f64,
     /// Subscribers whose view showed every member of their room, and how
     /// long after the first connection attempt the last of them did.
     pub complete: u64,
     pub complete_after_s: Option<f64>,
+}
+
+/// `--churn`: members leaving and rejoining during the measured phase, and
+/// the presence frames that cost the subscribers meanwhile.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ChurnFigures {
+    /// Churn events per second asked for (this process's share).
+    pub rate: f64,
+    /// `--churn-away`: how long a member stayed out before rejoining, s.
+    #[serde(default)]
+    pub away_s: f64,
+    /// Leaves sent; rejoins answered with `joined`; rejoins whose `joined`
+    /// said `recovered: false`; rejoins refused; events passed over because
+    /// every member tried was still rejoining.
+    pub leaves: u64,
+    pub rejoins: u64,
+    pub unrecovered: u64,
+    pub failed: u64,
+    pub skipped: u64,
+    /// Leaves per second of the measured phase.
+    pub per_s: f64,
+    /// Presence frames received from the start of the measured phase to the
+    /// end of the drain (the join storm's excluded): states (each rejoin
+    /// gets a fresh one) and diffs, and all of them per subscriber.
+    pub presence_frames: u64,
+    pub presence_states: u64,
+    pub presence_diffs: u64,
+    pub presence_frames_per_subscriber: f64,
+    /// The server's CPU over the send (or hold) phase divided by the leaves:
+    /// all its CPU, messages included, so run with a low --rate to see the
+    /// cost of churn and presence alone. Microseconds, with --server-pid.
+    pub server_cpu_us_per_churn: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -227,6 +227,9 @@ pub async fn run(cli: Cli) -> Result<SweepSummary> {
     let inner = args.target.scenario();
     let clock = Clock::new();
     let started_unix = clock.unix_secs();
+    if common.churn.is_some() {
+        bail!("--churn is for a single run, not a sweep");
+    }
     let plan = scenario::plan(&inner)?.split(common.id, common.of)?;
     if common.urls.is_empty() {
         bail!("no --url given");

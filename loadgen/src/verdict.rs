@@ -35,6 +35,18 @@ pub fn problems(s: &Summary) -> Vec<String> {
     if m.unacked > 0 {
         out.push(format!("{} of {} sent messages were never acked", m.unacked, m.sent));
     }
+    if let Some(c) = &s.churn {
+        if c.unrecovered > 0 {
+            out.push(format!(
+                "{} of {} churn rejoins said recovered: false (the server could not replay what the member missed)",
+                c.unrecovered, c.rejoins
+            ));
+        }
+        let open = c.leaves.saturating_sub(c.rejoins + c.failed);
+        if open > 0 {
+            out.push(format!("{open} of {} churn leaves were not rejoined by the end of the run", c.leaves));
+        }
+    }
     out
 }
 

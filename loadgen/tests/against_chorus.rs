@@ -313,6 +313,131 @@ async fn fanout_delivers_every_message_to_every_member() {
     assert!(page.contains("<svg") && page.trim_end().ends_with("</html>"), "the report is an HTML page with plots");
 }
 
+/// `--presence --churn`: 2 rooms x 10 presence subscribers take 400
+/// messages while members leave, stay out 300 ms (`--churn-away`) and
+/// rejoin, 20 times a second. Each rejoin carries `since`, so every acked
+/// message still reaches every member once, in order, the ones published
+/// while it was out replayed; every leave is rejoined and recovered; each
+/// rejoin gets a fresh `presence_state`; the server's CPU per
+/// churn event is measured (this test process is the server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_with_presence_churn_keeps_every_delivery() {
+    let server = start_server().await;
+    let json = TempFile::new("churn.json");
+    let pid = std::process::id().to_string();
+    let s = run_loadgen(
+        &server,
+        &json,
+        &[
+            "fanout",
+            "--rooms",
+            "2",
+            "--members",
+            "10",
+            "--room-prefix",
+            "it-churn",
+            "--publishers",
+            "2",
+            "--rate",
+            "200",
+            "--duration",
+            "2s",
+            "--drain",
+            "2s",
+            "--presence",
+            "--churn",
+            "20",
+            "--churn-away",
+            "300ms",
+            "--server-pid",
+            &pid,
+            "--settle",
+            "100ms",
+        ],
+    )
+    .await;
+    server.shutdown(Duration::from_secs(5)).await;
+
+    assert_clean(&s, 2 * 10 + 2, 2 * 10);
+    assert_every_delivery(&s, 400, 10);
+
+    let c = s.churn.as_ref().expect("churn figures with --churn");
+    assert_eq!(c.rate, 20.0);
+    // 20/s for 2 s, give or take the ends (members busy rejoining are
+    // passed over, and counted).
+    assert!((30..=41).contains(&(c.leaves + c.skipped)), "churn events: {c:?}");
+    assert!(c.leaves >= 30, "leaves: {c:?}");
+    assert_eq!(c.rejoins, c.leaves, "every leave rejoined: {c:?}");
+    assert_eq!((c.unrecovered, c.failed), (0, 0), "{c:?}");
+    assert!(c.presence_states >= c.rejoins, "a fresh state per rejoin: {c:?}");
+    assert_eq!(c.presence_frames, c.presence_states + c.presence_diffs);
+    // Out for 300 ms, longer than a presence round (100 ms): each leave
+    // reaches the room's 9 other subscribers as a diff before the rejoin,
+    // and a round carries few leaves at 10 a second per room.
+    assert!(c.presence_diffs >= c.leaves, "the others saw the leaves as diffs: {c:?}");
+    assert_eq!(c.away_s, 0.3);
+    assert!(c.presence_frames_per_subscriber > 0.0);
+    assert!(c.server_cpu_us_per_churn.is_some_and(|us| us.is_finite() && us >= 0.0), "{c:?}");
+    let p = s.presence.as_ref().expect("presence figures with --presence");
+    assert!(p.frames >= c.presence_frames && p.states >= 20 + c.rejoins, "{p:?} {c:?}");
+    assert_eq!(p.frames, p.states + p.diffs);
+
+    let v = check_json(json.path(), &s);
+    for field in ["leaves", "rejoins", "unrecovered", "failed", "skipped", "presence_frames", "presence_diffs"] {
+        assert!(v["churn"][field].is_u64(), "churn.{field} is {}", v["churn"][field]);
+    }
+    assert!(report::table(&s).contains("churn"), "the table has a churn line");
+}
+
+/// `idle --presence --churn`: churn with nothing sent, during the hold
+/// phase (the other timing the engine has): 30 users in one room, 20
+/// leaves and rejoins a second for 1.5 s, each rejoin answered, the
+/// presence frames of that phase counted apart from the join storm's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_with_presence_churn_rejoins_every_member() {
+    let server = start_server().await;
+    let json = TempFile::new("idle-churn.json");
+    let pid = std::process::id().to_string();
+    let s = run_loadgen(
+        &server,
+        &json,
+        &[
+            "idle",
+            "--connections",
+            "30",
+            "--per-room",
+            "30",
+            "--room-prefix",
+            "it-idle-churn",
+            "--duration",
+            "1500ms",
+            "--presence",
+            "--churn",
+            "20",
+            "--server-pid",
+            &pid,
+            "--settle",
+            "100ms",
+        ],
+    )
+    .await;
+    server.shutdown(Duration::from_secs(5)).await;
+
+    assert_clean(&s, 30, 30);
+    assert_eq!((s.messages.sent, s.messages.delivered), (0, 0));
+    let c = s.churn.as_ref().expect("churn figures with --churn");
+    assert!(c.leaves >= 20 && c.leaves + c.skipped <= 31, "churn events: {c:?}");
+    assert_eq!((c.rejoins, c.unrecovered, c.failed), (c.leaves, 0, 0), "{c:?}");
+    assert!(c.presence_states >= c.rejoins && c.presence_frames == c.presence_states + c.presence_diffs, "{c:?}");
+    assert!(c.server_cpu_us_per_churn.is_some_and(|us| us.is_finite() && us >= 0.0), "{c:?}");
+    let p = s.presence.as_ref().expect("presence figures");
+    assert_eq!(p.complete, 30, "every subscriber saw the whole room: {p:?}");
+    // The join storm's frames are not in the churn's.
+    assert!(p.frames >= c.presence_frames + 30, "{p:?} {c:?}");
+    let v = check_json(json.path(), &s);
+    assert_eq!(v["churn"]["rejoins"], v["churn"]["leaves"]);
+}
+
 /// `--compression` on both sides: every member negotiates permessage-deflate,
 /// inflates what the server compressed (the seq and marker checks read the
 /// inflated JSON), and the report counts the bytes on the wire.
