@@ -80,7 +80,12 @@ impl Drop for Wipe {
 }
 
 async fn node(seeds: &str, prefix: &str) -> TestServer {
-    TestServer::start(&[
+    node_with(seeds, prefix, &[]).await
+}
+
+/// A node with more flags than `node` gives.
+async fn node_with(seeds: &str, prefix: &str, extra: &[&str]) -> TestServer {
+    let mut args = vec![
         "--redis-url",
         seeds,
         "--redis-cluster",
@@ -90,8 +95,9 @@ async fn node(seeds: &str, prefix: &str) -> TestServer {
         "100000",
         "--burst",
         "100000",
-    ])
-    .await
+    ];
+    args.extend_from_slice(extra);
+    TestServer::start(&args).await
 }
 
 async fn member(server: &TestServer, room: &str, sub: &str) -> Client {
@@ -537,4 +543,119 @@ async fn three_nodes_share_rooms_on_every_shard_gaplessly() {
     for (name, client) in &mut members {
         assert_eq!(seqs_of(client, 3 * EACH).await, expected, "{name}");
     }
+}
+
+// ---------------------------------------------------------------------------
+// Bounded memory (PROTOCOL.md section 12): room keys expire on the cluster
+// ---------------------------------------------------------------------------
+
+/// The PTTL of `room`'s state and history keys, asked of the primary that
+/// owns the room's slot (-2: no such key, -1: no expiry).
+fn pttls(seeds: &str, prefix: &str, room: &str) -> (i64, i64) {
+    let mut conn = node_conn(&owner_of(seeds, prefix, room));
+    let mut pttl = |key: String| -> i64 { redis::cmd("PTTL").arg(key).query(&mut conn).unwrap() };
+    (pttl(format!("{prefix}:{{{room}}}:state")), pttl(format!("{prefix}:{{{room}}}:history")))
+}
+
+/// Waits until `room`'s state key is gone from its shard.
+async fn until_expired(seeds: &str, prefix: &str, room: &str) {
+    let deadline = tokio::time::Instant::now() + GUARD;
+    while pttls(seeds, prefix, room).0 != -2 {
+        assert!(tokio::time::Instant::now() < deadline, "the keys of {room} never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn room_keys_on_every_shard_carry_the_history_ttl_and_publishes_and_joins_renew_it() {
+    let seeds = seeds();
+    let prefix = prefix("ttl");
+    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let rooms = rooms_on_every_shard(&seeds, &prefix, 1);
+    let server = node_with(&seeds, &prefix, &["--history-ttl", "5s"]).await;
+    let mut writer = Client::connect(server.addr, "/ws", &token("writer", None, 3600)).await;
+    for room in &rooms {
+        writer.publish(room, json!(1)).await;
+        let (state, history) = pttls(&seeds, &prefix, room);
+        assert!((1..=5000).contains(&state) && (1..=5000).contains(&history), "{room}: PTTLs {state} {history}");
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut reader = Client::connect(server.addr, "/ws", &token("reader", None, 3600)).await;
+    for (i, room) in rooms.iter().enumerate() {
+        let (aged, _) = pttls(&seeds, &prefix, room);
+        assert!((1..=3600).contains(&aged), "{room}: the TTL runs down: {aged}");
+        // Every other room is renewed by a publish, the rest by a join.
+        if i % 2 == 0 {
+            assert_eq!(writer.publish(room, json!(2)).await, 2);
+        } else {
+            assert_eq!(reader.join(room).await["seq"], 1);
+        }
+        let (state, history) = pttls(&seeds, &prefix, room);
+        assert!(state > aged && history > aged, "{room}: renewed: {state} {history} after {aged}");
+    }
+}
+
+#[tokio::test]
+async fn without_a_ttl_room_keys_on_the_cluster_do_not_expire() {
+    let seeds = seeds();
+    let prefix = prefix("nottl");
+    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let server = node_with(&seeds, &prefix, &["--history-ttl", "0s"]).await;
+    let mut writer = Client::connect(server.addr, "/ws", &token("writer", None, 3600)).await;
+    for room in rooms_on_every_shard(&seeds, &prefix, 1) {
+        writer.publish(&room, json!(1)).await;
+        assert_eq!(pttls(&seeds, &prefix, &room), (-1, -1), "{room}");
+    }
+}
+
+/// Rooms with a member on a node outlive the TTL on every shard however
+/// quiet they are (the node renews them, one command per key); an unused
+/// room expires, and a member coming back with its old `since`, on the
+/// other node, finds a new epoch and `recovered: false`.
+#[tokio::test]
+async fn on_the_cluster_rooms_with_members_stay_and_unused_rooms_expire_into_a_new_epoch() {
+    let seeds = seeds();
+    let prefix = prefix("expire");
+    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let busy = rooms_on_every_shard(&seeds, &prefix, 1);
+    let a = node_with(&seeds, &prefix, &["--history-ttl", "1s"]).await;
+    let b = node_with(&seeds, &prefix, &["--history-ttl", "1s"]).await;
+    let mut writer = Client::connect(a.addr, "/ws", &token("writer", None, 3600)).await;
+    let mut members = Vec::new();
+    for room in &busy {
+        let mut on_b = member(&b, room, "member").await;
+        assert_eq!(writer.publish(room, json!(1)).await, 1);
+        assert_eq!(on_b.recv_type("message").await["seq"], 1);
+        members.push(on_b);
+    }
+    let quiet = "quiet";
+    let mut returning = Client::connect(a.addr, "/ws", &token("returning", None, 3600)).await;
+    let epoch = returning.join(quiet).await["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(writer.publish(quiet, json!(1)).await, 1);
+    assert_eq!(returning.recv_type("message").await["seq"], 1);
+    returning.send_json(&json!({"type": "leave", "room": quiet})).await;
+    returning.recv_type("left").await;
+
+    until_expired(&seeds, &prefix, quiet).await;
+    // Two TTLs have passed since the busy rooms last saw a publish or join.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for (room, on_b) in busy.iter().zip(&mut members) {
+        let (state, _) = pttls(&seeds, &prefix, room);
+        assert!(state > 0, "{room} with a member was kept: {state}");
+        assert_eq!(writer.publish(room, json!(2)).await, 2, "{room} goes on in its epoch");
+        assert_eq!(on_b.recv_type("message").await["seq"], 2);
+    }
+
+    let mut back = Client::connect(b.addr, "/ws", &token("returning", None, 3600)).await;
+    back.send_json(&json!({"type": "join", "room": quiet, "since": 1, "epoch": epoch})).await;
+    let joined = back.recv_type("joined").await;
+    assert_ne!(joined["epoch"], epoch.as_str(), "{joined}");
+    assert_eq!((joined["seq"].clone(), joined["recovered"].clone()), (json!(0), json!(false)));
+    assert_eq!(writer.publish(quiet, json!("again")).await, 1);
+    assert_eq!(back.recv_type("message").await["seq"], 1);
+    // And the node that served the old epoch sees the new one too.
+    returning.send_json(&json!({"type": "join", "room": quiet, "since": 1, "epoch": epoch})).await;
+    let joined = returning.recv_type("joined").await;
+    assert_ne!(joined["epoch"], epoch.as_str(), "{joined}");
+    assert_eq!(joined["recovered"], false, "{joined}");
 }
