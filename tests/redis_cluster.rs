@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{token, Client, TempDir, TestServer, GUARD};
+use common::{metric_value, token, Client, TempDir, TestServer, GUARD};
 use serde_json::{json, Value};
 
 fn seeds() -> String {
@@ -658,4 +658,105 @@ async fn on_the_cluster_rooms_with_members_stay_and_unused_rooms_expire_into_a_n
     let joined = returning.recv_type("joined").await;
     assert_ne!(joined["epoch"], epoch.as_str(), "{joined}");
     assert_eq!(joined["recovered"], false, "{joined}");
+}
+
+/// The keys under `prefix` on every primary, each with its PTTL.
+fn keys_and_pttls(seeds: &str, prefix: &str) -> Vec<(String, i64)> {
+    let mut primaries: Vec<String> = slot_owners(seeds).into_iter().map(|o| o.2).collect();
+    primaries.sort();
+    primaries.dedup();
+    let mut found = Vec::new();
+    for addr in primaries {
+        let mut conn = node_conn(&addr);
+        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query(&mut conn).unwrap();
+        for key in keys {
+            let pttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut conn).unwrap();
+            found.push((key, pttl));
+        }
+    }
+    found
+}
+
+/// One connection sends to a thousand new rooms over every shard: the node
+/// holds nothing for them (no members), every key they leave on the cluster
+/// carries the TTL, and one TTL later only the keys of the room with a
+/// member are left; the flooding connection works throughout.
+#[tokio::test]
+async fn a_flood_of_new_rooms_leaves_nothing_on_the_cluster_after_a_ttl() {
+    let seeds = seeds();
+    let prefix = prefix("flood");
+    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let server = node_with(&seeds, &prefix, &["--history-ttl", "2s"]).await;
+    let mut keeper = member(&server, "kept", "keeper").await;
+    let mut flooder = Client::connect(server.addr, "/ws", &token("flooder", None, 3600)).await;
+    const ROOMS: usize = 1000;
+    const WINDOW: usize = 200;
+    for chunk in 0..ROOMS / WINDOW {
+        for i in chunk * WINDOW..(chunk + 1) * WINDOW {
+            flooder.send_json(&json!({"type": "send", "room": format!("flood-{i}"), "body": "x", "ref": "f"})).await;
+        }
+        for _ in 0..WINDOW {
+            flooder.recv_type("ack").await;
+        }
+        let last = format!("flood-{}", (chunk + 1) * WINDOW - 1);
+        let (state, history) = pttls(&seeds, &prefix, &last);
+        assert!((1..=2000).contains(&state) && (1..=2000).contains(&history), "{last}: PTTLs {state} {history}");
+    }
+    assert_eq!(flooder.publish("kept", json!("after")).await, 1);
+    assert_eq!(keeper.recv_type("message").await["seq"], 1);
+
+    let keys = keys_and_pttls(&seeds, &prefix);
+    // Rooms flooded more than a TTL ago may be gone already.
+    let rooms = keys.iter().filter(|(k, _)| k.ends_with(":state")).count();
+    assert!(rooms > WINDOW, "{rooms} room states on the cluster");
+    let lasting: Vec<_> = keys.iter().filter(|(_, pttl)| !(1..=2000).contains(pttl)).collect();
+    assert!(lasting.is_empty(), "keys without the TTL: {lasting:?}");
+    let text = server.metrics().await;
+    let held = metric_value(&text, "chorus_history_bytes").unwrap();
+    assert!(held < (8 << 10) as f64, "the node holds {held} bytes for rooms it has no member in");
+
+    let deadline = tokio::time::Instant::now() + GUARD;
+    loop {
+        let mut left: Vec<String> = keys_and_pttls(&seeds, &prefix).into_iter().map(|(k, _)| k).collect();
+        left.sort();
+        if left == [format!("{prefix}:{{kept}}:history"), format!("{prefix}:{{kept}}:state")] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} keys never expired: {:?}",
+            left.len(),
+            &left[..5.min(left.len())]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    flooder.ping_pong().await;
+    assert_eq!(flooder.publish("kept", json!("still")).await, 2, "the room with a member went on");
+    assert_eq!(keeper.recv_type("message").await["seq"], 2);
+    assert_eq!(flooder.publish("flood-0", json!("again")).await, 1, "an expired room starts again");
+}
+
+/// `--max-rooms-per-connection` on a cluster: a join past it gets
+/// `too_many_rooms`, and the connection keeps its rooms on their shards.
+#[tokio::test]
+async fn on_the_cluster_a_join_past_the_limit_gets_too_many_rooms_and_keeps_the_rooms() {
+    let seeds = seeds();
+    let prefix = prefix("cap");
+    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let rooms = rooms_on_every_shard(&seeds, &prefix, 1);
+    let limit = rooms.len().to_string();
+    let server = node_with(&seeds, &prefix, &["--max-rooms-per-connection", &limit]).await;
+    let mut joined = member(&server, &rooms[0], "member").await;
+    for room in &rooms[1..] {
+        joined.join(room).await;
+    }
+    joined.send_json(&json!({"type": "join", "room": "one-too-many", "ref": "j"})).await;
+    joined.recv_error("too_many_rooms", Some("j")).await;
+    joined.ping_pong().await;
+    let mut writer = Client::connect(server.addr, "/ws", &token("writer", None, 3600)).await;
+    for room in &rooms {
+        writer.publish(room, json!(room)).await;
+        let message = joined.recv_type("message").await;
+        assert_eq!(message["room"], room.as_str());
+    }
 }
