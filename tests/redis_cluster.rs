@@ -2,7 +2,9 @@
 //! found through `CHORUS_TEST_REDIS_CLUSTER` (seed URLs; `scripts/test`
 //! starts one with `scripts/redis-cluster`). Each test uses a key prefix of
 //! its own and deletes its keys at the end. The failover test starts a
-//! private cluster, since it kills one of its nodes.
+//! private cluster, since it kills one of its nodes. The last section checks
+//! PROTOCOL.md section 12 (bounded memory) on the cluster, with TTLs of a
+//! second or two.
 
 mod common;
 
