@@ -370,6 +370,9 @@ async fn a_primary_killed_under_load_loses_nothing_acked_within_an_epoch() {
         }
     }
     assert!(owner_of(&cluster.seeds, &prefix, room) != victim, "a replica took over the slot");
+    // The new epoch's keys expire too (section 12): the default --history-ttl.
+    let (state, history) = pttls(&cluster.seeds, &prefix, room);
+    assert!(state > 0 && history > 0, "PTTLs on the promoted replica: {state} {history}");
     // Read until every acked body arrived (a node resubscribes, and fills
     // the gap from history, once a second: on a busy machine that can come
     // well after the last ack), or until a deadline; then compare.
@@ -495,6 +498,8 @@ async fn a_busy_rooms_slot_migrated_to_another_shard_keeps_its_epoch_and_loses_n
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(owner_of(&cluster.seeds, &prefix, room), to, "the slot moved");
+    let (state, history) = pttls(&cluster.seeds, &prefix, room);
+    assert!(state > 0 && history > 0, "the keys kept their TTL on the new owner: {state} {history}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     for (name, client) in [("ann", &mut on_a), ("bob", &mut on_b)] {
         let mut frames = Vec::new();
