@@ -2,7 +2,9 @@
 //! found through `CHORUS_TEST_REDIS_CLUSTER` (seed URLs; `scripts/test`
 //! starts one with `scripts/redis-cluster`). Each test uses a key prefix of
 //! its own and deletes its keys at the end. The failover test starts a
-//! private cluster, since it kills one of its nodes.
+//! private cluster, since it kills one of its nodes. The last section checks
+//! PROTOCOL.md section 12 (bounded memory) on the cluster, with TTLs of a
+//! second or two.
 
 mod common;
 
@@ -10,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{token, Client, TempDir, TestServer, GUARD};
+use common::{metric_value, token, Client, TempDir, TestServer, GUARD};
 use serde_json::{json, Value};
 
 fn seeds() -> String {
@@ -80,7 +82,12 @@ impl Drop for Wipe {
 }
 
 async fn node(seeds: &str, prefix: &str) -> TestServer {
-    TestServer::start(&[
+    node_with(seeds, prefix, &[]).await
+}
+
+/// A node with more flags than `node` gives.
+async fn node_with(seeds: &str, prefix: &str, extra: &[&str]) -> TestServer {
+    let mut args = vec![
         "--redis-url",
         seeds,
         "--redis-cluster",
@@ -90,8 +97,9 @@ async fn node(seeds: &str, prefix: &str) -> TestServer {
         "100000",
         "--burst",
         "100000",
-    ])
-    .await
+    ];
+    args.extend_from_slice(extra);
+    TestServer::start(&args).await
 }
 
 async fn member(server: &TestServer, room: &str, sub: &str) -> Client {
@@ -362,6 +370,9 @@ async fn a_primary_killed_under_load_loses_nothing_acked_within_an_epoch() {
         }
     }
     assert!(owner_of(&cluster.seeds, &prefix, room) != victim, "a replica took over the slot");
+    // The new epoch's keys expire too (section 12): the default --history-ttl.
+    let (state, history) = pttls(&cluster.seeds, &prefix, room);
+    assert!(state > 0 && history > 0, "PTTLs on the promoted replica: {state} {history}");
     // Read until every acked body arrived (a node resubscribes, and fills
     // the gap from history, once a second: on a busy machine that can come
     // well after the last ack), or until a deadline; then compare.
@@ -487,6 +498,8 @@ async fn a_busy_rooms_slot_migrated_to_another_shard_keeps_its_epoch_and_loses_n
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(owner_of(&cluster.seeds, &prefix, room), to, "the slot moved");
+    let (state, history) = pttls(&cluster.seeds, &prefix, room);
+    assert!(state > 0 && history > 0, "the keys kept their TTL on the new owner: {state} {history}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     for (name, client) in [("ann", &mut on_a), ("bob", &mut on_b)] {
         let mut frames = Vec::new();
@@ -536,5 +549,221 @@ async fn three_nodes_share_rooms_on_every_shard_gaplessly() {
     let expected: Vec<u64> = (1..=(3 * EACH) as u64).collect();
     for (name, client) in &mut members {
         assert_eq!(seqs_of(client, 3 * EACH).await, expected, "{name}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Bounded memory (PROTOCOL.md section 12): room keys expire on the cluster
+// ---------------------------------------------------------------------------
+
+/// The PTTL of `room`'s state and history keys, asked of the primary that
+/// owns the room's slot (-2: no such key, -1: no expiry).
+fn pttls(seeds: &str, prefix: &str, room: &str) -> (i64, i64) {
+    let mut conn = node_conn(&owner_of(seeds, prefix, room));
+    let mut pttl = |key: String| -> i64 { redis::cmd("PTTL").arg(key).query(&mut conn).unwrap() };
+    (pttl(format!("{prefix}:{{{room}}}:state")), pttl(format!("{prefix}:{{{room}}}:history")))
+}
+
+/// Waits until `room`'s state key is gone from its shard.
+async fn until_expired(seeds: &str, prefix: &str, room: &str) {
+    let deadline = tokio::time::Instant::now() + GUARD;
+    while pttls(seeds, prefix, room).0 != -2 {
+        assert!(tokio::time::Instant::now() < deadline, "the keys of {room} never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn room_keys_on_every_shard_carry_the_history_ttl_and_publishes_and_joins_renew_it() {
+    let seeds = seeds();
+    let prefix = prefix("ttl");
+    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let rooms = rooms_on_every_shard(&seeds, &prefix, 1);
+    let server = node_with(&seeds, &prefix, &["--history-ttl", "5s"]).await;
+    let mut writer = Client::connect(server.addr, "/ws", &token("writer", None, 3600)).await;
+    for room in &rooms {
+        writer.publish(room, json!(1)).await;
+        let (state, history) = pttls(&seeds, &prefix, room);
+        assert!((1..=5000).contains(&state) && (1..=5000).contains(&history), "{room}: PTTLs {state} {history}");
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut reader = Client::connect(server.addr, "/ws", &token("reader", None, 3600)).await;
+    for (i, room) in rooms.iter().enumerate() {
+        let (aged, _) = pttls(&seeds, &prefix, room);
+        assert!((1..=3600).contains(&aged), "{room}: the TTL runs down: {aged}");
+        // Every other room is renewed by a publish, the rest by a join.
+        if i % 2 == 0 {
+            assert_eq!(writer.publish(room, json!(2)).await, 2);
+        } else {
+            assert_eq!(reader.join(room).await["seq"], 1);
+        }
+        let (state, history) = pttls(&seeds, &prefix, room);
+        assert!(state > aged && history > aged, "{room}: renewed: {state} {history} after {aged}");
+    }
+}
+
+#[tokio::test]
+async fn without_a_ttl_room_keys_on_the_cluster_do_not_expire() {
+    let seeds = seeds();
+    let prefix = prefix("nottl");
+    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let server = node_with(&seeds, &prefix, &["--history-ttl", "0s"]).await;
+    let mut writer = Client::connect(server.addr, "/ws", &token("writer", None, 3600)).await;
+    for room in rooms_on_every_shard(&seeds, &prefix, 1) {
+        writer.publish(&room, json!(1)).await;
+        assert_eq!(pttls(&seeds, &prefix, &room), (-1, -1), "{room}");
+    }
+}
+
+/// Rooms with a member on a node outlive the TTL on every shard however
+/// quiet they are (the node renews them, one command per key); an unused
+/// room expires, and a member coming back with its old `since`, on the
+/// other node, finds a new epoch and `recovered: false`.
+#[tokio::test]
+async fn on_the_cluster_rooms_with_members_stay_and_unused_rooms_expire_into_a_new_epoch() {
+    let seeds = seeds();
+    let prefix = prefix("expire");
+    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let busy = rooms_on_every_shard(&seeds, &prefix, 1);
+    let a = node_with(&seeds, &prefix, &["--history-ttl", "1s"]).await;
+    let b = node_with(&seeds, &prefix, &["--history-ttl", "1s"]).await;
+    let mut writer = Client::connect(a.addr, "/ws", &token("writer", None, 3600)).await;
+    let mut members = Vec::new();
+    for room in &busy {
+        let mut on_b = member(&b, room, "member").await;
+        assert_eq!(writer.publish(room, json!(1)).await, 1);
+        assert_eq!(on_b.recv_type("message").await["seq"], 1);
+        members.push(on_b);
+    }
+    let quiet = "quiet";
+    let mut returning = Client::connect(a.addr, "/ws", &token("returning", None, 3600)).await;
+    let epoch = returning.join(quiet).await["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(writer.publish(quiet, json!(1)).await, 1);
+    assert_eq!(returning.recv_type("message").await["seq"], 1);
+    returning.send_json(&json!({"type": "leave", "room": quiet})).await;
+    returning.recv_type("left").await;
+
+    until_expired(&seeds, &prefix, quiet).await;
+    // Two TTLs have passed since the busy rooms last saw a publish or join.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for (room, on_b) in busy.iter().zip(&mut members) {
+        let (state, _) = pttls(&seeds, &prefix, room);
+        assert!(state > 0, "{room} with a member was kept: {state}");
+        assert_eq!(writer.publish(room, json!(2)).await, 2, "{room} goes on in its epoch");
+        assert_eq!(on_b.recv_type("message").await["seq"], 2);
+    }
+
+    let mut back = Client::connect(b.addr, "/ws", &token("returning", None, 3600)).await;
+    back.send_json(&json!({"type": "join", "room": quiet, "since": 1, "epoch": epoch})).await;
+    let joined = back.recv_type("joined").await;
+    assert_ne!(joined["epoch"], epoch.as_str(), "{joined}");
+    assert_eq!((joined["seq"].clone(), joined["recovered"].clone()), (json!(0), json!(false)));
+    assert_eq!(writer.publish(quiet, json!("again")).await, 1);
+    assert_eq!(back.recv_type("message").await["seq"], 1);
+    // And the node that served the old epoch sees the new one too.
+    returning.send_json(&json!({"type": "join", "room": quiet, "since": 1, "epoch": epoch})).await;
+    let joined = returning.recv_type("joined").await;
+    assert_ne!(joined["epoch"], epoch.as_str(), "{joined}");
+    assert_eq!(joined["recovered"], false, "{joined}");
+}
+
+/// The keys under `prefix` on every primary, each with its PTTL.
+fn keys_and_pttls(seeds: &str, prefix: &str) -> Vec<(String, i64)> {
+    let mut primaries: Vec<String> = slot_owners(seeds).into_iter().map(|o| o.2).collect();
+    primaries.sort();
+    primaries.dedup();
+    let mut found = Vec::new();
+    for addr in primaries {
+        let mut conn = node_conn(&addr);
+        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query(&mut conn).unwrap();
+        for key in keys {
+            let pttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut conn).unwrap();
+            found.push((key, pttl));
+        }
+    }
+    found
+}
+
+/// One connection sends to a thousand new rooms over every shard: the node
+/// holds nothing for them (no members), every key they leave on the cluster
+/// carries the TTL, and one TTL later only the keys of the room with a
+/// member are left; the flooding connection works throughout.
+#[tokio::test]
+async fn a_flood_of_new_rooms_leaves_nothing_on_the_cluster_after_a_ttl() {
+    let seeds = seeds();
+    let prefix = prefix("flood");
+    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let server = node_with(&seeds, &prefix, &["--history-ttl", "2s"]).await;
+    let mut keeper = member(&server, "kept", "keeper").await;
+    let mut flooder = Client::connect(server.addr, "/ws", &token("flooder", None, 3600)).await;
+    const ROOMS: usize = 1000;
+    const WINDOW: usize = 200;
+    for chunk in 0..ROOMS / WINDOW {
+        for i in chunk * WINDOW..(chunk + 1) * WINDOW {
+            flooder.send_json(&json!({"type": "send", "room": format!("flood-{i}"), "body": "x", "ref": "f"})).await;
+        }
+        for _ in 0..WINDOW {
+            flooder.recv_type("ack").await;
+        }
+        let last = format!("flood-{}", (chunk + 1) * WINDOW - 1);
+        let (state, history) = pttls(&seeds, &prefix, &last);
+        assert!((1..=2000).contains(&state) && (1..=2000).contains(&history), "{last}: PTTLs {state} {history}");
+    }
+    assert_eq!(flooder.publish("kept", json!("after")).await, 1);
+    assert_eq!(keeper.recv_type("message").await["seq"], 1);
+
+    let keys = keys_and_pttls(&seeds, &prefix);
+    // Rooms flooded more than a TTL ago may be gone already.
+    let rooms = keys.iter().filter(|(k, _)| k.ends_with(":state")).count();
+    assert!(rooms > WINDOW, "{rooms} room states on the cluster");
+    let lasting: Vec<_> = keys.iter().filter(|(_, pttl)| !(1..=2000).contains(pttl)).collect();
+    assert!(lasting.is_empty(), "keys without the TTL: {lasting:?}");
+    let text = server.metrics().await;
+    let held = metric_value(&text, "chorus_history_bytes").unwrap();
+    assert!(held < (8 << 10) as f64, "the node holds {held} bytes for rooms it has no member in");
+
+    let deadline = tokio::time::Instant::now() + GUARD;
+    loop {
+        let mut left: Vec<String> = keys_and_pttls(&seeds, &prefix).into_iter().map(|(k, _)| k).collect();
+        left.sort();
+        if left == [format!("{prefix}:{{kept}}:history"), format!("{prefix}:{{kept}}:state")] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} keys never expired: {:?}",
+            left.len(),
+            &left[..5.min(left.len())]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    flooder.ping_pong().await;
+    assert_eq!(flooder.publish("kept", json!("still")).await, 2, "the room with a member went on");
+    assert_eq!(keeper.recv_type("message").await["seq"], 2);
+    assert_eq!(flooder.publish("flood-0", json!("again")).await, 1, "an expired room starts again");
+}
+
+/// `--max-rooms-per-connection` on a cluster: a join past it gets
+/// `too_many_rooms`, and the connection keeps its rooms on their shards.
+#[tokio::test]
+async fn on_the_cluster_a_join_past_the_limit_gets_too_many_rooms_and_keeps_the_rooms() {
+    let seeds = seeds();
+    let prefix = prefix("cap");
+    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let rooms = rooms_on_every_shard(&seeds, &prefix, 1);
+    let limit = rooms.len().to_string();
+    let server = node_with(&seeds, &prefix, &["--max-rooms-per-connection", &limit]).await;
+    let mut joined = member(&server, &rooms[0], "member").await;
+    for room in &rooms[1..] {
+        joined.join(room).await;
+    }
+    joined.send_json(&json!({"type": "join", "room": "one-too-many", "ref": "j"})).await;
+    joined.recv_error("too_many_rooms", Some("j")).await;
+    joined.ping_pong().await;
+    let mut writer = Client::connect(server.addr, "/ws", &token("writer", None, 3600)).await;
+    for room in &rooms {
+        writer.publish(room, json!(room)).await;
+        let message = joined.recv_type("message").await;
+        assert_eq!(message["room"], room.as_str());
     }
 }
