@@ -212,6 +212,11 @@ mod tests {
             RequestKind::Send { body, .. } => assert_eq!(body.get(), "null"),
             other => panic!("{other:?}"),
         }
+        // Valid JSON whatever the receiver's number range: passed on as sent.
+        match kind(r#"{"type":"send","room":"a","body":{"n":1e400}}"#) {
+            RequestKind::Send { body, .. } => assert_eq!(body.get(), r#"{"n":1e400}"#),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -59,8 +59,6 @@ fn read(message: &StoredMessage) -> (u64, u32) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
-
     #[test]
     fn the_ring_holds_the_last_messages_and_seqs_never_repeat(
         history_size in 0usize..12,
@@ -127,8 +125,6 @@ fn stored(range: std::ops::RangeInclusive<u64>) -> Vec<StoredMessage> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
-
     /// The replay a joiner gets: the snapshot's messages (read from the bus
     /// or the database, ending at its seq) and then the ring's; exactly the
     /// seqs after `since` that are held, once each, in order, and

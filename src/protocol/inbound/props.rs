@@ -292,14 +292,20 @@ fn frame() -> impl Strategy<Value = Frame> {
         })
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+/// Whether `text` is one JSON object by the grammar (RFC 8259). Number
+/// ranges are not checked: a body of `1e400` is valid JSON that chorus
+/// passes on as sent, as PROTOCOL.md section 3 says (`body` exactly as sent).
+fn is_json_object(text: &str) -> bool {
+    text.trim_start_matches([' ', '\t', '\n', '\r']).starts_with('{')
+        && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+}
 
+proptest! {
     /// Any text: no panic, and only a JSON object can be a request.
     #[test]
     fn any_text_never_panics(text in "\\PC{0,200}") {
         if parse_request(&text).is_ok() {
-            prop_assert!(serde_json::from_str::<Value>(&text).is_ok_and(|v| v.is_object()), "{}", text);
+            prop_assert!(is_json_object(&text), "{}", text);
         }
     }
 
@@ -337,7 +343,7 @@ proptest! {
         }
         let text: String = text.into_iter().collect();
         if parse_request(&text).is_ok() {
-            prop_assert!(serde_json::from_str::<Value>(&text).is_ok_and(|v| v.is_object()), "{}", text);
+            prop_assert!(is_json_object(&text), "{}", text);
         }
     }
 }

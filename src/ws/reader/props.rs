@@ -283,8 +283,6 @@ fn faulty_session() -> impl Strategy<Value = Vec<RawFrame>> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
-
     /// Any bytes, however cut: no panic, and the cuts change nothing.
     #[test]
     fn arbitrary_bytes_never_panic_and_cuts_do_not_matter(
