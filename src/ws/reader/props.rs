@@ -12,6 +12,7 @@
 use super::*;
 use proptest::collection::vec;
 use proptest::prelude::*;
+use std::time::Duration;
 
 /// The message-size limit of these tests: small, so that the limit is hit.
 const MAX: usize = 300;
@@ -150,6 +151,16 @@ fn model(frames: &[RawFrame], max: usize) -> Vec<Event> {
     events
 }
 
+fn event(incoming: Incoming) -> Event {
+    match incoming {
+        Incoming::Text(t) => Event::Text(t.to_vec()),
+        Incoming::Binary => Event::Binary,
+        Incoming::Ping(p) => Event::Ping(p.to_vec()),
+        Incoming::Pong => Event::Pong,
+        Incoming::Close(code) => Event::Close(code),
+    }
+}
+
 /// Feeds `bytes` to a reader in the pieces `cuts` makes, taking every frame
 /// it yields after each piece; stops at the first error. Also returns how
 /// many bytes were left in the reader's buffer.
@@ -165,13 +176,7 @@ fn run_reader(bytes: &[u8], cuts: &[usize], max: usize) -> (Vec<Event>, usize) {
         from = to;
         loop {
             match reader.parse() {
-                Ok(Some(incoming)) => events.push(match incoming {
-                    Incoming::Text(t) => Event::Text(t.to_vec()),
-                    Incoming::Binary => Event::Binary,
-                    Incoming::Ping(p) => Event::Ping(p.to_vec()),
-                    Incoming::Pong => Event::Pong,
-                    Incoming::Close(code) => Event::Close(code),
-                }),
+                Ok(Some(incoming)) => events.push(event(incoming)),
                 Ok(None) => break,
                 Err(e) => {
                     // Every error that reaches a working socket has a close code.
@@ -342,6 +347,55 @@ proptest! {
         let (events, _) = run_reader(&bytes, &cuts, MAX);
         prop_assert_eq!(events, model(&frames, MAX));
     }
+}
+
+/// Through a real socket: a session written in random pieces with pauses
+/// between them, so that the reader waits (and lets its buffer go when idle)
+/// mid-header, mid-payload and between frames; `next` gives the model's
+/// events, then end of stream.
+#[test]
+fn a_real_socket_cut_anywhere_reads_as_the_model_says() {
+    use tokio::io::AsyncWriteExt;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    proptest!(ProptestConfig::with_cases(32), |(frames in good_session(), cuts in vec(any::<usize>(), 0..6))| {
+        let bytes = encode_all(&frames);
+        let expected = model(&frames, MAX);
+        let events = runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let mut client = TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+            let (server, _) = listener.accept().await.expect("accept");
+            client.set_nodelay(true).expect("nodelay");
+            let mut points: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+            points.push(bytes.len());
+            points.sort_unstable();
+            let writer = tokio::spawn(async move {
+                let mut from = 0;
+                for to in points {
+                    // The reader may have closed on a fault: later writes may fail.
+                    if client.write_all(&bytes[from..to]).await.is_err() {
+                        return;
+                    }
+                    from = to;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            });
+            let mut reader = FrameReader::new(&[], MAX, false);
+            let mut events = Vec::new();
+            loop {
+                match reader.next(&server).await {
+                    Ok(incoming) => events.push(event(incoming)),
+                    Err(ReadError::Eof) => break,
+                    Err(e) => {
+                        events.push(Event::Fail(e.close().expect("a close code").0));
+                        break;
+                    }
+                }
+            }
+            writer.abort();
+            events
+        });
+        prop_assert_eq!(events, expected);
+    });
 }
 
 /// The length fields the encoder above never writes: a 64-bit length with
