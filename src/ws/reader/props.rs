@@ -165,10 +165,15 @@ fn event(incoming: Incoming) -> Event {
 /// it yields after each piece; stops at the first error. Also returns how
 /// many bytes were left in the reader's buffer.
 fn run_reader(bytes: &[u8], cuts: &[usize], max: usize) -> (Vec<Event>, usize) {
+    run_reader_with(bytes, cuts, max, false)
+}
+
+/// [`run_reader`], with permessage-deflate negotiated or not.
+fn run_reader_with(bytes: &[u8], cuts: &[usize], max: usize, inflate: bool) -> (Vec<Event>, usize) {
     let mut points: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
     points.push(bytes.len());
     points.sort_unstable();
-    let mut reader = FrameReader::new(&[], max, false);
+    let mut reader = FrameReader::new(&[], max, inflate);
     let mut events = Vec::new();
     let mut from = 0;
     for to in points {
@@ -294,9 +299,10 @@ proptest! {
         bytes in vec(any::<u8>(), 0..600),
         cuts in vec(any::<usize>(), 0..8),
         max in 0usize..400,
+        inflate in any::<bool>(),
     ) {
-        let (whole, whole_left) = run_reader(&bytes, &[], max);
-        let (cut, cut_left) = run_reader(&bytes, &cuts, max);
+        let (whole, whole_left) = run_reader_with(&bytes, &[], max, inflate);
+        let (cut, cut_left) = run_reader_with(&bytes, &cuts, max, inflate);
         prop_assert_eq!(&whole, &cut);
         // Past an error the connection closes and what is buffered is moot.
         if !matches!(whole.last(), Some(Event::Fail(_))) {
@@ -396,6 +402,93 @@ fn a_real_socket_cut_anywhere_reads_as_the_model_says() {
         });
         prop_assert_eq!(events, expected);
     });
+}
+
+/// A message deflated as RFC 7692 says, with flate2 directly: raw deflate,
+/// a sync flush with its `00 00 ff ff` tail cut off, or a final block.
+fn deflated(data: &[u8], level: u32, final_block: bool) -> Vec<u8> {
+    use flate2::{Compress, Compression, FlushCompress};
+    let mut z = Compress::new(Compression::new(level), false);
+    let mut out = Vec::with_capacity(data.len() * 2 + 64);
+    let flush = if final_block { FlushCompress::Finish } else { FlushCompress::Sync };
+    z.compress_vec(data, &mut out, flush).expect("deflate");
+    assert_eq!(z.total_in() as usize, data.len(), "the buffer was big enough");
+    if !final_block {
+        assert!(out.ends_with(&[0, 0, 0xFF, 0xFF]));
+        out.truncate(out.len() - 4);
+    }
+    out
+}
+
+proptest! {
+    /// With permessage-deflate negotiated: compressed messages (RSV1 on
+    /// their first frame, fragmented anywhere, control frames between the
+    /// fragments) read as the text or binary that was deflated; 1009 when
+    /// the inflated message passes the limit, however small on the wire;
+    /// 1007 when inflated text is not UTF-8; plain messages still read.
+    #[test]
+    fn compressed_messages_inflate_to_what_was_sent(
+        messages in vec((
+            prop_oneof![
+                3 => "(ab|\\PC){0,200}".prop_map(|s| (true, s.into_bytes())),
+                1 => vec(prop::sample::select(vec![b'a', b'b', 0xFF]), 0..600).prop_map(|b| (true, b)),
+                1 => vec(any::<u8>(), 0..300).prop_map(|b| (false, b)),
+            ],
+            any::<bool>(),
+            0u32..=9,
+            any::<bool>(),
+            vec(any::<usize>(), 0..3),
+            prop::option::of(good_control()),
+            mask(),
+        ), 1..5),
+        cuts in vec(any::<usize>(), 0..8),
+    ) {
+        let mut frames = Vec::new();
+        let mut expected = Vec::new();
+        for ((text, data), compress, level, final_block, splits, control, m) in messages {
+            let wire = if compress { deflated(&data, level, final_block) } else { data.clone() };
+            // A message past the limit may be refused at any of its frames'
+            // headers (on the wire size) or once inflated: no control frame
+            // between its fragments, so that the order of events is known.
+            let control = if data.len() > MAX { None } else { control };
+            let mut splits: Vec<usize> = splits.into_iter().map(|c| c % (wire.len() + 1)).collect();
+            splits.sort_unstable();
+            splits.push(wire.len());
+            let mut from = 0;
+            for (i, to) in splits.iter().copied().enumerate() {
+                let last = i + 1 == splits.len();
+                let opcode = if i == 0 { if text { 1 } else { 2 } } else { 0 };
+                let mut frame = RawFrame::good(last, opcode, m, wire[from..to].to_vec());
+                frame.rsv = if compress && i == 0 { 4 } else { 0 };
+                frames.push(frame);
+                from = to;
+                if let (false, Some(control)) = (last, &control) {
+                    frames.push(control.clone());
+                    expected.extend(model(std::slice::from_ref(control), MAX));
+                }
+            }
+            let event = if data.len() > MAX {
+                Event::Fail(1009)
+            } else if !text {
+                Event::Binary
+            } else if std::str::from_utf8(&data).is_err() {
+                Event::Fail(1007)
+            } else {
+                Event::Text(data)
+            };
+            let failed = matches!(event, Event::Fail(_));
+            expected.push(event);
+            if failed || matches!(expected.iter().rev().nth(1), Some(Event::Fail(_))) {
+                break;
+            }
+        }
+        // Stop the expectation at its first failure, as the reader stops.
+        if let Some(at) = expected.iter().position(|e| matches!(e, Event::Fail(_))) {
+            expected.truncate(at + 1);
+        }
+        let (events, _) = run_reader_with(&encode_all(&frames), &cuts, MAX, true);
+        prop_assert_eq!(events, expected);
+    }
 }
 
 /// The length fields the encoder above never writes: a 64-bit length with
