@@ -778,6 +778,9 @@ fn replay_after(
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -431,6 +431,11 @@ async fn bad_requests_get_bad_request_and_the_connection_stays_open() {
         (r#"{"type":"history","room":"a","limit":101,"ref":"l1"}"#.into(), Some("l1")),
         (r#"{"type":"send","room":"a/b","body":1,"ref":"s1"}"#.into(), Some("s1")),
         (r#"{"type":"history","room":"a b","ref":"h1"}"#.into(), Some("h1")),
+        // A field of the wrong JSON type: the error still carries the `ref`.
+        (r#"{"type":"join","room":"a","since":-1,"ref":"t1"}"#.into(), Some("t1")),
+        (r#"{"ref":"t2","type":"send","room":5,"body":1}"#.into(), Some("t2")),
+        (r#"{"type":"history","room":"a","limit":"ten","ref":"t3"}"#.into(), Some("t3")),
+        (r#"{"type":"ping","ref":5}"#.into(), None),
     ];
     for (text, reference) in cases {
         c.send_text(&text).await;

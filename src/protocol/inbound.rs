@@ -94,11 +94,24 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, BadRequest> {
     if !text.trim_start().starts_with('{') {
         return Err(bad("frame must be a JSON object", None));
     }
-    let fields: Fields = serde_json::from_str(text).map_err(|e| bad(&format!("invalid frame: {e}"), None))?;
+    let fields: Fields =
+        serde_json::from_str(text).map_err(|e| bad(&format!("invalid frame: {e}"), reference_of(text)))?;
     let reference = fields.reference.clone();
     let kind = request_kind(fields)
         .map_err(|message| BadRequest { message, reference: reference.as_deref().map(str::to_owned) })?;
     Ok(Request { reference, kind })
+}
+
+/// The `ref` of a frame whose other fields did not parse (a `since` of -1,
+/// a `room` that is a number), so that its `bad_request` still carries the
+/// `ref` the client waits on (PROTOCOL.md section 3). Only on that error path.
+fn reference_of(text: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Reference {
+        #[serde(rename = "ref")]
+        reference: Option<String>,
+    }
+    serde_json::from_str::<Reference>(text).ok()?.reference
 }
 
 fn request_kind(f: Fields<'_>) -> Result<RequestKind<'_>, String> {
@@ -141,6 +154,9 @@ pub fn limit(limit: Option<u64>) -> Result<usize, String> {
 fn bad(message: &str, reference: Option<String>) -> BadRequest {
     BadRequest { message: message.to_owned(), reference }
 }
+
+#[cfg(test)]
+mod props;
 
 #[cfg(test)]
 mod tests {
@@ -196,6 +212,11 @@ mod tests {
             RequestKind::Send { body, .. } => assert_eq!(body.get(), "null"),
             other => panic!("{other:?}"),
         }
+        // Valid JSON whatever the receiver's number range: passed on as sent.
+        match kind(r#"{"type":"send","room":"a","body":{"n":1e400}}"#) {
+            RequestKind::Send { body, .. } => assert_eq!(body.get(), r#"{"n":1e400}"#),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -228,5 +249,25 @@ mod tests {
         assert!(error(r#"{"type":"presence"}"#).message.contains("room"));
         assert!(error(r#"{"type":"presence","room":""}"#).message.contains("room name"));
         assert!(error(r#"{"type":"join","room":"a","presence":"yes"}"#).message.contains("invalid"));
+    }
+
+    #[test]
+    fn a_field_of_the_wrong_type_keeps_the_ref() {
+        // Found by the property tests: serde failed the whole frame and the
+        // error lost its `ref`, so a client waiting on it waited forever.
+        for text in [
+            r#"{"type":"send","room":"a","body":1,"ref":"r7","since":-1}"#,
+            r#"{"ref":"r7","type":"join","room":5}"#,
+            r#"{"type":"history","room":"a","limit":"ten","ref":"r7"}"#,
+            r#"{"type":7,"ref":"r7"}"#,
+        ] {
+            let bad = error(text);
+            assert!(bad.message.contains("invalid"), "{text}: {}", bad.message);
+            assert_eq!(bad.reference.as_deref(), Some("r7"), "{text}");
+        }
+        // A `ref` that is itself of the wrong type, or a frame that is not
+        // JSON, has no `ref` to echo.
+        assert_eq!(error(r#"{"type":"ping","ref":5}"#).reference, None);
+        assert_eq!(error(r#"{"type":"ping","ref":"r7""#).reference, None);
     }
 }

@@ -116,6 +116,9 @@ pub fn pong_frame(payload: &[u8]) -> Bytes {
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -304,6 +304,9 @@ impl FrameHead {
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
