@@ -39,15 +39,22 @@ impl Keys {
         }
     }
 
+    /// The hash tag every key of `room` carries (`{room}`), so that one
+    /// script call touches one slot on a Redis Cluster. Keys of a room kept
+    /// elsewhere (presence) must be built with it too.
+    pub fn room_tag(&self, room: &RoomName) -> String {
+        format!("{{{room}}}")
+    }
+
     /// A hash with the room's `seq` and `epoch`: one key, so it is lost or
     /// kept as a whole and a `seq` can never restart inside an epoch.
     pub fn state(&self, room: &RoomName) -> String {
-        format!("{}:{{{room}}}:state", self.prefix)
+        format!("{}:{}:state", self.prefix, self.room_tag(room))
     }
 
     /// A sorted set of the room's recent messages, scored by `seq`.
     pub fn history(&self, room: &RoomName) -> String {
-        format!("{}:{{{room}}}:history", self.prefix)
+        format!("{}:{}:history", self.prefix, self.room_tag(room))
     }
 
     pub fn channel(&self, room: &RoomName) -> String {
