@@ -196,7 +196,7 @@ pub fn merge(runs: &[(String, Summary)]) -> Result<Summary> {
     }
     out.rooms = rooms.into_values().collect();
     out.events = events.into_values().collect();
-    out.server = merged_server(runs, out.messages.delivered);
+    out.server = merged_server(runs, out.messages.delivered, out.connections.established);
     out.presence = merged_presence(runs);
     out.churn = merged_churn(runs, out.presence.as_ref().map_or(0, |p| p.subscribers));
     out.latency.delivery = Percentiles::from_hist(&delivery);
@@ -213,15 +213,45 @@ pub fn merge(runs: &[(String, Summary)]) -> Result<Summary> {
     Ok(out)
 }
 
-/// Every process measured the same server: its figures are those of the
-/// run whose send phase was longest (CPU per delivery recomputed over every
-/// process's deliveries).
-fn merged_server(runs: &[(String, Summary)], delivered: u64) -> Option<ServerFigures> {
-    let (_, r) = runs
-        .iter()
-        .filter(|(_, r)| r.server.is_some())
-        .max_by(|a, b| a.1.phases.send_s.total_cmp(&b.1.phases.send_s))?;
-    let mut s = r.server.clone()?;
+/// The server figures of the whole. Parts that measured the same server
+/// (the same `--server-pid`s) count it once: its figures are those of the
+/// part whose send phase was longest. Parts that measured different servers
+/// (each the nodes it talks to) add up: CPU, memory and CPU per delivery,
+/// per connection and per byte are of every server over every part.
+fn merged_server(runs: &[(String, Summary)], delivered: u64, established: u64) -> Option<ServerFigures> {
+    let mut servers: Vec<(&ServerFigures, f64)> = Vec::new();
+    for (_, r) in runs {
+        let Some(s) = &r.server else { continue };
+        let send_s = r.phases.send_s;
+        match servers.iter_mut().find(|(known, _)| known.pids == s.pids) {
+            Some(entry) if send_s > entry.1 => *entry = (s, send_s),
+            Some(_) => {}
+            None => servers.push((s, send_s)),
+        }
+    }
+    let (first, rest) = servers.split_first()?;
+    let mut s = first.0.clone();
+    if !rest.is_empty() {
+        let add = |a: Option<f64>, b: Option<f64>| Some(a? + b?);
+        let add_u = |a: Option<u64>, b: Option<u64>| Some(a? + b?);
+        for (other, _) in rest {
+            s.pids.extend(&other.pids);
+            s.cpu_s_connect = add(s.cpu_s_connect, other.cpu_s_connect);
+            s.cpu_s_send = add(s.cpu_s_send, other.cpu_s_send);
+            s.cpu_s_send_drain = add(s.cpu_s_send_drain, other.cpu_s_send_drain);
+            s.cpu_percent_send = add(s.cpu_percent_send, other.cpu_percent_send);
+            s.rss_before_bytes = add_u(s.rss_before_bytes, other.rss_before_bytes);
+            s.rss_connected_bytes = add_u(s.rss_connected_bytes, other.rss_connected_bytes);
+            s.rss_end_bytes = add_u(s.rss_end_bytes, other.rss_end_bytes);
+        }
+        s.cpu_us_per_connection = s.cpu_s_connect.filter(|_| established > 0).map(|c| c * 1e6 / established as f64);
+        s.bytes_per_connection = match (s.rss_before_bytes, s.rss_connected_bytes) {
+            (Some(before), Some(connected)) if established > 0 => {
+                Some(connected.saturating_sub(before) as f64 / established as f64)
+            }
+            _ => None,
+        };
+    }
     s.cpu_us_per_delivery = s.cpu_s_send.filter(|_| delivered > 0).map(|c| c * 1e6 / delivered as f64);
     Some(s)
 }
@@ -319,6 +349,36 @@ mod tests {
         assert_eq!((m.messages.expected, m.messages.missing, m.messages.delivered), (30, 1, 29));
         assert!(!m.ok);
         assert!(m.problems.iter().any(|p| p.contains("1 of 30 expected deliveries missing")));
+    }
+
+    #[test]
+    fn servers_measured_by_different_parts_add_up() {
+        let server = |pid: u32, cpu_s: f64, before: u64, connected: u64| ServerFigures {
+            pids: vec![pid],
+            cpu_s_connect: Some(cpu_s / 10.0),
+            cpu_s_send: Some(cpu_s),
+            rss_before_bytes: Some(before),
+            rss_connected_bytes: Some(connected),
+            ..Default::default()
+        };
+        let (mut a, mut b) = (run(0, 2, "fanout"), run(1, 2, "fanout"));
+        for (part, delivered) in [(&mut a, 600), (&mut b, 400)] {
+            part.1.messages.delivered = delivered;
+            part.1.connections.established = 100;
+        }
+        // Each part measured its own node: both nodes' CPU and memory count.
+        a.1.server = Some(server(1, 2.0, 1000, 101_000));
+        b.1.server = Some(server(2, 3.0, 1000, 201_000));
+        let m = merge(&[a.clone(), b.clone()]).unwrap().server.unwrap();
+        assert_eq!(m.pids, vec![1, 2]);
+        assert!((m.cpu_us_per_delivery.unwrap() - 5.0e6 / 1000.0).abs() < 1e-6);
+        assert!((m.bytes_per_connection.unwrap() - 300_000.0 / 200.0).abs() < 1e-9);
+        assert!((m.cpu_us_per_connection.unwrap() - 0.5e6 / 200.0).abs() < 1e-6);
+        // Both measured the same node: it counts once.
+        b.1.server = Some(server(1, 2.5, 1000, 101_000));
+        let m = merge(&[a, b]).unwrap().server.unwrap();
+        assert_eq!(m.pids, vec![1]);
+        assert!(m.cpu_us_per_delivery.unwrap() <= 2.5e6 / 1000.0 + 1e-6);
     }
 
     #[test]
