@@ -8,7 +8,9 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::report::{chart, esc, num, Axis, Scale, Series, MARGIN_L, PANEL_H, W};
+use crate::report::{
+    chart, esc, log_latency_axis, percentile_axis, percentile_points, write_svg_or_html, Series, MARGIN_L, PANEL_H, W,
+};
 use crate::summary::Summary;
 
 /// One figure of every run.
@@ -143,42 +145,13 @@ pub fn svg(c: &Comparison, runs: &[(String, Summary)]) -> String {
                 name: format!("run {} {what}", i + 1),
                 color: COLORS[i % COLORS.len()],
                 dashed,
-                points: pts
-                    .iter()
-                    .filter(|p| p[0] < 100.0)
-                    .map(|p| (-(1.0 - p[0] / 100.0).log10(), p[1] / 1000.0))
-                    .collect(),
+                points: percentile_points(pts),
             }
         })
         .filter(|s| !s.points.is_empty())
         .collect();
-    let x = Axis {
-        label: "percentile".into(),
-        scale: Scale::Linear,
-        min: 0.0,
-        max: 5.0,
-        ticks: ["0%", "90%", "99%", "99.9%", "99.99%", "99.999%"]
-            .iter()
-            .enumerate()
-            .map(|(i, l)| (i as f64, l.to_string()))
-            .collect(),
-    };
-    let (lo, hi) = series
-        .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.1))
-        .filter(|v| *v > 0.0)
-        .fold((f64::INFINITY, 0.0f64), |(a, b), v| (a.min(v), b.max(v)));
-    let (lo, hi) = if hi > 0.0 { (lo, hi) } else { (0.001, 1.0) };
-    let dmin = lo.log10().floor() as i32;
-    let dmax = (hi.log10().ceil() as i32).max(dmin + 1);
-    let y = Axis {
-        label: "latency (ms, log)".into(),
-        scale: Scale::Log,
-        min: 10f64.powi(dmin),
-        max: 10f64.powi(dmax),
-        ticks: (dmin..=dmax).map(|d| (10f64.powi(d), num(10f64.powi(d)))).collect(),
-    };
-    let panel = chart("Latency by percentile, runs overlaid", &x, &y, &series, None);
+    let panel =
+        chart("Latency by percentile, runs overlaid", &percentile_axis(), &log_latency_axis(&series), &series, None);
     let total_h = 50.0 + PANEL_H;
     let mut o = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{total_h}\" \
@@ -194,23 +167,7 @@ pub fn svg(c: &Comparison, runs: &[(String, Summary)]) -> String {
 
 /// Write the plot: SVG, or HTML with the table when the name ends in .html.
 pub fn write_report(c: &Comparison, runs: &[(String, Summary)], path: &Path) -> Result<()> {
-    let svg = svg(c, runs);
-    let is_html = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| e.eq_ignore_ascii_case("html") || e.eq_ignore_ascii_case("htm"));
-    let text = if is_html {
-        format!(
-            "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>loadgen compare</title>\
-             <style>body{{font-family:sans-serif;margin:2em}}pre{{background:#f6f6f6;padding:1em}}</style>\
-             </head><body><h1>loadgen compare</h1><pre>{}</pre>\n{}\n</body></html>\n",
-            esc(&table(c)),
-            svg
-        )
-    } else {
-        svg
-    };
-    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+    write_svg_or_html(path, "loadgen compare", &table(c), &svg(c, runs))
 }
 
 #[cfg(test)]

@@ -182,23 +182,26 @@ pub fn write_json(s: &Summary, path: &Path) -> Result<()> {
 /// Write the plots: SVG, or HTML (table + inline SVG) when the file name
 /// ends in .html/.htm.
 pub fn write_report(s: &Summary, path: &Path) -> Result<()> {
-    let svg = svg(s);
+    write_svg_or_html(path, &format!("loadgen {}", s.scenario), &table(s), &svg(s))
+}
+
+/// Writes `svg` to `path`, or, when the file name ends in .html/.htm, an
+/// HTML page with `heading`, the text `table` and the SVG inline.
+pub(crate) fn write_svg_or_html(path: &Path, heading: &str, table: &str, svg: &str) -> Result<()> {
     let is_html = path
         .extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| e.eq_ignore_ascii_case("html") || e.eq_ignore_ascii_case("htm"));
     let text = if is_html {
         format!(
-            "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>loadgen {}</title>\
+            "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{heading}</title>\
              <style>body{{font-family:sans-serif;margin:2em}}pre{{background:#f6f6f6;padding:1em}}</style>\
-             </head><body><h1>loadgen {}</h1><pre>{}</pre>\n{}\n</body></html>\n",
-            esc(&s.scenario),
-            esc(&s.scenario),
-            esc(&table(s)),
-            svg
+             </head><body><h1>{heading}</h1><pre>{}</pre>\n{svg}\n</body></html>\n",
+            esc(table),
+            heading = esc(heading),
         )
     } else {
-        svg
+        svg.to_owned()
     };
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
@@ -326,7 +329,7 @@ fn latency_panel(s: &Summary) -> String {
         name: name.into(),
         color,
         dashed,
-        points: pts.iter().filter(|p| p[0] < 100.0).map(|p| (-(1.0 - p[0] / 100.0).log10(), p[1] / 1000.0)).collect(),
+        points: percentile_points(pts),
     };
     let series: Vec<Series> = [
         mk("delivery", "#1f77b4", false, &c.delivery),
@@ -337,7 +340,18 @@ fn latency_panel(s: &Summary) -> String {
     .into_iter()
     .filter(|s| !s.points.is_empty())
     .collect();
-    let x = Axis {
+    chart("Latency by percentile", &percentile_axis(), &log_latency_axis(&series), &series, None)
+}
+
+/// A latency curve (`[percentile, µs]`) as chart points: x spreads the
+/// tail (90% -> 1, 99% -> 2, ...), y in milliseconds.
+pub(crate) fn percentile_points(pts: &[[f64; 2]]) -> Vec<(f64, f64)> {
+    pts.iter().filter(|p| p[0] < 100.0).map(|p| (-(1.0 - p[0] / 100.0).log10(), p[1] / 1000.0)).collect()
+}
+
+/// The x axis of [`percentile_points`]: 0% to 99.999%.
+pub(crate) fn percentile_axis() -> Axis {
+    Axis {
         label: "percentile".into(),
         scale: Scale::Linear,
         min: 0.0,
@@ -347,7 +361,11 @@ fn latency_panel(s: &Summary) -> String {
             .enumerate()
             .map(|(i, l)| (i as f64, l.to_string()))
             .collect(),
-    };
+    }
+}
+
+/// A log-scale latency axis (ms) spanning every decade the series reach.
+pub(crate) fn log_latency_axis(series: &[Series]) -> Axis {
     let (lo, hi) = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.1))
@@ -355,18 +373,14 @@ fn latency_panel(s: &Summary) -> String {
         .fold((f64::INFINITY, 0.0f64), |(a, b), v| (a.min(v), b.max(v)));
     let (lo, hi) = if hi > 0.0 { (lo, hi) } else { (0.001, 1.0) };
     let dmin = lo.log10().floor() as i32;
-    let mut dmax = hi.log10().ceil() as i32;
-    if dmax <= dmin {
-        dmax = dmin + 1;
-    }
-    let y = Axis {
+    let dmax = (hi.log10().ceil() as i32).max(dmin + 1);
+    Axis {
         label: "latency (ms, log)".into(),
         scale: Scale::Log,
         min: 10f64.powi(dmin),
         max: 10f64.powi(dmax),
         ticks: (dmin..=dmax).map(|d| (10f64.powi(d), num(10f64.powi(d)))).collect(),
-    };
-    chart("Latency by percentile", &x, &y, &series, None)
+    }
 }
 
 fn time_panel(s: &Summary, title: &str, ylabel: &str, series: Vec<Series>) -> String {

@@ -8,7 +8,9 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::report::{chart, esc, nice_ticks, num, Axis, Scale, Series, MARGIN_L, PANEL_H, W};
+use crate::report::{
+    chart, esc, log_latency_axis, nice_ticks, num, write_svg_or_html, Axis, Scale, Series, MARGIN_L, PANEL_H, W,
+};
 use crate::sweep::SweepSummary;
 
 /// The end-of-sweep table.
@@ -89,24 +91,7 @@ pub fn write_json(s: &SweepSummary, path: &Path) -> Result<()> {
 /// Write the plot: SVG, or HTML (table + inline SVG) when the file name
 /// ends in .html/.htm.
 pub fn write_report(s: &SweepSummary, path: &Path) -> Result<()> {
-    let svg = svg(s);
-    let is_html = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| e.eq_ignore_ascii_case("html") || e.eq_ignore_ascii_case("htm"));
-    let text = if is_html {
-        format!(
-            "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>loadgen sweep</title>\
-             <style>body{{font-family:sans-serif;margin:2em}}pre{{background:#f6f6f6;padding:1em}}</style>\
-             </head><body><h1>loadgen sweep of {}</h1><pre>{}</pre>\n{}\n</body></html>\n",
-            esc(&s.target),
-            esc(&table(s)),
-            svg
-        )
-    } else {
-        svg
-    };
-    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+    write_svg_or_html(path, &format!("loadgen sweep of {}", s.target), &table(s), &svg(s))
 }
 
 /// Latency percentiles (log ms) and server CPU against achieved throughput.
@@ -135,21 +120,7 @@ pub fn svg(s: &SweepSummary) -> String {
         Series { name: "p99.9".into(), color: "#ff7f0e", dashed: false, points: pick(&|p| p.p999_us) },
         Series { name: "max".into(), color: "#d62728", dashed: true, points: pick(&|p| p.max_us) },
     ];
-    let (lo, hi) = series
-        .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.1))
-        .filter(|v| *v > 0.0)
-        .fold((f64::INFINITY, 0.0f64), |(a, b), v| (a.min(v), b.max(v)));
-    let (lo, hi) = if hi > 0.0 { (lo, hi) } else { (0.001, 1.0) };
-    let dmin = lo.log10().floor() as i32;
-    let dmax = (hi.log10().ceil() as i32).max(dmin + 1);
-    let y = Axis {
-        label: "latency (ms, log)".into(),
-        scale: Scale::Log,
-        min: 10f64.powi(dmin),
-        max: 10f64.powi(dmax),
-        ticks: (dmin..=dmax).map(|d| (10f64.powi(d), num(10f64.powi(d)))).collect(),
-    };
+    let y = log_latency_axis(&series);
     // The capacity's throughput is shaded as a thin band.
     let band = s.capacity.as_ref().and_then(|c| s.steps.get(c.step)).map(|st| {
         let t = st.throughput();
