@@ -55,7 +55,7 @@ async fn websocket_flag() -> Vec<&'static str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_javascript_client_passes_its_tests_against_a_real_server() {
-    run_node_tests("clients/js/test", 15).await;
+    run_node_tests("clients/js/test", 16).await;
 }
 
 /// The chat page in headless Chromium (installed by scripts/setup-close-clients).

@@ -16,10 +16,6 @@ import { join } from 'node:path';
 
 import { Server, DATABASE_URL, until, sleep } from '../../js/test/harness.mjs';
 
-// Presence (PROTOCOL.md section 8) is in the server; set this to false to
-// run these tests against a server without it.
-const PRESENCE_IN_SERVER = true;
-
 const CHROMIUM = process.env.CHORUS_TEST_CHROMIUM || '/usr/bin/chromium';
 
 let server;
@@ -232,7 +228,6 @@ test('older history loads when the reader scrolls up, in order, without duplicat
 
 test(
   'presence shows both users and drops one when its page closes',
-  { skip: !PRESENCE_IN_SERVER && 'presence is not in the server yet (PRESENCE_IN_SERVER)' },
   async () => {
     const room = `presence-${Date.now()}`;
     const alice = await openPage(`${server.httpUrl}/?name=alice&rooms=${room}`);

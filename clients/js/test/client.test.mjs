@@ -1,16 +1,11 @@
 // The client against a real chorus: sends and acks, history, errors, requests
-// while disconnected, token refresh, backoff, and presence (skipped until the
-// server has it).
+// while disconnected, token refresh, backoff, and presence.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 
 import { ChorusClient, ChorusError, CLOSE_PING_TIMEOUT, backoffDelay, tokenExpiry } from '../chorus.js';
 import { Server, Proxy, token, until, next, collect } from './harness.mjs';
-
-// Presence (PROTOCOL.md section 8) is in the server; set this to false to
-// run these tests against a server without it.
-const PRESENCE_IN_SERVER = true;
 
 let server;
 const clients = [];
@@ -198,7 +193,7 @@ test('clients cut at once come back spread out, not in the same millisecond', as
   }
 });
 
-test('presence: one live member list per room, from the state and the diffs', { skip: !PRESENCE_IN_SERVER && 'presence is not in the server yet (PRESENCE_IN_SERVER)' }, async () => {
+test('presence: one live member list per room, from the state and the diffs', async () => {
   const alice = client('alice');
   const bob = client('bob');
   const aliceRoom = alice.join('presence', { presence: true });

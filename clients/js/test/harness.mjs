@@ -58,9 +58,12 @@ export class Server {
       const timer = setTimeout(() => reject(new Error(`chorus did not start: ${this.stderr}`)), 20000);
       child.stdout.on('data', (d) => {
         out += d;
-        const match = out.match(/listening on (\S+)/);
+        // The admin listener's line (with --admin-listen) comes first.
+        const match = out.match(/^chorus listening on (\S+)/m);
         if (match) {
           clearTimeout(timer);
+          const admin = out.match(/^chorus admin listening on (\S+)/m);
+          this.adminPort = admin ? Number(admin[1].split(':').pop()) : null;
           resolve(match[1]);
         }
       });
@@ -76,6 +79,11 @@ export class Server {
 
   get httpUrl() {
     return `http://127.0.0.1:${this.port}`;
+  }
+
+  /** The admin listener (`--admin-listen 127.0.0.1:0`), or null without one. */
+  get adminUrl() {
+    return this.adminPort ? `http://127.0.0.1:${this.adminPort}` : null;
   }
 
   async stop(signal = 'SIGTERM') {
