@@ -552,6 +552,96 @@ async fn three_nodes_share_rooms_on_every_shard_gaplessly() {
     }
 }
 
+/// The shard channels matching `pattern` on the cluster: `(channel,
+/// subscribers, primary)`.
+fn shard_channels_on(seeds: &str, pattern: &str) -> Vec<(String, i64, String)> {
+    let mut primaries: Vec<String> = slot_owners(seeds).into_iter().map(|o| o.2).collect();
+    primaries.sort();
+    primaries.dedup();
+    let mut found = Vec::new();
+    for addr in primaries {
+        let mut conn = node_conn(&addr);
+        let channels: Vec<String> = redis::cmd("PUBSUB").arg("SHARDCHANNELS").arg(pattern).query(&mut conn).unwrap();
+        for channel in channels {
+            let (_, count): (String, i64) =
+                redis::cmd("PUBSUB").arg("SHARDNUMSUB").arg(&channel).query(&mut conn).unwrap();
+            found.push((channel, count, addr.clone()));
+        }
+    }
+    found
+}
+
+/// Moves the slot of `key` (a key or a shard channel) to another primary;
+/// returns where it went.
+async fn move_slot_of(seeds: &str, key: &str) -> String {
+    let slot: u16 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(&mut node_conn(&first_seed(seeds))).unwrap();
+    let from = slot_owners(seeds).into_iter().find(|(a, b, _)| (*a..=*b).contains(&slot)).unwrap().2;
+    let to = slot_owners(seeds).into_iter().map(|o| o.2).find(|o| *o != from).unwrap();
+    let (seeds, moved_to) = (seeds.to_owned(), to.clone());
+    tokio::task::spawn_blocking(move || migrate_slot(&seeds, slot, &from, &to)).await.unwrap();
+    moved_to
+}
+
+/// Presence and the admin API keep working when the slots of their shard
+/// channels move to another primary: Redis ends the subscriptions, and the
+/// nodes subscribe again on the new owner (and read again what they may
+/// have missed).
+#[tokio::test]
+async fn presence_and_bans_follow_their_channels_to_another_shard() {
+    let cluster = PrivateCluster::start();
+    let prefix = prefix("follow");
+    let room = "moving";
+    let admin = ["--admin-listen", "127.0.0.1:0"];
+    let (a, b) = (node_with(&cluster.seeds, &prefix, &admin).await, node_with(&cluster.seeds, &prefix, &admin).await);
+    let mut alice = Client::connect(a.addr, "/ws", &token("alice", None, 3600)).await;
+    alice.send_json(&json!({"type": "join", "room": room, "presence": true})).await;
+    alice.recv_type("joined").await;
+    assert_eq!(alice.recv_type("presence_state").await["count"], 1);
+
+    // A subscribes to the room's presence channel; its slot moves away.
+    let pattern = format!("{prefix}:presence:*");
+    let deadline = tokio::time::Instant::now() + GUARD;
+    let channel = loop {
+        let found = shard_channels_on(&cluster.seeds, &pattern);
+        if let [(channel, 1, _)] = found.as_slice() {
+            break channel.clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "A never subscribed: {found:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let to = move_slot_of(&cluster.seeds, &channel).await;
+    // bob joins on B: his presence is written on the new owner and alice hears of him.
+    let mut bob = Client::connect(b.addr, "/ws", &token("bob", None, 3600)).await;
+    bob.join(room).await;
+    let diff = alice.recv_type("presence_diff").await;
+    assert_eq!(diff, json!({"type":"presence_diff","room":room,"joins":["bob"],"leaves":[],"count":2}));
+    let found = shard_channels_on(&cluster.seeds, &pattern);
+    assert_eq!(found, [(channel, 1, to)], "A follows the channel to the new owner");
+
+    // The admin channel's slot moves too; a ban on A still closes carol's
+    // connection on B within a second and is refused there.
+    move_slot_of(&cluster.seeds, &format!("{prefix}:admin")).await;
+    let mut carol = Client::connect(b.addr, "/ws", &token("carol", None, 3600)).await;
+    carol.ping_pong().await;
+    let deadline = tokio::time::Instant::now() + GUARD;
+    loop {
+        let subscribed = shard_channels_on(&cluster.seeds, &format!("{prefix}:admin"));
+        if subscribed.iter().any(|(_, count, _)| *count == 2) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the nodes never subscribed again: {subscribed:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let url = format!("http://{}/admin/users/carol/disconnect?ban=1m", a.admin.unwrap());
+    let response = reqwest::Client::new().post(url).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let asked = tokio::time::Instant::now();
+    assert_eq!(carol.recv_close().await.0, 4001);
+    assert!(asked.elapsed() < Duration::from_secs(1), "closed after {:?}", asked.elapsed());
+    let request = common::with_bearer(common::ws_request(b.addr, "/ws"), &token("carol", None, 3600));
+    assert_eq!(common::refused_status(b.addr, request).await, 401);
+}
+
 // ---------------------------------------------------------------------------
 // Bounded memory (PROTOCOL.md section 12): room keys expire on the cluster
 // ---------------------------------------------------------------------------
