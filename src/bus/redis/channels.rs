@@ -84,12 +84,7 @@ impl ShardChannels {
                         return Some(event);
                     }
                 }
-                _ = self.retry.tick(), if !self.failed.is_empty() => {
-                    let failed: Vec<String> = self.failed.iter().cloned().collect();
-                    for channel in failed {
-                        self.try_subscribe(&channel).await;
-                    }
-                }
+                _ = self.retry.tick(), if !self.failed.is_empty() => self.retry_failed().await,
             }
         }
     }
@@ -120,6 +115,29 @@ impl ShardChannels {
                 None
             }
             _ => None,
+        }
+    }
+
+    /// Subscribes every failed channel again, all at once: during a
+    /// failover each may wait for a response timeout, and they should not
+    /// wait one after another.
+    async fn retry_failed(&mut self) {
+        let failed: Vec<String> = self.failed.iter().cloned().collect();
+        let tries = failed.iter().map(|channel| self.command("SSUBSCRIBE", channel));
+        let results = futures_util::future::join_all(tries).await;
+        let mut first_error = None;
+        for (channel, result) in failed.iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    self.failed.remove(channel);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            tracing::warn!("cannot subscribe {} channel(s) yet: {e}", self.failed.len());
         }
     }
 
