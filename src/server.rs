@@ -232,13 +232,8 @@ async fn build_state(config: Config) -> std::io::Result<ServerState> {
             Bus::redis(registry, metrics.clone(), redis)
         }
     };
-    // With --redis-cluster the admin API acts on this node only for now:
-    // its ban keys and announcements speak to a single Redis.
-    let admin_redis = config.redis_url.as_deref().filter(|_| !config.redis_cluster);
-    if config.redis_cluster {
-        tracing::warn!("with --redis-cluster, admin disconnects and bans act on the node asked only");
-    }
-    let admin = Admin::new(admin_redis, &config.redis_prefix).map_err(std::io::Error::other)?;
+    // Bans and disconnects reach the other nodes through the bus's Redis.
+    let admin = Admin::new(bus.redis_access(), &config.redis_prefix);
     Ok(ServerState::new(config, bus, admin, metrics, shutdown))
 }
 

@@ -46,7 +46,7 @@ impl ServerState {
     pub fn new(config: Config, bus: Bus, admin: Admin, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Self {
         let coalescing = Coalescing::new(config.write_coalesce, config.write_coalesce_load);
         let writer = Arc::new(WriterConfig { coalescing, metrics: metrics.clone() });
-        let presence = presence(&config, metrics.clone(), &shutdown);
+        let presence = presence(&config, &bus, metrics.clone(), &shutdown);
         Self {
             presence,
             config,
@@ -79,25 +79,13 @@ impl ServerState {
     }
 }
 
-/// Presence of a single node, or, with `--redis-url`, of a cluster node
-/// (its own Redis connections and node id).
-fn presence(config: &Config, metrics: Arc<Metrics>, shutdown: &CancellationToken) -> Presence {
-    let Some(url) = &config.redis_url else { return Presence::new(metrics) };
-    if config.redis_cluster {
-        // Its scripts and notices use one Redis connection and classic
-        // pub/sub; on a cluster they would meet MOVED. Not built yet.
-        tracing::warn!("presence over --redis-cluster is not built yet: it counts this node's users only");
-        return Presence::new(metrics);
-    }
+/// Presence of a single node, or, with `--redis-url`, of a cluster node:
+/// its own node id, and the bus's Redis (or Redis Cluster).
+fn presence(config: &Config, bus: &Bus, metrics: Arc<Metrics>, shutdown: &CancellationToken) -> Presence {
+    let Some(access) = bus.redis_access() else { return Presence::new(metrics) };
     let node = crate::bus::fresh_epoch();
-    match crate::presence::Cluster::new(url, &config.redis_prefix, node, config.presence_ttl) {
-        Ok(cluster) => Presence::clustered(metrics, cluster, shutdown.clone()),
-        // The bus opened the same URL already.
-        Err(e) => {
-            tracing::error!("presence cannot use redis ({e}); it stays local to this node");
-            Presence::new(metrics)
-        }
-    }
+    let cluster = crate::presence::Cluster::new(access, &config.redis_prefix, node, config.presence_ttl);
+    Presence::clustered(metrics, cluster, shutdown.clone())
 }
 
 /// Server time for a message's `ts`.

@@ -1,10 +1,13 @@
 //! The admin listener and the admin API (PROTOCOL.md section 10) against the
 //! real binary: where the probes and metrics are served, disconnecting and
-//! banning a user on one node and across a cluster.
+//! banning a user on one node and across a cluster, joined by one Redis or
+//! by a real local Redis Cluster (`CHORUS_TEST_REDIS_CLUSTER`).
 
 mod common;
 #[path = "common/keyspace.rs"]
 mod keyspace;
+#[path = "common/redis_cluster.rs"]
+mod redis_cluster;
 
 use std::time::{Duration, Instant};
 
@@ -226,4 +229,60 @@ async fn disconnect_and_ban_reach_every_node_and_survive_a_restart() {
     connects_again(&restarted, "alice").await.ping_pong().await;
     connects_again(&a, "alice").await.ping_pong().await;
     assert!(now_ms() >= until);
+}
+
+/// `--redis-cluster`: bans of several users, whose keys land on different
+/// shards, issued on one node: every node refuses them and closes their
+/// connections within a second, and a node started afterwards reads them
+/// back from every primary.
+#[tokio::test]
+async fn on_a_redis_cluster_bans_reach_every_node_and_survive_a_restart() {
+    let seeds = redis_cluster::seeds();
+    let prefix = redis_cluster::ClusterPrefix::new("admin-rc", &seeds);
+    let args =
+        ["--admin-listen", "127.0.0.1:0", "--redis-url", &seeds, "--redis-cluster", "--redis-prefix", prefix.as_str()];
+    let a = TestServer::start(&args).await;
+    let b = TestServer::start(&args).await;
+    let c = TestServer::start(&args).await;
+    // Enough users that their keys are all but sure to be on several shards.
+    let banned: Vec<String> = (0..12).map(|i| format!("user-{i}")).collect();
+    let mut connections = Vec::new();
+    for sub in &banned {
+        for server in [&b, &c] {
+            connections.push((sub.clone(), server.connect_joined("lobby", &token(sub, None, 600)).await.0));
+        }
+    }
+    let (mut bob, _) = b.connect_joined("lobby", &token("bob", None, 600)).await;
+
+    for sub in &banned {
+        let (status, body) = disconnect(&a, sub, "?ban=10m").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["closed"], 0, "{sub} had no connection on the node asked");
+        let asked = Instant::now();
+        for (_, client) in connections.iter_mut().filter(|(s, _)| s == sub) {
+            assert_eq!(client.recv_close().await, (4001, "disconnected".to_owned()));
+        }
+        assert!(asked.elapsed() < Duration::from_secs(1), "the other nodes closed after {:?}", asked.elapsed());
+    }
+    bob.ping_pong().await;
+    // The ban keys are spread over the shards, so reading them back means
+    // scanning more than one primary.
+    let keys = redis_cluster::keys_by_primary(&seeds, &format!("{}:ban:*", prefix.as_str()));
+    assert_eq!(keys.iter().map(|(_, k)| k.len()).sum::<usize>(), banned.len(), "{keys:?}");
+    assert!(keys.iter().filter(|(_, k)| !k.is_empty()).count() >= 2, "{keys:?}");
+    // The announcements are sharded: nothing on classic pub/sub.
+    assert_eq!(redis_cluster::classic_channels(&seeds, &format!("{}*", prefix.as_str())), Vec::<String>::new());
+
+    for server in [&a, &b, &c] {
+        for sub in &banned {
+            assert_eq!(refusal(server, sub).await.0, 401, "{sub}");
+        }
+    }
+    drop(b);
+    let restarted = TestServer::start(&args).await;
+    for sub in &banned {
+        assert_eq!(refusal(&restarted, sub).await.0, 401, "{sub} after a restart");
+    }
+    let (mut welcome, _) = restarted.connect_joined("lobby", &token("bob", None, 600)).await;
+    welcome.ping_pong().await;
 }

@@ -552,6 +552,194 @@ async fn three_nodes_share_rooms_on_every_shard_gaplessly() {
     }
 }
 
+/// The shard channels matching `pattern` on the cluster: `(channel,
+/// subscribers, primary)`.
+fn shard_channels_on(seeds: &str, pattern: &str) -> Vec<(String, i64, String)> {
+    let mut primaries: Vec<String> = slot_owners(seeds).into_iter().map(|o| o.2).collect();
+    primaries.sort();
+    primaries.dedup();
+    let mut found = Vec::new();
+    for addr in primaries {
+        let mut conn = node_conn(&addr);
+        let channels: Vec<String> = redis::cmd("PUBSUB").arg("SHARDCHANNELS").arg(pattern).query(&mut conn).unwrap();
+        for channel in channels {
+            let (_, count): (String, i64) =
+                redis::cmd("PUBSUB").arg("SHARDNUMSUB").arg(&channel).query(&mut conn).unwrap();
+            found.push((channel, count, addr.clone()));
+        }
+    }
+    found
+}
+
+/// Moves the slot of `key` (a key or a shard channel) to another primary;
+/// returns where it went.
+async fn move_slot_of(seeds: &str, key: &str) -> String {
+    let slot: u16 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(&mut node_conn(&first_seed(seeds))).unwrap();
+    let from = slot_owners(seeds).into_iter().find(|(a, b, _)| (*a..=*b).contains(&slot)).unwrap().2;
+    let to = slot_owners(seeds).into_iter().map(|o| o.2).find(|o| *o != from).unwrap();
+    let (seeds, moved_to) = (seeds.to_owned(), to.clone());
+    tokio::task::spawn_blocking(move || migrate_slot(&seeds, slot, &from, &to)).await.unwrap();
+    moved_to
+}
+
+/// Presence and the admin API keep working when the slots of their shard
+/// channels move to another primary: Redis ends the subscriptions, and the
+/// nodes subscribe again on the new owner (and read again what they may
+/// have missed).
+#[tokio::test]
+async fn presence_and_bans_follow_their_channels_to_another_shard() {
+    let cluster = PrivateCluster::start();
+    let prefix = prefix("follow");
+    let room = "moving";
+    let admin = ["--admin-listen", "127.0.0.1:0"];
+    let (a, b) = (node_with(&cluster.seeds, &prefix, &admin).await, node_with(&cluster.seeds, &prefix, &admin).await);
+    let mut alice = Client::connect(a.addr, "/ws", &token("alice", None, 3600)).await;
+    alice.send_json(&json!({"type": "join", "room": room, "presence": true})).await;
+    alice.recv_type("joined").await;
+    assert_eq!(alice.recv_type("presence_state").await["count"], 1);
+
+    // A subscribes to the room's presence channel; its slot moves away.
+    let pattern = format!("{prefix}:presence:*");
+    let deadline = tokio::time::Instant::now() + GUARD;
+    let channel = loop {
+        let found = shard_channels_on(&cluster.seeds, &pattern);
+        if let [(channel, 1, _)] = found.as_slice() {
+            break channel.clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "A never subscribed: {found:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let to = move_slot_of(&cluster.seeds, &channel).await;
+    // bob joins on B: his presence is written on the new owner and alice hears of him.
+    let mut bob = Client::connect(b.addr, "/ws", &token("bob", None, 3600)).await;
+    bob.join(room).await;
+    let diff = alice.recv_type("presence_diff").await;
+    assert_eq!(diff, json!({"type":"presence_diff","room":room,"joins":["bob"],"leaves":[],"count":2}));
+    let found = shard_channels_on(&cluster.seeds, &pattern);
+    assert_eq!(found, [(channel, 1, to)], "A follows the channel to the new owner");
+
+    // The admin channel's slot moves too; a ban on A still closes carol's
+    // connection on B within a second and is refused there.
+    move_slot_of(&cluster.seeds, &format!("{prefix}:admin")).await;
+    let mut carol = Client::connect(b.addr, "/ws", &token("carol", None, 3600)).await;
+    carol.ping_pong().await;
+    let deadline = tokio::time::Instant::now() + GUARD;
+    loop {
+        let subscribed = shard_channels_on(&cluster.seeds, &format!("{prefix}:admin"));
+        if subscribed.iter().any(|(_, count, _)| *count == 2) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the nodes never subscribed again: {subscribed:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let url = format!("http://{}/admin/users/carol/disconnect?ban=1m", a.admin.unwrap());
+    let response = reqwest::Client::new().post(url).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let asked = tokio::time::Instant::now();
+    assert_eq!(carol.recv_close().await.0, 4001);
+    assert!(asked.elapsed() < Duration::from_secs(1), "closed after {:?}", asked.elapsed());
+    let request = common::with_bearer(common::ws_request(b.addr, "/ws"), &token("carol", None, 3600));
+    assert_eq!(common::refused_status(b.addr, request).await, 401);
+}
+
+/// A seed that answers (the first one may be a node the test killed).
+fn live_seed(seeds: &str) -> String {
+    let answers = |seed: &&str| {
+        let client = redis::Client::open(*seed).ok();
+        client.and_then(|c| c.get_connection_with_timeout(Duration::from_millis(500)).ok()).is_some()
+    };
+    seeds.split(',').map(str::trim).find(answers).expect("a seed answers").to_owned()
+}
+
+/// The primary that owns the slot of `key` (a key or a shard channel) now.
+fn owner_of_key(seeds: &str, key: &str) -> String {
+    let seeds = live_seed(seeds);
+    let slot: u16 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(&mut node_conn(&first_seed(&seeds))).unwrap();
+    slot_owners(&seeds).into_iter().find(|(a, b, _)| (*a..=*b).contains(&slot)).expect("slot served").2
+}
+
+/// The primary that owns both the admin channel and a room's presence
+/// channel is SIGKILLed: once its replica is promoted, the nodes subscribe
+/// there again, a join on one node reaches a presence subscriber on the
+/// other, and a ban on one node closes the user's connection on the other.
+#[tokio::test]
+async fn presence_and_bans_survive_a_failover_of_their_shard() {
+    let cluster = PrivateCluster::start();
+    let prefix = prefix("failover-side");
+    let extra = ["--admin-listen", "127.0.0.1:0", "--presence-ttl", "2s"];
+    let (a, b) = (node_with(&cluster.seeds, &prefix, &extra).await, node_with(&cluster.seeds, &prefix, &extra).await);
+    let admin_channel = format!("{prefix}:admin");
+    let victim = owner_of_key(&cluster.seeds, &admin_channel);
+    // A presence subscriber on A in a room whose presence channel the
+    // victim owns too (found by trying rooms: the tag is the bus's business).
+    let mut alice = Client::connect(a.addr, "/ws", &token("alice", None, 3600)).await;
+    let pattern = format!("{prefix}:presence:*");
+    let mut room = None;
+    let mut known: Vec<String> = Vec::new();
+    for i in 0..64 {
+        let name = format!("side-{i}");
+        alice.send_json(&json!({"type": "join", "room": name, "presence": true})).await;
+        alice.recv_type("joined").await;
+        alice.recv_type("presence_state").await;
+        // A new channel, or none if the room shares one already followed
+        // (and so already found elsewhere than on the victim).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        let new = loop {
+            let found = shard_channels_on(&cluster.seeds, &pattern);
+            if let Some((channel, _, _)) = found.into_iter().find(|(c, _, _)| !known.contains(c)) {
+                break Some(channel);
+            }
+            if tokio::time::Instant::now() > deadline {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let Some(channel) = new else { continue };
+        known.push(channel.clone());
+        if owner_of_key(&cluster.seeds, &channel) == victim {
+            room = Some((name, channel));
+            break;
+        }
+    }
+    let (room, channel) = room.expect("a room whose presence lives on the victim");
+    let mut carol = Client::connect(b.addr, "/ws", &token("carol", None, 3600)).await;
+    carol.ping_pong().await;
+
+    cluster.kill(&victim);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while owner_of_key(&cluster.seeds, &admin_channel) == victim {
+        assert!(tokio::time::Instant::now() < deadline, "no replica took over");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let promoted = owner_of_key(&cluster.seeds, &admin_channel);
+    // Both nodes subscribe to the admin channel again, A to the room's
+    // presence channel, on the promoted replica.
+    let deadline = tokio::time::Instant::now() + GUARD;
+    loop {
+        let mut conn = node_conn(&promoted);
+        let counts: Vec<(String, i64)> = [&admin_channel, &channel]
+            .into_iter()
+            .map(|c| redis::cmd("PUBSUB").arg("SHARDNUMSUB").arg(c).query::<(String, i64)>(&mut conn).unwrap())
+            .collect();
+        if counts[0].1 == 2 && counts[1].1 == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not subscribed again on {promoted}: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut bob = Client::connect(b.addr, "/ws", &token("bob", None, 3600)).await;
+    bob.join(&room).await;
+    let diff = alice.recv_type("presence_diff").await;
+    assert_eq!(diff, json!({"type":"presence_diff","room":room,"joins":["bob"],"leaves":[],"count":2}));
+
+    let url = format!("http://{}/admin/users/carol/disconnect?ban=1m", a.admin.unwrap());
+    let response = reqwest::Client::new().post(url).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let asked = tokio::time::Instant::now();
+    assert_eq!(carol.recv_close().await.0, 4001);
+    assert!(asked.elapsed() < Duration::from_secs(1), "closed after {:?}", asked.elapsed());
+}
+
 // ---------------------------------------------------------------------------
 // Bounded memory (PROTOCOL.md section 12): room keys expire on the cluster
 // ---------------------------------------------------------------------------
@@ -712,7 +900,15 @@ async fn a_flood_of_new_rooms_leaves_nothing_on_the_cluster_after_a_ttl() {
     assert_eq!(flooder.publish("kept", json!("after")).await, 1);
     assert_eq!(keeper.recv_type("message").await["seq"], 1);
 
-    let keys = keys_and_pttls(&seeds, &prefix);
+    // The room with a member is present (section 8): its presence keys
+    // expire by --presence-ttl (half of the default 30 s), renewed by the
+    // node while the member stays; the flooded rooms have none.
+    let (presence, keys): (Vec<_>, Vec<_>) =
+        keys_and_pttls(&seeds, &prefix).into_iter().partition(|(k, _)| k.contains(":presence"));
+    assert!(!presence.is_empty(), "the member's presence is on the cluster");
+    for (key, pttl) in &presence {
+        assert!(key.contains("kept") && (1..=15_000).contains(pttl), "{key}: PTTL {pttl}");
+    }
     // Rooms flooded more than a TTL ago may be gone already.
     let rooms = keys.iter().filter(|(k, _)| k.ends_with(":state")).count();
     assert!(rooms > WINDOW, "{rooms} room states on the cluster");
@@ -724,7 +920,8 @@ async fn a_flood_of_new_rooms_leaves_nothing_on_the_cluster_after_a_ttl() {
 
     let deadline = tokio::time::Instant::now() + GUARD;
     loop {
-        let mut left: Vec<String> = keys_and_pttls(&seeds, &prefix).into_iter().map(|(k, _)| k).collect();
+        let mut left: Vec<String> =
+            keys_and_pttls(&seeds, &prefix).into_iter().map(|(k, _)| k).filter(|k| !k.contains(":presence")).collect();
         left.sort();
         if left == [format!("{prefix}:{{kept}}:history"), format!("{prefix}:{{kept}}:state")] {
             break;

@@ -7,15 +7,22 @@
 //! Each node reads every ban from Redis when it starts and again after each
 //! reconnect of its admin subscription, so an announcement missed during a
 //! Redis outage is made up for as soon as Redis is back.
+//!
+//! On a Redis Cluster the commands go through the bus's link, which routes
+//! each ban key to the shard of its slot; the bans are read back with a
+//! `SCAN` of every primary; and `<prefix>:admin` is a shard channel
+//! (`SPUBLISH`, and every node `SSUBSCRIBE`s on the one shard that owns
+//! it), which a slot move or failover does not lose: the subscription
+//! follows it, and each time it is made again the bans are read again.
 
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 
+use crate::bus::redis::{ChannelEvent, RedisAccess};
 use crate::bus::BusError;
 use crate::state::{unix_millis, ServerState};
 
@@ -24,10 +31,11 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often ended bans are dropped from memory.
 const TIDY_INTERVAL: Duration = Duration::from_secs(60);
+/// How often a failed read of every ban is tried again (Redis Cluster).
+const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct ClusterLink {
-    client: redis::Client,
-    commands: ConnectionManager,
+    access: RedisAccess,
     channel: String,
     ban_prefix: String,
 }
@@ -41,53 +49,41 @@ struct Announcement<'a> {
 }
 
 impl ClusterLink {
-    /// Connects lazily: a node may start before Redis.
-    pub fn new(url: &str, prefix: &str) -> Result<Self, BusError> {
-        let client = redis::Client::open(url).map_err(BusError::redis)?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(COMMAND_TIMEOUT))
-            .set_connection_timeout(Some(COMMAND_TIMEOUT))
-            .set_number_of_retries(1);
-        let commands = ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(BusError::redis)?;
-        Ok(Self { client, commands, channel: format!("{prefix}:admin"), ban_prefix: format!("{prefix}:ban:") })
+    /// Through the bus's Redis (or Redis Cluster), which connects lazily:
+    /// a node may start before Redis.
+    pub fn new(access: RedisAccess, prefix: &str) -> Self {
+        Self { access, channel: format!("{prefix}:admin"), ban_prefix: format!("{prefix}:ban:") }
     }
 
     /// Keeps the ban in Redis until it ends, then tells every node.
     pub async fn announce(&self, sub: &str, banned_until: Option<u64>) -> Result<(), BusError> {
         let payload =
             serde_json::to_string(&Announcement { sub: Cow::Borrowed(sub), banned_until }).map_err(BusError::redis)?;
-        let mut pipe = redis::pipe();
-        if let Some(until) = banned_until {
-            let ttl = until.saturating_sub(unix_millis()).max(1);
-            pipe.cmd("SET").arg(format!("{}{sub}", self.ban_prefix)).arg(until).arg("PX").arg(ttl).ignore();
-        }
-        pipe.cmd("PUBLISH").arg(&self.channel).arg(payload).ignore();
-        let mut conn = self.commands.clone();
-        tokio::time::timeout(COMMAND_TIMEOUT, pipe.query_async::<()>(&mut conn))
+        let told = async {
+            if let Some(until) = banned_until {
+                let ttl = until.saturating_sub(unix_millis()).max(1);
+                let key = format!("{}{sub}", self.ban_prefix);
+                self.access.query::<()>(redis::cmd("SET").arg(key).arg(until).arg("PX").arg(ttl)).await?;
+            }
+            // PUBLISH, or on a cluster SPUBLISH to the shard channel.
+            let publish = self.access.keys.publish_command();
+            self.access.query::<()>(redis::cmd(publish).arg(&self.channel).arg(payload)).await
+        };
+        tokio::time::timeout(COMMAND_TIMEOUT, told)
             .await
             .map_err(|_| BusError::redis("timed out"))?
             .map_err(BusError::redis)
     }
 
-    /// Every ban Redis holds, as `(sub, until)`.
+    /// Every ban Redis holds, as `(sub, until)`: on a cluster, from every primary.
     async fn load_bans(&self) -> Result<Vec<(String, u64)>, BusError> {
-        let mut conn = self.commands.clone();
         let pattern = format!("{}*", glob_escape(&self.ban_prefix));
-        let mut keys: Vec<String> = Vec::new();
-        let mut cursor: u64 = 0;
-        loop {
-            let scan = redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(1000).to_owned();
-            let (next, mut batch): (u64, Vec<String>) = scan.query_async(&mut conn).await.map_err(BusError::redis)?;
-            keys.append(&mut batch);
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
+        let keys = self.access.scan(&pattern).await.map_err(BusError::redis)?;
         let mut bans = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(1000) {
+            // On a cluster redis-rs splits the MGET by slot.
             let values: Vec<Option<u64>> =
-                redis::cmd("MGET").arg(chunk).query_async(&mut conn).await.map_err(BusError::redis)?;
+                self.access.query(redis::cmd("MGET").arg(chunk)).await.map_err(BusError::redis)?;
             for (key, until) in chunk.iter().zip(values) {
                 if let (Some(sub), Some(until)) = (key.strip_prefix(&self.ban_prefix), until) {
                     bans.push((sub.to_owned(), until));
@@ -103,7 +99,9 @@ impl ClusterLink {
 /// stop the start: [`run`] loads them as soon as it connects.
 pub async fn load_at_start(state: &ServerState) {
     let Some(link) = &state.admin.cluster else { return };
-    match tokio::time::timeout(COMMAND_TIMEOUT, link.load_bans()).await {
+    // On a cluster the first command also connects to every primary.
+    let wait = if link.access.is_cluster() { COMMAND_TIMEOUT * 2 } else { COMMAND_TIMEOUT };
+    match tokio::time::timeout(wait, link.load_bans()).await {
         Ok(Ok(bans)) => record(state, bans),
         Ok(Err(e)) => tracing::warn!("cannot read the bans from redis yet: {e}"),
         Err(_) => tracing::warn!("cannot read the bans from redis yet: timed out"),
@@ -119,6 +117,9 @@ fn record(state: &ServerState, bans: Vec<(String, u64)>) {
 /// Listens for other nodes' disconnects until shutdown, reconnecting with backoff.
 pub async fn run(state: Arc<ServerState>) {
     let Some(link) = &state.admin.cluster else { return };
+    if link.access.is_cluster() {
+        return listen_sharded(&state, link).await;
+    }
     let mut backoff = MIN_BACKOFF;
     loop {
         match listen(&state, link).await {
@@ -135,7 +136,8 @@ pub async fn run(state: Arc<ServerState>) {
 
 /// One subscription's life; `Ok` only on shutdown.
 async fn listen(state: &ServerState, link: &ClusterLink) -> Result<(), BusError> {
-    let mut pubsub = tokio::time::timeout(COMMAND_TIMEOUT, link.client.get_async_pubsub())
+    let client = redis::Client::open(link.access.url.as_str()).map_err(BusError::redis)?;
+    let mut pubsub = tokio::time::timeout(COMMAND_TIMEOUT, client.get_async_pubsub())
         .await
         .map_err(|_| BusError::redis("connect timed out"))?
         .map_err(BusError::redis)?;
@@ -152,6 +154,58 @@ async fn listen(state: &ServerState, link: &ClusterLink) -> Result<(), BusError>
             }
             _ = tidy.tick() => state.admin.bans.forget_ended(unix_millis()),
             () = state.shutdown.cancelled() => return Ok(()),
+        }
+    }
+}
+
+/// Redis Cluster: listens on the shard channel until shutdown. Each time
+/// the subscription is made (again) the bans are read again, and retried
+/// every second until every primary answered.
+async fn listen_sharded(state: &ServerState, link: &ClusterLink) {
+    let mut channels = match link.access.shard_channels() {
+        Ok(channels) => channels,
+        Err(e) => {
+            // The bus opened the same seeds already, so this is not expected.
+            tracing::error!(
+                "the admin API cannot subscribe on the redis cluster ({e}): it acts on the node asked only"
+            );
+            return;
+        }
+    };
+    // Failures are retried inside; the confirmation comes as an event.
+    channels.subscribe(&link.channel).await;
+    let mut tidy = tokio::time::interval(TIDY_INTERVAL);
+    let mut reload = tokio::time::interval(RELOAD_INTERVAL);
+    let mut bans_due = false;
+    loop {
+        tokio::select! {
+            event = channels.next() => match event {
+                Some(ChannelEvent::Message { payload, .. }) => apply(state, &payload),
+                // Read after subscribing: a ban announced in between is caught by one or the other.
+                Some(ChannelEvent::Subscribed(_)) => bans_due = !reload_bans(state, link).await,
+                None => return,
+            },
+            _ = reload.tick(), if bans_due => bans_due = !reload_bans(state, link).await,
+            _ = tidy.tick() => state.admin.bans.forget_ended(unix_millis()),
+            () = state.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Reads every ban from Redis into memory; whether that worked.
+async fn reload_bans(state: &ServerState, link: &ClusterLink) -> bool {
+    match tokio::time::timeout(COMMAND_TIMEOUT * 2, link.load_bans()).await {
+        Ok(Ok(bans)) => {
+            record(state, bans);
+            true
+        }
+        Ok(Err(e)) => {
+            tracing::warn!("cannot read the bans from redis: {e}");
+            false
+        }
+        Err(_) => {
+            tracing::warn!("cannot read the bans from redis: timed out");
+            false
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod cluster;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::bus::redis::RedisAccess;
 use crate::bus::BusError;
 use crate::state::{unix_millis, ServerState};
 use bans::Bans;
@@ -37,10 +38,11 @@ pub struct Outcome {
 }
 
 impl Admin {
-    /// A single node's admin state, or a cluster node's when `redis_url` is given.
-    pub fn new(redis_url: Option<&str>, prefix: &str) -> Result<Self, BusError> {
-        let cluster = redis_url.map(|url| ClusterLink::new(url, prefix)).transpose()?;
-        Ok(Self { bans: Bans::default(), cluster })
+    /// A single node's admin state, or a cluster node's when it has the
+    /// bus's Redis (or Redis Cluster) to reach the others through.
+    pub fn new(redis: Option<RedisAccess>, prefix: &str) -> Self {
+        let cluster = redis.map(|access| ClusterLink::new(access, prefix));
+        Self { bans: Bans::default(), cluster }
     }
 }
 

@@ -82,6 +82,14 @@ impl Bus {
         &self.registry
     }
 
+    /// In a cluster, how presence and the admin API reach the bus's Redis.
+    pub fn redis_access(&self) -> Option<self::redis::RedisAccess> {
+        match &self.backend {
+            Backend::Local(_) => None,
+            Backend::Redis(redis) => Some(redis.access()),
+        }
+    }
+
     /// Publishes `body` from `from` to `room`; returns its `seq` once every
     /// current member is sure to receive it (with `--durable-acks`, once the
     /// database holds it).

@@ -11,12 +11,15 @@
 //! task, which runs at most every [`DIFF_INTERVAL`]: in a cluster it writes
 //! this node's contribution to Redis and reads the other nodes' (see
 //! [`cluster`]), then it sends every subscriber the net change since what
-//! it last received.
+//! it last received. On a Redis Cluster, a node hears the others' writes
+//! only for the rooms it has presence subscribers in: the room's first
+//! subscriber here subscribes the node to the room's shard channel, its
+//! last one unsubscribes it.
 
 mod cluster;
 mod room;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,8 +27,10 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::bus::redis::ChannelEvent;
 use crate::conn::outbox::{PushError, Pushed};
 use crate::conn::{flush_all, Connection};
 use crate::metrics::Metrics;
@@ -47,25 +52,45 @@ pub struct Presence {
     rooms: Rooms,
     metrics: Arc<Metrics>,
     cluster: Option<Arc<Cluster>>,
+    /// On a Redis Cluster: tells the listener which rooms' notices to hear.
+    follow: Option<mpsc::UnboundedSender<Follow>>,
+}
+
+/// A room whose notices this node starts or stops hearing (Redis Cluster).
+enum Follow {
+    Start(RoomName),
+    Stop(RoomName),
 }
 
 impl Presence {
     /// A single node's presence.
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { rooms: Arc::default(), metrics, cluster: None }
+        Self { rooms: Arc::default(), metrics, cluster: None, follow: None }
     }
 
     /// A cluster node's presence: starts the heartbeat and the listener for
     /// other nodes' notices, which run until `shutdown`.
     pub fn clustered(metrics: Arc<Metrics>, cluster: Cluster, shutdown: CancellationToken) -> Self {
-        let presence = Self { rooms: Arc::default(), metrics, cluster: Some(Arc::new(cluster)) };
+        let sharded = cluster.is_sharded();
+        let mut presence = Self { rooms: Arc::default(), metrics, cluster: Some(Arc::new(cluster)), follow: None };
         tokio::spawn(presence.handle().heartbeat(shutdown.clone()));
-        tokio::spawn(presence.handle().listen(shutdown));
+        if sharded {
+            let (follow, followed) = mpsc::unbounded_channel();
+            presence.follow = Some(follow);
+            tokio::spawn(presence.handle().listen_sharded(followed, shutdown));
+        } else {
+            tokio::spawn(presence.handle().listen(shutdown));
+        }
         presence
     }
 
     fn handle(&self) -> Handle {
-        Handle { rooms: self.rooms.clone(), metrics: self.metrics.clone(), cluster: self.cluster.clone() }
+        Handle {
+            rooms: self.rooms.clone(),
+            metrics: self.metrics.clone(),
+            cluster: self.cluster.clone(),
+            follow: self.follow.clone(),
+        }
     }
 
     /// Counts `conn` (user `sub`) as joined to `room`; with `subscribe`, it
@@ -85,7 +110,9 @@ impl Presence {
             }
         }
         let clustered = self.cluster.is_some();
-        self.handle().with_room(room, |presence, to_flush| {
+        let handle = self.handle();
+        handle.with_room(room, |presence, to_flush| {
+            let followed = presence.wants_remote();
             presence.add_conn(conn.id, sub);
             presence.sync.local_dirty |= clustered;
             if subscribe {
@@ -106,6 +133,7 @@ impl Presence {
             } else if presence.unsubscribe(conn.id) {
                 self.metrics.presence_subscribers.dec();
             }
+            handle.follow(room, followed, presence.wants_remote());
         });
     }
 
@@ -116,9 +144,11 @@ impl Presence {
         let handle = self.handle();
         {
             let mut presence = cell.lock();
+            let followed = presence.wants_remote();
             if presence.unsubscribe(conn_id) {
                 self.metrics.presence_subscribers.dec();
             }
+            handle.follow(room, followed, presence.wants_remote());
             if presence.remove_conn(conn_id) {
                 presence.sync.local_dirty |= self.cluster.is_some();
             }
@@ -197,9 +227,23 @@ struct Handle {
     rooms: Rooms,
     metrics: Arc<Metrics>,
     cluster: Option<Arc<Cluster>>,
+    follow: Option<mpsc::UnboundedSender<Follow>>,
 }
 
 impl Handle {
+    /// Redis Cluster: starts or stops hearing `room`'s notices when it got
+    /// its first presence subscriber here or lost its last. Called under
+    /// the room's lock, so the listener gets a room's changes in order.
+    fn follow(&self, room: &RoomName, before: bool, now: bool) {
+        let Some(follow) = &self.follow else { return };
+        let change = match (before, now) {
+            (false, true) => Follow::Start(room.clone()),
+            (true, false) => Follow::Stop(room.clone()),
+            _ => return,
+        };
+        let _ = follow.send(change);
+    }
+
     /// Runs `f` under the room's lock, creating the room if needed; then
     /// starts the sync task a change calls for and writes what `f` queued.
     fn with_room<R>(&self, name: &RoomName, f: impl FnOnce(&mut RoomPresence, &mut Vec<Arc<Connection>>) -> R) -> R {
@@ -316,7 +360,7 @@ impl Handle {
     }
 
     async fn listen_once(&self, cluster: &Cluster) -> redis::RedisResult<()> {
-        let mut pubsub = cluster.client.get_async_pubsub().await?;
+        let mut pubsub = cluster.pubsub_client()?.get_async_pubsub().await?;
         pubsub.psubscribe(cluster.pattern()).await?;
         // Whatever was missed while not listening.
         self.mark_remote_due(|_| true);
@@ -327,10 +371,81 @@ impl Handle {
                 continue;
             }
             if let Some(room) = cluster.room_of_channel(message.get_channel_name()) {
-                self.mark_remote_due(|name| *name == room);
+                self.mark_room_due(&room);
             }
         }
         Err(redis::RedisError::from((redis::ErrorKind::Io, "pub/sub stream ended")))
+    }
+
+    /// Redis Cluster: hears the notices of the rooms with presence
+    /// subscribers here, on their shard channels, and has those rooms read
+    /// again. A channel subscribed (again, after a reconnect or a slot
+    /// move) has its rooms read again too: a notice may have been missed.
+    async fn listen_sharded(self, mut followed: mpsc::UnboundedReceiver<Follow>, shutdown: CancellationToken) {
+        let Some(cluster) = self.cluster.clone() else { return };
+        let mut channels = match cluster.shard_channels() {
+            Ok(channels) => channels,
+            Err(e) => {
+                // The bus opened the same seeds already, so this is not expected.
+                tracing::error!(
+                    "presence cannot subscribe on the redis cluster ({e}): other nodes heard by heartbeat only"
+                );
+                return;
+            }
+        };
+        // The followed rooms on each channel (several when they share a hash tag).
+        let mut rooms_on: HashMap<String, HashSet<RoomName>> = HashMap::new();
+        loop {
+            tokio::select! {
+                change = followed.recv() => match change {
+                    Some(Follow::Start(room)) => {
+                        let channel = cluster.channel(&room);
+                        let rooms = rooms_on.entry(channel.clone()).or_default();
+                        rooms.insert(room);
+                        if rooms.len() == 1 {
+                            // Confirmed by a push, which has the room read again.
+                            channels.subscribe(&channel).await;
+                        }
+                    }
+                    Some(Follow::Stop(room)) => {
+                        let channel = cluster.channel(&room);
+                        if let Some(rooms) = rooms_on.get_mut(&channel) {
+                            rooms.remove(&room);
+                            if rooms.is_empty() {
+                                rooms_on.remove(&channel);
+                                channels.unsubscribe(&channel).await;
+                            }
+                        }
+                    }
+                    None => return,
+                },
+                event = channels.next() => match event {
+                    Some(ChannelEvent::Message { payload, .. }) => {
+                        if let Some((node, room)) = Cluster::parse_notice(&payload) {
+                            if node != cluster.node {
+                                self.mark_room_due(&room);
+                            }
+                        }
+                    }
+                    Some(ChannelEvent::Subscribed(channel)) => {
+                        for room in rooms_on.get(&channel).into_iter().flatten() {
+                            self.mark_room_due(room);
+                        }
+                    }
+                    None => return,
+                },
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    fn mark_room_due(&self, room: &RoomName) {
+        let Some(cell) = self.rooms.get(room).map(|e| e.value().clone()) else { return };
+        let mut presence = cell.lock();
+        if presence.wants_remote() {
+            presence.sync.remote_due = true;
+            self.schedule(room, &cell, &mut presence);
+        }
     }
 
     fn mark_remote_due(&self, which: impl Fn(&RoomName) -> bool) {

@@ -12,8 +12,14 @@
 //! With `--redis-cluster` the same scripts run on a Redis Cluster: a room's
 //! keys and channel share its hash tag, the script `SPUBLISH`es, and the
 //! `shards` module keeps this node's sharded subscriptions.
+//!
+//! Presence and the admin API reach Redis through the bus's link and key
+//! names (`access`), and on a cluster subscribe to sharded channels of their
+//! own (`channels`).
 
+mod access;
 mod acks;
+mod channels;
 mod expiry;
 mod keys;
 mod link;
@@ -45,6 +51,9 @@ use scripts::{stored_messages, Scripts};
 use shards::ShardSubscriber;
 use subscriber::{Command, Subscriber};
 
+pub use access::RedisAccess;
+pub use channels::{ChannelEvent, ShardChannels};
+
 /// With `--durable-acks`, how long a publish waits for its ack on pub/sub
 /// before it asks Redis whether the message was released (the ack may have
 /// been lost in a pub/sub reconnect).
@@ -57,6 +66,8 @@ pub struct RedisBus {
     link_up: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     cluster: bool,
+    /// `--redis-url`, for what opens connections of its own beside the bus.
+    url: String,
 }
 
 /// What the node needs to reach Redis.
@@ -127,7 +138,7 @@ impl RedisBus {
             shutdown,
         };
         tokio::spawn(subscriber.run(command_rx));
-        Ok(Self { scripts, acks, commands, link_up, metrics, cluster: false })
+        Ok(Self { scripts, acks, commands, link_up, metrics, cluster: false, url: settings.url.to_owned() })
     }
 
     /// The bus over a Redis Cluster: one cluster connection (a pipelined
@@ -159,7 +170,12 @@ impl RedisBus {
         };
         tokio::spawn(subscriber.run(command_rx, push_rx));
         let acks = Arc::new(PendingAcks::default());
-        Ok(Self { scripts, acks, commands, link_up, metrics, cluster: true })
+        Ok(Self { scripts, acks, commands, link_up, metrics, cluster: true, url: settings.url.to_owned() })
+    }
+
+    /// The link, key names and URL that presence and the admin API use.
+    pub fn access(&self) -> RedisAccess {
+        RedisAccess { link: self.scripts.link.clone(), keys: self.scripts.keys.clone(), url: self.url.clone() }
     }
 
     /// Publishes and returns the message's seq once every current member is
