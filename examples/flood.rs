@@ -10,8 +10,10 @@
 //! ```
 //!
 //! Each connection reads everything the server sends (acks are not asked
-//! for), so it never becomes a slow consumer; errors it gets are counted.
+//! for), so it never becomes a slow consumer; errors it gets are counted,
+//! and at the end it prints the error codes and the close codes it saw.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -89,6 +91,8 @@ async fn main() {
     let a = args();
     let sent = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
+    // Error frames by `code`, and how connections ended ("close 1008", "eof").
+    let outcomes: Arc<std::sync::Mutex<BTreeMap<String, u64>>> = Arc::default();
     let deadline = Instant::now() + Duration::from_secs(a.seconds);
     let mut tasks = Vec::new();
     for c in 0..a.connections {
@@ -98,14 +102,25 @@ async fn main() {
         let (ws, _) = tokio_tungstenite::connect_async(request).await.expect("connect");
         let (mut sink, mut stream) = ws.split();
         let errors = errors.clone();
+        let outcomes = outcomes.clone();
         tasks.push(tokio::spawn(async move {
-            while let Some(Ok(frame)) = stream.next().await {
-                if let Message::Text(text) = frame {
-                    if text.contains("\"type\":\"error\"") {
+            let count = |key: String| *outcomes.lock().unwrap().entry(key).or_default() += 1;
+            let ended = loop {
+                match stream.next().await {
+                    Some(Ok(Message::Text(text))) if text.contains("\"type\":\"error\"") => {
                         errors.fetch_add(1, Ordering::Relaxed);
+                        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                        count(format!("error {}", v["code"].as_str().unwrap_or("?")));
                     }
+                    Some(Ok(Message::Close(frame))) => {
+                        break frame.map_or("close without code".into(), |f| format!("close {}", u16::from(f.code)))
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => break format!("read error: {e}"),
+                    None => break "eof".into(),
                 }
-            }
+            };
+            count(ended);
         }));
         let sent = sent.clone();
         let period = Duration::from_secs_f64(1.0 / a.rate);
@@ -150,6 +165,11 @@ async fn main() {
             break;
         }
         tokio::time::sleep(Duration::from_secs(a.every)).await;
+    }
+    // Connections the server ended have their outcome counted by now; the
+    // rest are still open, which the summary says by leaving them out.
+    for (outcome, n) in outcomes.lock().unwrap().iter() {
+        println!("# {outcome}: {n}");
     }
     for task in tasks {
         task.abort();
