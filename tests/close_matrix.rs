@@ -4,7 +4,7 @@
 //! Why: applications decide what to do after a disconnect from the close
 //! code (docs/OPERATIONS.md), so every client must see the code the server
 //! sent, not a 1006 because it never read the close frame. One row per close
-//! (4001 does not exist yet: there is no admin API), one column per client:
+//! (4001 included: the admin API's disconnect), one column per client:
 //! headless Chromium driving a page's `WebSocket`, Python `websockets`, Node
 //! `ws`. Each client is a driver script in tests/close_clients that plays
 //! every case at once against real servers and prints what it was told.
@@ -93,11 +93,13 @@ struct Row {
 }
 
 /// The servers the rows need: most share one, a ping timeout and a
-/// shutdown close every connection of theirs.
+/// shutdown close every connection of theirs, and the admin API's
+/// disconnect needs an admin listener.
 struct Servers {
     main: TestServer,
     pings: TestServer,
     shutdown: TestServer,
+    admin: TestServer,
     proxy: TamperProxy,
 }
 
@@ -109,8 +111,9 @@ impl Servers {
         // Never a server ping, so a silent client stays silent until the timeout.
         let pings = TestServer::start(&["--ping-interval", "1h", "--ping-timeout", "1s"]).await;
         let shutdown = TestServer::start(&[]).await;
+        let admin = TestServer::start(&["--admin-listen", "127.0.0.1:0"]).await;
         let proxy = TamperProxy::start(main.addr).await;
-        Self { main, pings, shutdown, proxy }
+        Self { main, pings, shutdown, admin, proxy }
     }
 
     fn rows(&self) -> Vec<Row> {
@@ -129,6 +132,12 @@ impl Servers {
             Box::new(move |client: &str| format!("{main}/ws/slow-{client}?token={long}")) as Box<dyn Fn(&str) -> String>
         };
         let big = |bytes: usize| json!({"do": "big", "bytes": bytes});
+        // Each client is its own user on the admin server, disconnected by name.
+        let evicted = {
+            let base = self.admin.ws_url("");
+            Box::new(move |client: &str| format!("{base}/ws?token={}", token(&evicted_sub(client), None, 3600)))
+                as Box<dyn Fn(&str) -> String>
+        };
         vec![
             Row {
                 name: "1000 echoed",
@@ -190,6 +199,12 @@ impl Servers {
                 case: json!({"do": "stall", "ms": STALL_MS}),
                 url: slow,
             },
+            Row {
+                name: "4001 disconnected by the admin API",
+                expect: (4001, "disconnected"),
+                case: json!({"do": "wait"}),
+                url: evicted,
+            },
         ]
     }
 }
@@ -240,6 +255,26 @@ async fn shut_down_when_connected(server: &TestServer, clients: usize) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     server.sigterm();
+}
+
+/// The user a client plays on the admin server.
+fn evicted_sub(client: &str) -> String {
+    format!("evicted-{client}")
+}
+
+/// Disconnects each client's user through the admin API once every client
+/// is connected to the admin server.
+async fn disconnect_when_connected(server: &TestServer, clients: &[&str]) {
+    let deadline = Instant::now() + DRIVER_GUARD / 2;
+    while server.metric("chorus_connections").await < clients.len() as f64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let http = http_client();
+    for client in clients {
+        let url = server.admin_url(&format!("/admin/users/{}/disconnect", evicted_sub(client)));
+        let response = http.post(url).send().await.expect("the admin API answers");
+        assert_eq!(response.status(), 200);
+    }
 }
 
 /// Publishes 30 KB messages to every client's slow room in turn until the
@@ -309,9 +344,10 @@ async fn every_client_hands_its_application_the_close_the_server_sent() {
         std::fs::write(&path, spec(&rows, kind.name).to_string()).unwrap();
         run_driver(kind, path)
     });
-    let (results, (), ()) = tokio::join!(
+    let (results, (), (), ()) = tokio::join!(
         futures_util::future::join_all(drivers),
         shut_down_when_connected(&servers.shutdown, kinds.len()),
+        disconnect_when_connected(&servers.admin, &names),
         flood_slow_rooms(&servers.main, &names),
     );
     let took = started.elapsed();
@@ -344,7 +380,6 @@ async fn every_client_hands_its_application_the_close_the_server_sent() {
         table.push_str(&format!("| {} | {sent} | {} |\n", row.name, cells.join(" | ")));
     }
     println!("close matrix ({} clients at once, {:.1} s):\n{table}", kinds.len(), took.as_secs_f64());
-    println!("4001 (disconnected by the admin API) has no row: the admin API does not exist yet.");
     // How the server's drains ended: a bound reached means a client was cut
     // while it still sent, which a slow machine can make of the 8 MB case.
     let metrics = servers.main.metrics().await;
