@@ -267,10 +267,6 @@ fn check_backends(args: &ServeArgs) -> Result<(), ConfigError> {
     if args.redis_cluster && args.redis_url.is_none() {
         return Err(ConfigError::Invalid("--redis-cluster needs --redis-url (the cluster's seed nodes)".into()));
     }
-    if args.redis_cluster && args.database_url.is_some() {
-        // The write-behind stream is one key; on a cluster it needs one per shard (not built yet).
-        return Err(ConfigError::Invalid("--redis-cluster does not work with --database-url yet".into()));
-    }
     Ok(())
 }
 
@@ -352,15 +348,23 @@ mod tests {
     }
 
     #[test]
-    fn redis_cluster_needs_seed_nodes_and_no_database_yet() {
+    fn redis_cluster_needs_seed_nodes_and_takes_a_database() {
         let c = config(&["--jwt-secret", "s", "--redis-url", "redis://a:1,redis://b:2", "--redis-cluster"]).unwrap();
         assert!(c.redis_cluster);
         let err = config(&["--jwt-secret", "s", "--redis-cluster"]).err().expect("no seeds");
         assert!(err.to_string().contains("--redis-url"), "{err}");
-        let with_db =
-            ["--jwt-secret", "s", "--redis-url", "redis://a:1", "--redis-cluster", "--database-url", "postgres://x"];
-        let err = config(&with_db).err().expect("database");
-        assert!(err.to_string().contains("--database-url"), "{err}");
+        let with_db = [
+            "--jwt-secret",
+            "s",
+            "--redis-url",
+            "redis://a:1",
+            "--redis-cluster",
+            "--database-url",
+            "postgres://x",
+            "--durable-acks",
+        ];
+        let c = config(&with_db).unwrap();
+        assert!(c.redis_cluster && c.durable_acks && c.database_url.is_some());
     }
 
     #[test]

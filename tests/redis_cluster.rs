@@ -4,9 +4,12 @@
 //! its own and deletes its keys at the end. The failover test starts a
 //! private cluster, since it kills one of its nodes. The last section checks
 //! PROTOCOL.md section 12 (bounded memory) on the cluster, with TTLs of a
-//! second or two.
+//! second or two. The tests of durable history use a PostgreSQL database of
+//! their own, created and dropped by the test.
 
 mod common;
+#[path = "common/proxy.rs"]
+mod proxy;
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::Command;
@@ -52,11 +55,31 @@ fn slot_owners(seeds: &str) -> Vec<(u16, u16, String)> {
         .collect()
 }
 
+/// A key of `room` on the cluster, `{prefix}:{tagged room}:{suffix}`: the
+/// tagged room name carries the hash tag of the room's partition, which
+/// decides the slot of every key of the room (and of its channel).
+fn room_key(prefix: &str, room: &str, suffix: &str) -> String {
+    format!("{prefix}:{}:{suffix}", tagged(room))
+}
+
+fn tagged(room: &str) -> String {
+    chorus::bus::redis::cluster_room_tag(&chorus::room::RoomName::parse(room).unwrap())
+}
+
+/// The shard channel of `room`.
+fn channel_of(prefix: &str, room: &str) -> String {
+    format!("{prefix}:room:{}", tagged(room))
+}
+
+/// The slot of `room`'s keys and channel.
+fn slot_of(seeds: &str, prefix: &str, room: &str) -> u16 {
+    let mut conn = node_conn(&first_seed(seeds));
+    redis::cmd("CLUSTER").arg("KEYSLOT").arg(room_key(prefix, room, "state")).query(&mut conn).unwrap()
+}
+
 /// The primary that owns `room`'s slot now.
 fn owner_of(seeds: &str, prefix: &str, room: &str) -> String {
-    let mut conn = node_conn(&first_seed(seeds));
-    let slot: u16 =
-        redis::cmd("CLUSTER").arg("KEYSLOT").arg(format!("{prefix}:{{{room}}}:state")).query(&mut conn).unwrap();
+    let slot = slot_of(seeds, prefix, room);
     slot_owners(seeds).into_iter().find(|(a, b, _)| (*a..=*b).contains(&slot)).expect("slot served").2
 }
 
@@ -176,7 +199,7 @@ async fn rooms_on_every_shard_reach_both_nodes_in_order_over_sharded_pubsub() {
     for (room, _, _) in &members {
         let owner = owner_of(&seeds, &prefix, room);
         let mut conn = node_conn(&owner);
-        let channel = format!("{prefix}:room:{{{room}}}");
+        let channel = channel_of(&prefix, room);
         let counts: (String, i64) = redis::cmd("PUBSUB").arg("SHARDNUMSUB").arg(&channel).query(&mut conn).unwrap();
         assert_eq!(counts, (channel, 2), "room {room} on {owner}");
     }
@@ -474,8 +497,7 @@ async fn a_busy_rooms_slot_migrated_to_another_shard_keeps_its_epoch_and_loses_n
     owners.sort();
     owners.dedup();
     let to = owners.into_iter().find(|o| *o != from).unwrap();
-    let slot: u16 =
-        redis::cmd("CLUSTER").arg("KEYSLOT").arg(room).query(&mut node_conn(&first_seed(&cluster.seeds))).unwrap();
+    let slot = slot_of(&cluster.seeds, &prefix, room);
 
     let mut acked = Vec::new();
     for i in 1..=120i64 {
@@ -515,7 +537,7 @@ async fn a_busy_rooms_slot_migrated_to_another_shard_keeps_its_epoch_and_loses_n
         assert_eq!(bodies, acked, "{name} got every acked message once, in order");
     }
     // Both nodes now subscribe on the new owner.
-    let channel = format!("{prefix}:room:{{{room}}}");
+    let channel = channel_of(&prefix, room);
     let counts: (String, i64) =
         redis::cmd("PUBSUB").arg("SHARDNUMSUB").arg(&channel).query(&mut node_conn(&to)).unwrap();
     assert_eq!(counts, (channel, 2));
@@ -749,7 +771,7 @@ async fn presence_and_bans_survive_a_failover_of_their_shard() {
 fn pttls(seeds: &str, prefix: &str, room: &str) -> (i64, i64) {
     let mut conn = node_conn(&owner_of(seeds, prefix, room));
     let mut pttl = |key: String| -> i64 { redis::cmd("PTTL").arg(key).query(&mut conn).unwrap() };
-    (pttl(format!("{prefix}:{{{room}}}:state")), pttl(format!("{prefix}:{{{room}}}:history")))
+    (pttl(room_key(prefix, room, "state")), pttl(room_key(prefix, room, "history")))
 }
 
 /// Waits until `room`'s state key is gone from its shard.
@@ -923,7 +945,7 @@ async fn a_flood_of_new_rooms_leaves_nothing_on_the_cluster_after_a_ttl() {
         let mut left: Vec<String> =
             keys_and_pttls(&seeds, &prefix).into_iter().map(|(k, _)| k).filter(|k| !k.contains(":presence")).collect();
         left.sort();
-        if left == [format!("{prefix}:{{kept}}:history"), format!("{prefix}:{{kept}}:state")] {
+        if left == [room_key(&prefix, "kept", "history"), room_key(&prefix, "kept", "state")] {
             break;
         }
         assert!(
@@ -963,4 +985,287 @@ async fn on_the_cluster_a_join_past_the_limit_gets_too_many_rooms_and_keeps_the_
         let message = joined.recv_type("message").await;
         assert_eq!(message["room"], room.as_str());
     }
+}
+
+// ---------------------------------------------------------------------------
+// Durable history (PostgreSQL) on the cluster: a persist stream per partition
+// ---------------------------------------------------------------------------
+
+fn database_url() -> String {
+    std::env::var("CHORUS_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// `url` with its database name replaced.
+fn with_database(url: &str, name: &str) -> String {
+    let (head, query) = url.split_once('?').map_or((url, None), |(h, q)| (h, Some(q)));
+    let base = head.rsplit_once('/').map_or(head, |(b, _)| b);
+    match query {
+        Some(q) => format!("{base}/{name}?{q}"),
+        None => format!("{base}/{name}"),
+    }
+}
+
+async fn pg(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+fn postgres_addr() -> std::net::SocketAddr {
+    let url = database_url();
+    let after_at = url.rsplit_once('@').map_or(url.as_str(), |(_, rest)| rest);
+    let host_port = after_at.trim_start_matches("postgres://").split('/').next().unwrap_or("127.0.0.1:5432");
+    let host_port = if host_port.contains(':') { host_port.to_owned() } else { format!("{host_port}:5432") };
+    std::net::ToSocketAddrs::to_socket_addrs(&host_port).unwrap().next().unwrap()
+}
+
+/// A database of the test's own, on the machine's PostgreSQL.
+struct TestDb {
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    async fn create() -> Self {
+        let name = format!("chorus_test_cluster_{}_{:08x}", std::process::id(), rand::random::<u32>());
+        pg(&database_url()).await.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+        let url = with_database(&database_url(), &name);
+        Self { name, url }
+    }
+
+    /// The stored seqs of `room`, in order.
+    async fn seqs(&self, room: &str) -> Vec<u64> {
+        let rows = pg(&self.url)
+            .await
+            .query("SELECT seq FROM messages WHERE room = $1 ORDER BY seq", &[&room])
+            .await
+            .unwrap_or_default();
+        rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect()
+    }
+
+    /// Waits until every seq of `wanted` is stored (messages may be claimed
+    /// from a dead node a few seconds later); returns what is stored.
+    async fn wait_for(&self, room: &str, wanted: &[u64]) -> std::collections::BTreeSet<u64> {
+        let deadline = tokio::time::Instant::now() + GUARD * 3;
+        loop {
+            let stored: std::collections::BTreeSet<u64> = self.seqs(room).await.into_iter().collect();
+            if wanted.iter().all(|s| stored.contains(s)) || tokio::time::Instant::now() > deadline {
+                return stored;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn drop(self) {
+        let drop = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        let _ = pg(&database_url()).await.batch_execute(&drop).await;
+    }
+}
+
+/// A node with durable history in `database`.
+async fn durable_node(seeds: &str, prefix: &str, database: &str, extra: &[&str]) -> TestServer {
+    let mut args = vec!["--database-url", database];
+    args.extend_from_slice(extra);
+    node_with(seeds, prefix, &args).await
+}
+
+/// The persist stream of `room`'s partition: in the room's slot.
+fn stream_of(prefix: &str, room: &str) -> String {
+    let tagged = tagged(room);
+    let (tag, _) = tagged.split_once('}').unwrap();
+    format!("{prefix}:{tag}}}:persist")
+}
+
+#[tokio::test]
+async fn history_of_rooms_on_every_shard_is_written_to_the_database_by_both_nodes() {
+    let seeds = seeds();
+    let prefix = prefix("pg");
+    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let db = TestDb::create().await;
+    let rooms = rooms_on_every_shard(&seeds, &prefix, 2);
+    // Redis keeps 5 messages a room: the rest of history comes from the database.
+    let small = ["--history-size", "5"];
+    let (a, b) =
+        (durable_node(&seeds, &prefix, &db.url, &small).await, durable_node(&seeds, &prefix, &db.url, &small).await);
+    let mut send_a = Client::connect(a.addr, "/ws", &token("sa", None, 3600)).await;
+    let mut send_b = Client::connect(b.addr, "/ws", &token("sb", None, 3600)).await;
+    for i in 0..10 {
+        for room in &rooms {
+            send_a.publish(room, json!({"a": i})).await;
+            send_b.publish(room, json!({"b": i})).await;
+        }
+    }
+    let all: Vec<u64> = (1..=20).collect();
+    for room in &rooms {
+        let stored = db.wait_for(room, &all).await;
+        assert_eq!(stored.into_iter().collect::<Vec<_>>(), all, "{room} in the database");
+        let mut reader = Client::connect(b.addr, "/ws", &token("reader", None, 3600)).await;
+        reader.send_json(&json!({"type": "history", "room": room, "limit": 50})).await;
+        let history = reader.recv_type("history").await;
+        let got: Vec<u64> =
+            history["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+        assert_eq!(got, all, "history of {room} reaches into the database");
+        // The room's messages were queued on its partition's stream, in its slot.
+        let owner = owner_of(&seeds, &prefix, room);
+        let kind: String = redis::cmd("TYPE").arg(stream_of(&prefix, room)).query(&mut node_conn(&owner)).unwrap();
+        assert_eq!(kind, "stream", "the persist stream of {room} on {owner}");
+    }
+    drop((a, b));
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_node_killed_right_after_its_acks_still_gets_its_messages_into_the_database() {
+    let seeds = seeds();
+    let prefix = prefix("pgkill");
+    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let db = TestDb::create().await;
+    let rooms = rooms_on_every_shard(&seeds, &prefix, 1);
+    // The doomed node reaches the database through a proxy that is then cut,
+    // so it dies holding messages it read from the streams but never wrote.
+    let proxy = proxy::Proxy::start(postgres_addr()).await;
+    let proxied = with_database(&format!("postgres://postgres@{}/x", proxy.addr), &db.name);
+    let mut doomed = durable_node(&seeds, &prefix, &proxied, &[]).await;
+    let mut sender = Client::connect(doomed.addr, "/ws", &token("sa", None, 3600)).await;
+    let mut acked: HashMap<String, Vec<u64>> = HashMap::new();
+    // A room's first message needs the database (where does its seq stand?).
+    for room in &rooms {
+        acked.entry(room.clone()).or_default().push(sender.publish(room, json!(0)).await);
+        db.wait_for(room, &[1]).await;
+    }
+    proxy.cut();
+    for i in 1..=50 {
+        for room in &rooms {
+            acked.entry(room.clone()).or_default().push(sender.publish(room, json!(i)).await);
+        }
+    }
+    doomed.signal(libc::SIGKILL);
+    doomed.wait_exit().await;
+    for room in &rooms {
+        assert_eq!(db.seqs(room).await, vec![1], "the doomed node could not write {room} after the cut");
+    }
+    // Another node claims what the dead node had read and writes it.
+    let survivor = durable_node(&seeds, &prefix, &db.url, &[]).await;
+    for room in &rooms {
+        let stored = db.wait_for(room, &acked[room]).await;
+        let missing: Vec<_> = acked[room].iter().filter(|s| !stored.contains(s)).collect();
+        assert!(missing.is_empty(), "{room}: acked but never stored: {missing:?}");
+    }
+    drop(survivor);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn with_durable_acks_on_the_cluster_an_ack_means_the_database_holds_it() {
+    let seeds = seeds();
+    let prefix = prefix("dacks");
+    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let db = TestDb::create().await;
+    let rooms = rooms_on_every_shard(&seeds, &prefix, 1);
+    let durable = ["--durable-acks"];
+    let (a, b) = (
+        durable_node(&seeds, &prefix, &db.url, &durable).await,
+        durable_node(&seeds, &prefix, &db.url, &durable).await,
+    );
+    let mut members = Vec::new();
+    for room in &rooms {
+        members.push((room.clone(), member(&a, room, "ann").await, member(&b, room, "bob").await));
+    }
+    let mut send_a = Client::connect(a.addr, "/ws", &token("sa", None, 3600)).await;
+    let mut send_b = Client::connect(b.addr, "/ws", &token("sb", None, 3600)).await;
+    let mut acked: HashMap<String, Vec<u64>> = HashMap::new();
+    for i in 0..10 {
+        for room in &rooms {
+            let seqs = acked.entry(room.clone()).or_default();
+            seqs.push(send_a.publish(room, json!({"a": i})).await);
+            seqs.push(send_b.publish(room, json!({"b": i})).await);
+        }
+    }
+    let all: Vec<u64> = (1..=20).collect();
+    for (room, on_a, on_b) in &mut members {
+        // No waiting: an ack is only sent once the row is committed.
+        let stored = db.seqs(room).await;
+        assert_eq!(stored, all, "{room}: acked before the database held it");
+        let mut seqs = acked[room.as_str()].clone();
+        seqs.sort_unstable();
+        assert_eq!(seqs, all, "{room}: acked seqs");
+        assert_eq!(seqs_of(on_a, 20).await, all, "room {room} on node a");
+        assert_eq!(seqs_of(on_b, 20).await, all, "room {room} on node b");
+    }
+    drop((a, b));
+    db.drop().await;
+}
+
+/// Publishes to `room` until the connection ends; returns the acked seqs.
+async fn publish_until_closed(mut client: Client, room: String) -> Vec<u64> {
+    let mut acked = Vec::new();
+    for i in 0.. {
+        let send = json!({"type": "send", "room": room, "body": i, "ref": i.to_string()}).to_string();
+        if futures_util::SinkExt::send(&mut client.ws, tokio_tungstenite::tungstenite::Message::text(send))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        match tokio::time::timeout(GUARD, client.next()).await {
+            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text)))) => {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                if frame["type"] == "ack" {
+                    acked.push(frame["seq"].as_u64().unwrap());
+                }
+            }
+            _ => break,
+        }
+    }
+    acked
+}
+
+#[tokio::test]
+async fn with_durable_acks_on_the_cluster_a_sigkilled_writer_loses_nothing_acked_or_delivered() {
+    let seeds = seeds();
+    let prefix = prefix("dkill");
+    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let db = TestDb::create().await;
+    let rooms = rooms_on_every_shard(&seeds, &prefix, 1);
+    let durable = ["--durable-acks"];
+    // The first node takes the partitions' writer leases; it is the one killed.
+    let mut doomed = durable_node(&seeds, &prefix, &db.url, &durable).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let survivor = durable_node(&seeds, &prefix, &db.url, &durable).await;
+    let mut members = Vec::new();
+    for room in &rooms {
+        let client = member(&survivor, room, "member").await;
+        members.push((room.clone(), client));
+    }
+    let mut senders = Vec::new();
+    for room in &rooms {
+        let client = Client::connect(doomed.addr, "/ws", &token("writer", None, 3600)).await;
+        senders.push((room.clone(), tokio::spawn(publish_until_closed(client, room.clone()))));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    doomed.signal(libc::SIGKILL);
+    doomed.wait_exit().await;
+    let mut sender = Client::connect(survivor.addr, "/ws", &token("after", None, 3600)).await;
+    for ((room, publisher), (_, on_survivor)) in senders.into_iter().zip(&mut members) {
+        let acked = publisher.await.unwrap();
+        assert!(!acked.is_empty(), "{room}: nothing acked before the kill");
+        // The survivor takes the leases over and goes on in the same epoch.
+        let next = sender.publish(&room, json!("after")).await;
+        let seen = acked.iter().max().copied().unwrap_or(0);
+        assert!(next > seen, "{room}: seq {next} given again (acked up to {seen})");
+        let mut delivered = Vec::new();
+        while delivered.last() != Some(&next) {
+            let frame = on_survivor.recv_json().await;
+            assert_ne!(frame["type"], "joined", "{room}: durable acks keep the epoch: {frame}");
+            if frame["type"] == "message" {
+                delivered.push(frame["seq"].as_u64().unwrap());
+            }
+        }
+        let stored = db.wait_for(&room, &acked).await;
+        for seq in acked.iter().chain(&delivered) {
+            assert!(stored.contains(seq), "{room}: seq {seq} was acked or delivered but is not stored");
+        }
+    }
+    drop(survivor);
+    db.drop().await;
 }

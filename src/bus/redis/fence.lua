@@ -4,7 +4,9 @@
 -- old node is still a healthy primary: the keys moved whole, nothing to do)
 -- or a replica was promoted after its primary failed. A promoted replica
 -- cannot tell whether it missed the last writes its primary acked, so the
--- room starts a new epoch there: no seq can repeat within an epoch.
+-- room starts a new epoch there: no seq can repeat within an epoch. With a
+-- database (FENCE_PERSISTED, set by the node) the room's state is dropped
+-- instead and put back from the database, as when Redis loses it.
 -- KEYS[1] room state hash   KEYS[2] room history sorted set
 do
   local me = redis.call('CLUSTER', 'MYID')
@@ -19,11 +21,17 @@ do
         end
       end
       if not moved then
-        local t = redis.call('TIME')
         redis.call('DEL', KEYS[1], KEYS[2])
-        redis.call('HSET', KEYS[1], 'epoch', string.sub(me, 1, 8) .. t[1] .. t[2], 'seq', 0)
+        if not FENCE_PERSISTED then
+          local t = redis.call('TIME')
+          redis.call('HSET', KEYS[1], 'epoch', string.sub(me, 1, 8) .. t[1] .. t[2], 'seq', 0)
+        end
       end
     end
-    redis.call('HSET', KEYS[1], 'owner', me)
+    -- With a database the state stays gone: the script answers NOSTATE and
+    -- the node restores it from the database (seq past what it holds).
+    if redis.call('EXISTS', KEYS[1]) == 1 then
+      redis.call('HSET', KEYS[1], 'owner', me)
+    end
   end
 end

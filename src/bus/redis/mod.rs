@@ -10,8 +10,9 @@
 //! recovery reach back past what Redis holds.
 //!
 //! With `--redis-cluster` the same scripts run on a Redis Cluster: a room's
-//! keys and channel share its hash tag, the script `SPUBLISH`es, and the
-//! `shards` module keeps this node's sharded subscriptions.
+//! keys and channel share the hash tag of its partition (see `keys`), the
+//! script `SPUBLISH`es, the `shards` module keeps this node's sharded
+//! subscriptions, and the database writer reads one stream per partition.
 //!
 //! Presence and the admin API reach Redis through the bus's link and key
 //! names (`access`), and on a cluster subscribe to sharded channels of their
@@ -37,6 +38,8 @@ use redis::Value;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+
+pub use keys::{cluster_room_tag, PARTITIONS};
 
 use super::{BusError, MAX_REPLAY};
 use crate::history::Database;
@@ -81,8 +84,7 @@ pub struct RedisSettings<'a> {
     pub durable_acks: bool,
     /// How long a room's keys outlive its last use (`--history-ttl`); `None` keeps them.
     pub key_ttl: Option<Duration>,
-    /// `url` is a comma-separated list of a Redis Cluster's seed nodes
-    /// (no `database` there yet: the configuration refuses it).
+    /// `url` is a comma-separated list of a Redis Cluster's seed nodes.
     pub cluster: bool,
 }
 
@@ -117,7 +119,7 @@ impl RedisBus {
         }
         if let Some((db, _)) = settings.database {
             let persister = Persister {
-                link: CommandLink::new(client.clone()).map_err(BusError::redis)?,
+                link: Arc::new(CommandLink::new(client.clone()).map_err(BusError::redis)?),
                 scripts: scripts.clone(),
                 db,
                 metrics: metrics.clone(),
@@ -152,24 +154,37 @@ impl RedisBus {
         let (pushes, push_rx) = mpsc::unbounded_channel();
         let client = link::cluster_client(settings.url, pushes).map_err(BusError::redis)?;
         let link = Arc::new(CommandLink::cluster(client));
-        let mut scripts =
-            Scripts::new(link, Keys::for_cluster(settings.prefix), settings.history_size, None, super::fresh_epoch());
+        let keys = Keys::for_cluster(settings.prefix);
+        let db = settings.database.as_ref().map(|(db, _)| db.clone());
+        let mut scripts = Scripts::new(link.clone(), keys, settings.history_size, db, super::fresh_epoch());
+        scripts.durable_acks = settings.durable_acks && settings.database.is_some();
+        if let Some((_, queue)) = &settings.database {
+            scripts.persist_queue = *queue;
+        }
         scripts.key_ttl_ms = settings.key_ttl.map_or(0, |ttl| (ttl.as_millis() as u64).max(1));
         let scripts = Arc::new(scripts);
         if scripts.key_ttl_ms > 0 {
             tokio::spawn(expiry::run(scripts.clone(), registry.clone(), shutdown.clone()));
         }
+        if let Some((db, _)) = settings.database {
+            // Reads the partitions' streams without blocking, so it shares
+            // the cluster connection (a pipelined socket per shard).
+            let persister =
+                Persister { link, scripts: scripts.clone(), db, metrics: metrics.clone(), shutdown: shutdown.clone() };
+            tokio::spawn(persister.run());
+        }
+        let acks = Arc::new(PendingAcks::default());
         let (commands, command_rx) = mpsc::unbounded_channel();
         let link_up = Arc::new(AtomicBool::new(false));
         let subscriber = ShardSubscriber {
             scripts: scripts.clone(),
+            acks: acks.clone(),
             registry,
             metrics: metrics.clone(),
             link_up: link_up.clone(),
             shutdown,
         };
         tokio::spawn(subscriber.run(command_rx, push_rx));
-        let acks = Arc::new(PendingAcks::default());
         Ok(Self { scripts, acks, commands, link_up, metrics, cluster: true, url: settings.url.to_owned() })
     }
 

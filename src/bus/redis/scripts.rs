@@ -67,9 +67,10 @@ impl Scripts {
     ) -> Self {
         // On a cluster, the scripts that read or give out a room's seq first
         // check that no failover lost part of it (see fence.lua).
+        let persisted = db.is_some();
         let fenced = |script: &str| {
             if keys.is_cluster() {
-                Script::new(&format!("{}\n{script}", include_str!("fence.lua")))
+                Script::new(&format!("local FENCE_PERSISTED = {persisted}\n{}\n{script}", include_str!("fence.lua")))
             } else {
                 Script::new(script)
             }
@@ -97,6 +98,13 @@ impl Scripts {
         }
     }
 
+    /// The most messages one partition's stream may hold: on a cluster
+    /// each partition gets an equal share of `--persist-queue`, so the
+    /// whole stays within it.
+    fn partition_queue(&self) -> usize {
+        self.persist_queue.div_ceil(usize::from(self.keys.partitions())).max(1)
+    }
+
     /// `request` (with `--durable-acks`) names the publish in the ack that
     /// the database writer sends back once the message is committed.
     pub async fn publish(
@@ -120,7 +128,7 @@ impl Scripts {
             .arg(body.get())
             .arg(fresh_epoch())
             .arg(self.persisting())
-            .arg(self.persist_queue);
+            .arg(self.partition_queue());
         match request {
             Some(request) => call.arg(&self.node).arg(request),
             None => call.arg("").arg(""),
@@ -166,7 +174,8 @@ impl Scripts {
     }
 
     /// With `--durable-acks`: makes committed messages visible, in order, in
-    /// one round trip.
+    /// one round trip. On a cluster they must be of one partition (a
+    /// pipeline may not cross slots).
     pub async fn release(&self, messages: &[Release]) -> Result<(), RedisError> {
         let mut pipe = redis::pipe();
         for m in messages {
@@ -180,9 +189,10 @@ impl Scripts {
                 .arg(m.seq)
                 .arg(&m.epoch)
                 .arg(&m.json)
-                .arg(self.keys.acks(&m.node))
+                .arg(self.keys.acks(self.keys.partition(&m.room), &m.node))
                 .arg(&m.request)
                 .arg(self.key_ttl_ms)
+                .arg(self.keys.publish_command())
                 .ignore();
         }
         self.link.run(|mut conn| async move { pipe.query_async::<()>(&mut conn).await }).await

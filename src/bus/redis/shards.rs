@@ -17,6 +17,12 @@
 //! a node (resharding, failover), Redis itself ends the subscription with a
 //! `sunsubscribe` push; the task subscribes again, which reaches the new
 //! owner, and that confirmation fills the gap the same way.
+//!
+//! With `--durable-acks` the task also keeps this node's ack channels, one
+//! per partition (a shard channel in the partition's slot, where the
+//! database writer's release script `SPUBLISH`es), subscribed the same way.
+//! An ack lost meanwhile is found by the publish asking whether its message
+//! was released.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +33,7 @@ use redis::{PushInfo, PushKind, RedisResult, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::acks::PendingAcks;
 use super::link::Conn;
 use super::scripts::Scripts;
 use super::subscriber::{fill_from, on_message, Command};
@@ -40,6 +47,7 @@ const RETRY_EVERY: Duration = Duration::from_secs(1);
 
 pub struct ShardSubscriber {
     pub scripts: Arc<Scripts>,
+    pub acks: Arc<PendingAcks>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub link_up: Arc<AtomicBool>,
@@ -55,6 +63,8 @@ struct Subscriptions {
     confirmed: HashSet<RoomName>,
     /// Wanted rooms whose last `SSUBSCRIBE` failed (no shard answered).
     failed: HashSet<RoomName>,
+    /// With durable acks: this node's ack channels not subscribed yet.
+    acks_failed: HashSet<String>,
 }
 
 impl ShardSubscriber {
@@ -63,7 +73,7 @@ impl ShardSubscriber {
         mut commands: mpsc::UnboundedReceiver<Command>,
         mut pushes: mpsc::UnboundedReceiver<PushInfo>,
     ) {
-        let mut subs = Subscriptions::default();
+        let mut subs = Subscriptions { acks_failed: self.ack_channels(), ..Subscriptions::default() };
         let mut retry = tokio::time::interval(RETRY_EVERY);
         loop {
             tokio::select! {
@@ -118,6 +128,31 @@ impl ShardSubscriber {
         for room in failed {
             self.subscribe(subs, room).await;
         }
+        let failed: Vec<String> = subs.acks_failed.iter().cloned().collect();
+        for channel in failed {
+            self.subscribe_acks(subs, channel).await;
+        }
+    }
+
+    /// With durable acks, this node's ack channels: one per partition.
+    fn ack_channels(&self) -> HashSet<String> {
+        if !self.scripts.durable_acks {
+            return HashSet::new();
+        }
+        let keys = &self.scripts.keys;
+        (0..keys.partitions()).map(|p| keys.acks(p, &self.scripts.node)).collect()
+    }
+
+    async fn subscribe_acks(&self, subs: &mut Subscriptions, channel: String) {
+        match self.sharded("SSUBSCRIBE", &channel).await {
+            Ok(()) => {
+                subs.acks_failed.remove(&channel);
+            }
+            Err(e) => {
+                tracing::debug!("cannot subscribe {channel}: {e}");
+                subs.acks_failed.insert(channel);
+            }
+        }
     }
 
     /// `SSUBSCRIBE` or `SUNSUBSCRIBE` one channel on the shard of its slot.
@@ -149,6 +184,12 @@ impl ShardSubscriber {
         match (push.kind, channel) {
             (PushKind::SMessage, Some(channel)) => {
                 let Some(payload) = push.data.get(1).and_then(bytes) else { return };
+                if self.scripts.keys.is_ack_channel(&channel, &self.scripts.node) {
+                    if let Some(id) = std::str::from_utf8(payload).ok().and_then(|p| p.parse().ok()) {
+                        self.acks.complete(id);
+                    }
+                    return;
+                }
                 if let Err(e) = on_message(&self.scripts, &self.registry, &self.metrics, &channel, payload).await {
                     // The gap stays: the next message or resubscription fills it.
                     tracing::warn!("cannot fill a gap on {channel}: {e}");
@@ -171,6 +212,10 @@ impl ShardSubscriber {
             (PushKind::SUnsubscribe, Some(channel)) => {
                 // Ours were forgotten already; any other one is Redis
                 // moving the slot away: follow it.
+                if self.scripts.keys.is_ack_channel(&channel, &self.scripts.node) {
+                    self.subscribe_acks(subs, channel).await;
+                    return;
+                }
                 let Some(room) = self.scripts.keys.room_of_channel(&channel) else { return };
                 if subs.wanted.contains(&room) {
                     tracing::info!("room {room} moved to another shard: subscribing there");
@@ -187,6 +232,7 @@ impl ShardSubscriber {
                 tracing::warn!("a redis cluster connection was lost: subscribing every room again");
                 self.metrics.bus_reconnects.inc();
                 subs.failed.extend(subs.wanted.iter().cloned());
+                subs.acks_failed = self.ack_channels();
             }
             _ => {}
         }

@@ -101,7 +101,7 @@ impl Subscriber {
         let (mut sink, mut stream) = pubsub.split();
         let probe_channel = self.scripts.keys.probe(&self.scripts.node);
         sink.subscribe(&probe_channel).await.map_err(BusError::redis)?;
-        let ack_channel = self.scripts.keys.acks(&self.scripts.node);
+        let ack_channel = self.scripts.keys.acks(0, &self.scripts.node);
         if self.scripts.durable_acks {
             sink.subscribe(&ack_channel).await.map_err(BusError::redis)?;
         }
