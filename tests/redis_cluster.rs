@@ -1269,3 +1269,82 @@ async fn with_durable_acks_on_the_cluster_a_sigkilled_writer_loses_nothing_acked
     drop(survivor);
     db.drop().await;
 }
+
+/// Waits until the replicas of the primary at `addr` are in sync with it.
+async fn until_replicated(addr: &str) {
+    let deadline = tokio::time::Instant::now() + GUARD;
+    loop {
+        let lines: Vec<String> =
+            redis::cmd("CLUSTER").arg("REPLICAS").arg(node_id(addr)).query(&mut node_conn(addr)).unwrap();
+        let replicas: Vec<String> =
+            lines.iter().filter_map(|line| line.split(' ').nth(1)?.split('@').next().map(str::to_owned)).collect();
+        let synced = replicas.iter().all(|replica| {
+            let info: String = redis::cmd("INFO").arg("replication").query(&mut node_conn(replica)).unwrap();
+            info.contains("master_link_status:up")
+        });
+        if !replicas.is_empty() && synced {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the replicas of {addr} never synced");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The stored `(seq, body)` rows of `room`.
+async fn stored_bodies(db: &TestDb, room: &str) -> HashMap<u64, Value> {
+    let rows = pg(&db.url)
+        .await
+        .query("SELECT seq, body::text FROM messages WHERE room = $1", &[&room])
+        .await
+        .unwrap_or_default();
+    rows.iter().map(|r| (r.get::<_, i64>(0) as u64, serde_json::from_str(r.get::<_, &str>(1)).unwrap())).collect()
+}
+
+#[tokio::test]
+async fn with_a_database_a_failed_over_room_continues_past_the_stored_rows() {
+    let cluster = PrivateCluster::start();
+    let prefix = prefix("pgfailover");
+    let db = TestDb::create().await;
+    let room = "busy";
+    let server = durable_node(&cluster.seeds, &prefix, &db.url, &[]).await;
+    let mut sender = Client::connect(server.addr, "/ws", &token("sa", None, 3600)).await;
+    let victim = owner_of(&cluster.seeds, &prefix, room);
+    // A replica that never finished its first sync refuses to take over.
+    until_replicated(&victim).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut after_kill: Vec<(u64, i64)> = Vec::new();
+    let mut killed = false;
+    let mut i = 0i64;
+    while after_kill.len() < 30 {
+        assert!(tokio::time::Instant::now() < deadline, "the room never recovered after the failover");
+        i += 1;
+        if i == 40 {
+            cluster.kill(&victim);
+            killed = true;
+        }
+        sender.send_json(&json!({"type": "send", "room": room, "body": i, "ref": format!("r{i}")})).await;
+        let reply = sender.recv_json().await;
+        match reply["type"].as_str() {
+            Some("ack") if killed => after_kill.push((reply["seq"].as_u64().unwrap(), i)),
+            Some("ack") => {}
+            Some("error") => {
+                assert_eq!(reply["code"], "unavailable", "{reply}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            _ => panic!("unexpected {reply}"),
+        }
+    }
+    assert!(owner_of(&cluster.seeds, &prefix, room) != victim, "a replica took over the slot");
+    // The promoted replica put the room back from the database: its seqs go
+    // on past the stored rows, so every message acked after the failover is
+    // stored with its own body (a seq starting again at 1 would collide).
+    let seqs: Vec<u64> = after_kill.iter().map(|(seq, _)| *seq).collect();
+    db.wait_for(room, &seqs).await;
+    let stored = stored_bodies(&db, room).await;
+    for (seq, body) in &after_kill {
+        assert_eq!(stored.get(seq), Some(&json!(body)), "seq {seq} acked after the failover");
+    }
+    assert!(after_kill[0].0 > 1, "the sequence went on: {after_kill:?}");
+    drop(server);
+    db.drop().await;
+}

@@ -52,7 +52,7 @@ impl ShardChannels {
     /// connects on first use.
     pub fn open(seeds: &str) -> RedisResult<Self> {
         let (pushes, push_rx) = mpsc::unbounded_channel();
-        let link = CommandLink::cluster(cluster_client(seeds, pushes)?);
+        let link = CommandLink::cluster(cluster_client(seeds, Some(pushes))?);
         let mut retry = tokio::time::interval(RETRY_EVERY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Ok(Self { link, pushes: push_rx, wanted: HashSet::new(), failed: HashSet::new(), retry })

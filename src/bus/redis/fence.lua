@@ -5,8 +5,11 @@
 -- or a replica was promoted after its primary failed. A promoted replica
 -- cannot tell whether it missed the last writes its primary acked, so the
 -- room starts a new epoch there: no seq can repeat within an epoch. With a
--- database (FENCE_PERSISTED, set by the node) the room's state is dropped
--- instead and put back from the database, as when Redis loses it.
+-- database (FENCE_PERSISTED, set by the node) the room's epoch is dropped
+-- instead, and its seq kept: the scripts answer NOSTATE, and the node puts
+-- the room back from the database (restore.lua), past both the seq kept here
+-- (the stream may still hold messages up to it, not yet written) and the
+-- highest stored (the old primary's writes may have reached the database).
 -- KEYS[1] room state hash   KEYS[2] room history sorted set
 do
   local me = redis.call('CLUSTER', 'MYID')
@@ -21,17 +24,16 @@ do
         end
       end
       if not moved then
-        redis.call('DEL', KEYS[1], KEYS[2])
-        if not FENCE_PERSISTED then
+        if FENCE_PERSISTED then
+          redis.call('HDEL', KEYS[1], 'epoch')
+          redis.call('DEL', KEYS[2])
+        else
           local t = redis.call('TIME')
+          redis.call('DEL', KEYS[1], KEYS[2])
           redis.call('HSET', KEYS[1], 'epoch', string.sub(me, 1, 8) .. t[1] .. t[2], 'seq', 0)
         end
       end
     end
-    -- With a database the state stays gone: the script answers NOSTATE and
-    -- the node restores it from the database (seq past what it holds).
-    if redis.call('EXISTS', KEYS[1]) == 1 then
-      redis.call('HSET', KEYS[1], 'owner', me)
-    end
+    redis.call('HSET', KEYS[1], 'owner', me)
   end
 end

@@ -152,11 +152,11 @@ impl RedisBus {
         shutdown: CancellationToken,
     ) -> Result<Self, BusError> {
         let (pushes, push_rx) = mpsc::unbounded_channel();
-        let client = link::cluster_client(settings.url, pushes).map_err(BusError::redis)?;
+        let client = link::cluster_client(settings.url, Some(pushes)).map_err(BusError::redis)?;
         let link = Arc::new(CommandLink::cluster(client));
         let keys = Keys::for_cluster(settings.prefix);
         let db = settings.database.as_ref().map(|(db, _)| db.clone());
-        let mut scripts = Scripts::new(link.clone(), keys, settings.history_size, db, super::fresh_epoch());
+        let mut scripts = Scripts::new(link, keys, settings.history_size, db, super::fresh_epoch());
         scripts.durable_acks = settings.durable_acks && settings.database.is_some();
         if let Some((_, queue)) = &settings.database {
             scripts.persist_queue = *queue;
@@ -167,8 +167,12 @@ impl RedisBus {
             tokio::spawn(expiry::run(scripts.clone(), registry.clone(), shutdown.clone()));
         }
         if let Some((db, _)) = settings.database {
-            // Reads the partitions' streams without blocking, so it shares
-            // the cluster connection (a pipelined socket per shard).
+            // A cluster connection of its own: while a shard is down, its
+            // reads of that shard's streams wait out their timeouts apart
+            // from the publishes.
+            let link = Arc::new(CommandLink::cluster_renewing(
+                link::cluster_client(settings.url, None).map_err(BusError::redis)?,
+            ));
             let persister =
                 Persister { link, scripts: scripts.clone(), db, metrics: metrics.clone(), shutdown: shutdown.clone() };
             tokio::spawn(persister.run());

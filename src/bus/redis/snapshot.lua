@@ -4,7 +4,7 @@
 -- ARGV[3] whether a database keeps history ('1' or '0')
 -- ARGV[4] the field of the room's latest seq: 'seq', or 'released' with --durable-acks
 -- ARGV[5] the keys' time to live in ms ('0' for none), renewed by a join
-if redis.call('EXISTS', KEYS[1]) == 0 then
+if redis.call('HEXISTS', KEYS[1], 'epoch') == 0 then
   if ARGV[3] == '1' then
     return redis.error_reply('NOSTATE room state is gone')
   end
