@@ -1300,33 +1300,52 @@ async fn stored_bodies(db: &TestDb, room: &str) -> HashMap<u64, Value> {
     rows.iter().map(|r| (r.get::<_, i64>(0) as u64, serde_json::from_str(r.get::<_, &str>(1)).unwrap())).collect()
 }
 
-#[tokio::test]
-async fn with_a_database_a_failed_over_room_continues_past_the_stored_rows() {
+/// What a failover under a publishing node with a database left behind.
+struct FailoverRun {
+    /// Acked `(seq, body)` before the kill, and after it.
+    before: Vec<(u64, i64)>,
+    after: Vec<(u64, i64)>,
+    /// The room's epoch (a fresh join) before the kill, and at the end.
+    epochs: (Value, Value),
+    stored: HashMap<u64, Value>,
+}
+
+/// One node publishes to a room, with a database and `extra` flags, while
+/// the primary that owns the room is SIGKILLed, until 30 messages were
+/// acked after the kill; waits until those are stored.
+async fn failover_with_database(test: &str, extra: &[&str]) -> FailoverRun {
     let cluster = PrivateCluster::start();
-    let prefix = prefix("pgfailover");
+    let prefix = prefix(test);
     let db = TestDb::create().await;
     let room = "busy";
-    let server = durable_node(&cluster.seeds, &prefix, &db.url, &[]).await;
+    let server = durable_node(&cluster.seeds, &prefix, &db.url, extra).await;
+    let epoch = |server: &TestServer| {
+        let addr = server.addr;
+        async move {
+            let mut look = Client::connect(addr, &format!("/ws/{room}"), &token("look", None, 3600)).await;
+            look.recv_type("joined").await["epoch"].clone()
+        }
+    };
     let mut sender = Client::connect(server.addr, "/ws", &token("sa", None, 3600)).await;
     let victim = owner_of(&cluster.seeds, &prefix, room);
     // A replica that never finished its first sync refuses to take over.
     until_replicated(&victim).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let mut after_kill: Vec<(u64, i64)> = Vec::new();
-    let mut killed = false;
+    let (mut before, mut after) = (Vec::new(), Vec::new());
+    let mut epoch_before = Value::Null;
     let mut i = 0i64;
-    while after_kill.len() < 30 {
+    while after.len() < 30 {
         assert!(tokio::time::Instant::now() < deadline, "the room never recovered after the failover");
         i += 1;
         if i == 40 {
+            epoch_before = epoch(&server).await;
             cluster.kill(&victim);
-            killed = true;
         }
         sender.send_json(&json!({"type": "send", "room": room, "body": i, "ref": format!("r{i}")})).await;
         let reply = sender.recv_json().await;
         match reply["type"].as_str() {
-            Some("ack") if killed => after_kill.push((reply["seq"].as_u64().unwrap(), i)),
-            Some("ack") => {}
+            Some("ack") if i >= 40 => after.push((reply["seq"].as_u64().unwrap(), i)),
+            Some("ack") => before.push((reply["seq"].as_u64().unwrap(), i)),
             Some("error") => {
                 assert_eq!(reply["code"], "unavailable", "{reply}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1335,16 +1354,35 @@ async fn with_a_database_a_failed_over_room_continues_past_the_stored_rows() {
         }
     }
     assert!(owner_of(&cluster.seeds, &prefix, room) != victim, "a replica took over the slot");
+    let seqs: Vec<u64> = after.iter().map(|(seq, _)| *seq).collect();
+    db.wait_for(room, &seqs).await;
+    let stored = stored_bodies(&db, room).await;
+    let epochs = (epoch_before, epoch(&server).await);
+    drop(server);
+    db.drop().await;
+    FailoverRun { before, after, epochs, stored }
+}
+
+#[tokio::test]
+async fn with_a_database_a_failed_over_room_continues_past_the_stored_rows() {
+    let run = failover_with_database("pgfailover", &[]).await;
     // The promoted replica put the room back from the database: its seqs go
     // on past the stored rows, so every message acked after the failover is
     // stored with its own body (a seq starting again at 1 would collide).
-    let seqs: Vec<u64> = after_kill.iter().map(|(seq, _)| *seq).collect();
-    db.wait_for(room, &seqs).await;
-    let stored = stored_bodies(&db, room).await;
-    for (seq, body) in &after_kill {
-        assert_eq!(stored.get(seq), Some(&json!(body)), "seq {seq} acked after the failover");
+    for (seq, body) in &run.after {
+        assert_eq!(run.stored.get(seq), Some(&json!(body)), "seq {seq} acked after the failover");
     }
-    assert!(after_kill[0].0 > 1, "the sequence went on: {after_kill:?}");
-    drop(server);
-    db.drop().await;
+    assert!(run.after[0].0 > 1, "the sequence went on: {:?}", run.after);
+    assert_ne!(run.epochs.0, run.epochs.1, "without durable acks the room starts a new epoch");
+}
+
+#[tokio::test]
+async fn with_durable_acks_a_failed_over_room_keeps_its_epoch_and_every_acked_message() {
+    let run = failover_with_database("dfailover", &["--durable-acks"]).await;
+    // An ack means the database held it: before the failover and after it,
+    // each acked seq is stored with its own body, and the epoch stays.
+    for (seq, body) in run.before.iter().chain(&run.after) {
+        assert_eq!(run.stored.get(seq), Some(&json!(body)), "acked seq {seq}");
+    }
+    assert_eq!(run.epochs.0, run.epochs.1, "durable acks keep the epoch across a failover");
 }
