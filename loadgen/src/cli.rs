@@ -64,6 +64,18 @@ pub struct Common {
     #[serde(with = "secs")]
     pub churn_away: Duration,
 
+    /// When the server ends a connection (a node killed, drained, cut),
+    /// open it again (next node first, round robin) and rejoin its rooms
+    /// with `since` and `epoch`; sends while it is down are dropped.
+    #[arg(long, global = true)]
+    pub reconnect: bool,
+
+    /// Write what every connection saw (joins with their epochs, each
+    /// delivery, ack and error, connects and ends) to this file, one JSON
+    /// object a line, for `loadgen audit`.
+    #[arg(long, global = true)]
+    pub record: Option<PathBuf>,
+
     /// Prefix of the `sub` claim of minted tokens.
     #[arg(long, global = true, default_value = "lg-")]
     pub sub_prefix: String,
@@ -166,6 +178,38 @@ pub enum Scenario {
     /// Compare the --json files of runs: every figure with its ratio to the
     /// first run, and the latency curves overlaid.
     Compare(FilesArgs),
+    /// The verdict of a chaos run from its --record file: every acked
+    /// message delivered to every member that stayed joined, in seq order,
+    /// no duplicate, no gap within an epoch, a new epoch only where a fault
+    /// allows it, and with --durable-acks every acked message in the
+    /// database once. Exit 1 on a violation.
+    Audit(AuditArgs),
+}
+
+/// What `loadgen audit` reads.
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct AuditArgs {
+    /// The --record file of the run.
+    #[arg(value_name = "RECORD")]
+    pub record_file: PathBuf,
+    /// The run's --json file (room names, send phase start).
+    #[arg(long)]
+    pub run: PathBuf,
+    /// The faults injected, one a line: `start_ns end_ns kind what`
+    /// (kinds: pause, redis-cut, redis-wipe, kill, term, pg-cut, slow).
+    #[arg(long)]
+    pub faults: Option<PathBuf>,
+    /// The database's messages as `room<TAB>seq<TAB>p<TAB>k` lines (p and k
+    /// from each body's marker); every acked message must be there once.
+    #[arg(long)]
+    pub db: Option<PathBuf>,
+    /// The servers ran with --durable-acks: no epoch may change, nothing
+    /// acked may be lost even when Redis loses its data.
+    #[arg(long)]
+    pub durable: bool,
+    /// The servers' --history-size.
+    #[arg(long, default_value_t = 1000)]
+    pub history_size: u64,
 }
 
 /// `--json` files of earlier runs.
@@ -187,6 +231,7 @@ impl Scenario {
             Scenario::Sweep(_) => "sweep",
             Scenario::Merge(_) => "merge",
             Scenario::Compare(_) => "compare",
+            Scenario::Audit(_) => "audit",
         }
     }
 }

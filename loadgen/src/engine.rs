@@ -84,6 +84,12 @@ pub async fn run(cli: Cli) -> Result<Summary> {
     let mut shared = Shared::new(stats, clock, plan.rooms.clone());
     shared.presence = common.presence;
     shared.churn_away = common.churn_away;
+    if let Some(path) = &common.record {
+        shared.record = Some(crate::record::Recorder::create(path)?);
+    }
+    if common.reconnect {
+        shared.redial = Some(session::Redial { connector: connector.clone(), tokens: tokens.clone() });
+    }
     shared.room_members = vec![0; plan.rooms.len()];
     for room in plan.specs.iter().flat_map(|s| &s.joins) {
         if let Some(n) = shared.room_members.get_mut(*room) {
@@ -253,6 +259,9 @@ pub async fn run(cli: Cli) -> Result<Summary> {
     phase.set(Phase::Close);
     close_all(&sh, sessions).await;
     let timeline = progress.finish().await;
+    if let Some(rec) = &sh.record {
+        rec.flush()?;
+    }
 
     let st = &sh.stats;
     let established = st.connected.load(Ordering::Relaxed);

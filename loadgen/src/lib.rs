@@ -10,6 +10,7 @@
 //! The binary is a thin shell over [`run`], so a test can drive a server
 //! with a scenario and check the returned [`Summary`].
 
+pub mod audit;
 pub mod churn;
 pub mod cli;
 pub mod client;
@@ -25,6 +26,7 @@ pub mod pacer;
 pub mod parse;
 pub mod proc;
 pub mod progress;
+pub mod record;
 pub mod report;
 pub mod scenario;
 pub mod session;

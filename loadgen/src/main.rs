@@ -29,6 +29,9 @@ fn main() -> ExitCode {
     if let loadgen::Scenario::Merge(files) = &cli.scenario {
         return ExitCode::from(merge(&files.files, json.as_deref(), report_path.as_deref(), strict));
     }
+    if let loadgen::Scenario::Audit(a) = &cli.scenario {
+        return ExitCode::from(audit(a));
+    }
     if let loadgen::Scenario::Compare(files) = &cli.scenario {
         return ExitCode::from(compare(&files.files, json.as_deref(), report_path.as_deref()));
     }
@@ -166,4 +169,45 @@ fn compare(files: &[std::path::PathBuf], json: Option<&std::path::Path>, report_
         }
     }
     0
+}
+
+/// `loadgen audit`: read the record, the run, the faults and the database
+/// rows, print the figures and every violation. 0 none, 1 violations, 2 the
+/// files could not be read.
+fn audit(a: &loadgen::cli::AuditArgs) -> u8 {
+    use loadgen::audit;
+    let read = || -> anyhow::Result<audit::Input> {
+        let run = loadgen::merge::read(&a.run)?;
+        let faults = match &a.faults {
+            Some(f) => audit::parse_faults(&std::fs::read_to_string(f)?).map_err(anyhow::Error::msg)?,
+            None => vec![],
+        };
+        let db = match &a.db {
+            Some(f) => Some(audit::parse_db(&std::fs::read_to_string(f)?)),
+            None => None,
+        };
+        Ok(audit::Input {
+            rooms: run.rooms.iter().map(|r| r.name.clone()).collect(),
+            events: loadgen::record::read(&a.record_file)?,
+            faults,
+            db,
+            durable: a.durable,
+            history_size: a.history_size,
+            t0_ns: (run.phases.send_start_unix_s * 1e9) as u64,
+        })
+    };
+    let input = match read() {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("loadgen: cannot audit: {e:#}");
+            return 2;
+        }
+    };
+    let result = audit::audit(&input);
+    print!("{}", result.text(input.t0_ns));
+    if result.violations.is_empty() {
+        0
+    } else {
+        1
+    }
 }

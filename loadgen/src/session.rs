@@ -16,17 +16,20 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use fastwebsockets::OpCode;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 
-use crate::client::{Conn, SharedWriter};
+use crate::client::{Conn, Connector, SharedWriter};
 use crate::clock::Clock;
 use crate::frames::{Frame, FrameReader, ReadError};
 use crate::pacer::Schedule;
 use crate::parse::{parse, ServerFrame};
+use crate::record::{Event, Recorder};
 use crate::stats::{SeqCheck, SeqTrack, Stats};
+use crate::token::TokenSource;
 
 /// Most frames one write carries when the send task catches up.
 const MAX_BATCH: u64 = 64;
@@ -46,6 +49,10 @@ pub struct Shared {
     pub churn_away: std::time::Duration,
     /// Members each room will have once every join is done.
     pub room_members: Vec<u64>,
+    /// `--record`: every event of every connection, for `loadgen audit`.
+    pub record: Option<Recorder>,
+    /// `--reconnect`: how a connection the server ended is opened again.
+    pub redial: Option<Redial>,
     /// The factor every schedule's times are multiplied by (f64 bits):
     /// 1.0 in a plain run; a sweep step at k times the planned rate sets
     /// 1/k, so the same connections send faster without a new plan.
@@ -65,6 +72,8 @@ impl Shared {
             presence: false,
             churn_away: std::time::Duration::ZERO,
             room_members: Vec::new(),
+            record: None,
+            redial: None,
             schedule_scale: AtomicU64::new(1.0f64.to_bits()),
         }
     }
@@ -84,6 +93,22 @@ impl Shared {
         Schedule { offset_ns: (s.offset_ns as f64 * k) as u64, interval_ns: s.interval_ns * k }
     }
 }
+
+/// `--reconnect`: what a connection needs to open itself again. A
+/// connection the server ended (a node killed, drained or cut) waits a
+/// moment, connects to the next node (round robin from its own), and
+/// rejoins each of its rooms with `since` = the last seq it saw and that
+/// seq's epoch; a rejoin answered `unavailable` is tried again.
+pub struct Redial {
+    pub connector: Arc<Connector>,
+    pub tokens: Arc<TokenSource>,
+}
+
+/// First wait before a reconnect, and the longest (it doubles on failure).
+const REDIAL_FIRST: Duration = Duration::from_millis(100);
+const REDIAL_MAX: Duration = Duration::from_secs(1);
+/// Wait before a rejoin answered `unavailable` is sent again.
+const REJOIN_RETRY: Duration = Duration::from_millis(500);
 
 /// What one connection does.
 #[derive(Debug, Clone)]
@@ -122,8 +147,13 @@ pub struct Session {
 
 /// Start the tasks of an upgraded connection.
 pub fn start(conn: Conn, spec: Spec, sh: Arc<Shared>) -> Session {
-    let Conn { reader, writer, .. } = conn;
+    let Conn { reader, writer, target, .. } = conn;
     sh.stats.up.fetch_add(1, Ordering::Relaxed);
+    if let Some(rec) = &sh.record {
+        let mut ev = Event::new("c", sh.clock.now_ns(), spec.id as u64);
+        ev.n = Some(target as u64);
+        rec.event(&ev);
+    }
     if !spec.joins.is_empty() {
         sh.stats.join_pending.fetch_add(spec.joins.len() as i64, Ordering::SeqCst);
     }
@@ -141,6 +171,9 @@ pub fn start(conn: Conn, spec: Spec, sh: Arc<Shared>) -> Session {
         presence_complete: false,
         churning: churning.clone(),
         outbox: Vec::new(),
+        retry: Vec::new(),
+        redials: 0,
+        generation: Arc::new(AtomicU64::new(0)),
     };
     let mut tasks = vec![tokio::spawn(read_loop(reader, writer.clone(), state, sh.clone()))];
     let mut ticks = None;
@@ -159,6 +192,9 @@ enum JoinState {
     Failed,
     /// Left for churn; the rejoin with `since` is sent, `joined` awaited.
     Rejoining,
+    /// Reconnected (`--reconnect`); the rejoin with `since` is sent,
+    /// `joined` awaited.
+    Resuming,
 }
 
 struct Track {
@@ -182,14 +218,78 @@ struct ReaderState {
     /// Frames to write once the frames of the current read are handled
     /// (rejoins).
     outbox: Vec<String>,
+    /// Rejoins answered `unavailable`, to send again after `REJOIN_RETRY`.
+    retry: Vec<String>,
+    /// Reconnects so far (`--reconnect`): picks the next node. A delayed
+    /// write (a churn rejoin after `--churn-away`, a retried rejoin) is
+    /// dropped when the connection was replaced meanwhile: the new one
+    /// rejoined on its own, and a second join with an older `since` would
+    /// replay messages again.
+    redials: usize,
+    generation: Arc<AtomicU64>,
 }
 
 async fn read_loop(mut reader: FrameReader, writer: SharedWriter, mut st: ReaderState, sh: Arc<Shared>) {
-    let end = match send_joins(&writer, &st, &sh).await {
-        Err(e) => format!("io: {:?}", e.kind()),
-        Ok(()) => read_frames(&mut reader, &writer, &mut st, &sh).await,
-    };
-    st.on_end(&end, &sh);
+    let mut joins = send_joins(&writer, &st, &sh).await;
+    loop {
+        let end = match joins {
+            Err(e) => format!("io: {:?}", e.kind()),
+            Ok(()) => read_frames(&mut reader, &writer, &mut st, &sh).await,
+        };
+        st.on_end(&end, &sh);
+        let Some(redial) = &sh.redial else { return };
+        match redial_conn(redial, &mut st, &writer, &sh).await {
+            Some((r, sent)) => (reader, joins) = (r, sent),
+            None => return,
+        }
+    }
+}
+
+/// `--reconnect`: open the connection again (the next node first, then
+/// the others in turn), put its writer in place of the dead one and write
+/// the rejoins on it before anything else can (a churn leave must not
+/// reach the server before the join it leaves); None once loadgen is
+/// closing.
+async fn redial_conn(
+    redial: &Redial,
+    st: &mut ReaderState,
+    writer: &SharedWriter,
+    sh: &Shared,
+) -> Option<(FrameReader, io::Result<()>)> {
+    let mut wait = REDIAL_FIRST;
+    loop {
+        // Spread the reconnects of a whole node's members a little.
+        let jitter = Duration::from_millis((st.id as u64 * 37 + st.redials as u64 * 11) % 100);
+        tokio::time::sleep(wait + jitter).await;
+        if sh.stats.closing.load(Ordering::Relaxed) {
+            return None;
+        }
+        st.redials += 1;
+        let token = redial.tokens.token_for(st.id).ok()?;
+        match redial.connector.connect(st.id + st.redials, &token).await {
+            Ok(conn) => {
+                let sent = {
+                    let mut fresh = conn.writer.lock().await;
+                    let mut w = writer.lock().await;
+                    std::mem::swap(&mut *w, &mut *fresh);
+                    st.generation.fetch_add(1, Ordering::SeqCst);
+                    for f in st.rejoins(sh) {
+                        w.push_text(f.as_bytes());
+                    }
+                    w.flush().await
+                };
+                sh.stats.up.fetch_add(1, Ordering::Relaxed);
+                sh.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                if let Some(rec) = &sh.record {
+                    let mut ev = Event::new("c", sh.clock.now_ns(), st.id as u64);
+                    ev.n = Some(conn.target as u64);
+                    rec.event(&ev);
+                }
+                return Some((conn.reader, sent));
+            }
+            Err(_) => wait = (wait * 2).min(REDIAL_MAX),
+        }
+    }
 }
 
 /// Reads until the connection ends; returns how it ended. Every frame of
@@ -224,11 +324,21 @@ async fn read_frames(reader: &mut FrameReader, writer: &SharedWriter, st: &mut R
                 // `since` was fixed on `left` (nothing of the room arrives
                 // after it), so the rejoin may wait without losing a seq.
                 let (writer, away) = (writer.clone(), sh.churn_away);
+                let (generation, now_gen) = (st.generation.clone(), st.generation.load(Ordering::SeqCst));
                 tokio::spawn(async move {
                     tokio::time::sleep(away).await;
-                    write_frames(&writer, &frames).await;
+                    write_frames_on(&writer, &frames, &generation, now_gen).await;
                 });
             }
+        }
+        if !st.retry.is_empty() {
+            let frames: Vec<String> = st.retry.drain(..).collect();
+            let writer = writer.clone();
+            let (generation, now_gen) = (st.generation.clone(), st.generation.load(Ordering::SeqCst));
+            tokio::spawn(async move {
+                tokio::time::sleep(REJOIN_RETRY).await;
+                write_frames_on(&writer, &frames, &generation, now_gen).await;
+            });
         }
         if let Err(e) = reader.fill().await {
             return error_key(&e);
@@ -242,6 +352,19 @@ async fn read_frames(reader: &mut FrameReader, writer: &SharedWriter, st: &mut R
 async fn write_frames(writer: &SharedWriter, frames: &[String]) {
     let mut w = writer.lock().await;
     if w.is_closed() {
+        return;
+    }
+    for frame in frames {
+        w.push_text(frame.as_bytes());
+    }
+    let _ = w.flush().await;
+}
+
+/// [`write_frames`], unless the connection was replaced since `generation`
+/// was `expected` (it is bumped under the writer's lock).
+async fn write_frames_on(writer: &SharedWriter, frames: &[String], generation: &AtomicU64, expected: u64) {
+    let mut w = writer.lock().await;
+    if w.is_closed() || generation.load(Ordering::SeqCst) != expected {
         return;
     }
     for frame in frames {
@@ -331,6 +454,9 @@ impl ReaderState {
             (Some(i), Some(seq)) => Some(self.tracks[i].seq.check(seq)),
             _ => None,
         };
+        if let (Some(rec), Some(i), Some(seq), Some(m)) = (&sh.record, ti, f.seq, f.marker) {
+            rec.message(now, self.id as u64, self.tracks[i].room as u64, seq, m.publisher, m.k);
+        }
         if !sh.stats.counting() {
             return;
         }
@@ -366,6 +492,12 @@ impl ReaderState {
         let Some(k) = f.reference.and_then(|r| r.parse::<u64>().ok()) else {
             return;
         };
+        if let Some(rec) = &sh.record {
+            let mut ev = Event::new("a", now, self.id as u64);
+            ev.r = f.room.and_then(|r| sh.rooms.iter().position(|n| n == r)).map(|r| r as u64);
+            (ev.s, ev.k) = (f.seq, Some(k));
+            rec.event(&ev);
+        }
         if !sh.stats.counting() || send.rooms.is_empty() {
             return;
         }
@@ -399,19 +531,38 @@ impl ReaderState {
     /// seq seen (every message delivered before the leave came before this).
     fn on_left(&mut self, f: &ServerFrame<'_>, sh: &Shared) {
         let Some(i) = self.track(f.room, sh) else { return };
+        if let Some(rec) = &sh.record {
+            let mut ev = Event::new("l", sh.clock.now_ns(), self.id as u64);
+            ev.r = Some(self.tracks[i].room as u64);
+            rec.event(&ev);
+        }
         let t = &mut self.tracks[i];
         if t.join != JoinState::Joined {
             return;
         }
         t.join = JoinState::Rejoining;
-        let presence = if sh.presence { r#","presence":true"# } else { "" };
-        let since = t.seq.last.unwrap_or(0);
-        let epoch = match &t.epoch {
-            Some(e) => format!(r#","epoch":"{e}""#),
-            None => String::new(),
-        };
-        self.outbox
-            .push(format!(r#"{{"type":"join","room":{},"since":{since}{epoch}{presence}}}"#, sh.rooms_json[t.room]));
+        let frame = rejoin_frame(t, sh);
+        self.outbox.push(frame);
+    }
+
+    /// `--reconnect`: the joins for the new connection: every room this
+    /// member was in (or on its way back into), with `since` and `epoch`.
+    fn rejoins(&mut self, sh: &Shared) -> Vec<String> {
+        let mut frames = Vec::new();
+        for t in &mut self.tracks {
+            match t.join {
+                JoinState::Joined | JoinState::Rejoining | JoinState::Resuming => {
+                    t.join = JoinState::Resuming;
+                    frames.push(rejoin_frame(t, sh));
+                }
+                JoinState::Pending | JoinState::Failed => {}
+            }
+        }
+        if !frames.is_empty() {
+            // No churn leave while the member is on its way back.
+            self.churning.store(true, Ordering::SeqCst);
+        }
+        frames
     }
 
     fn on_joined(&mut self, f: &ServerFrame<'_>, sh: &Shared) {
@@ -419,8 +570,41 @@ impl ReaderState {
             return;
         };
         let t = &mut self.tracks[i];
+        let new_epoch = f.epoch.is_some_and(|e| t.epoch.as_deref() != Some(e));
+        if let Some(rec) = &sh.record {
+            let mut ev = Event::new("j", sh.clock.now_ns(), self.id as u64);
+            (ev.r, ev.s, ev.ep, ev.rc) = (Some(t.room as u64), f.seq, f.epoch.map(str::to_string), f.recovered);
+            if matches!(t.join, JoinState::Rejoining | JoinState::Resuming) {
+                ev.since = Some(t.seq.last.unwrap_or(0));
+            }
+            ev.u = t.join == JoinState::Joined;
+            rec.event(&ev);
+        }
         if let Some(e) = f.epoch {
             t.epoch = Some(e.to_string());
+        }
+        if t.join == JoinState::Joined {
+            // Unsolicited: the room started a new epoch (PROTOCOL.md
+            // section 2); its messages follow from this seq.
+            if new_epoch || f.recovered == Some(false) {
+                sh.stats.epoch_changes.fetch_add(1, Ordering::Relaxed);
+                t.seq.last = f.seq.or(t.seq.last);
+            }
+            return;
+        }
+        if t.join == JoinState::Resuming {
+            // Back after a reconnect: as for a churn rejoin, the replay
+            // came first; a `recovered: false` goes on from this seq.
+            t.join = JoinState::Joined;
+            sh.stats.resumed.fetch_add(1, Ordering::Relaxed);
+            if f.recovered == Some(false) {
+                sh.stats.resume_unrecovered.fetch_add(1, Ordering::Relaxed);
+                t.seq.last = f.seq.or(t.seq.last);
+            }
+            if !self.tracks.iter().any(|t| t.join == JoinState::Resuming) {
+                self.churning.store(false, Ordering::SeqCst);
+            }
+            return;
         }
         if t.join == JoinState::Rejoining {
             // The replay came before this `joined`; the seq check saw it.
@@ -458,13 +642,36 @@ impl ReaderState {
     fn on_error(&mut self, f: &ServerFrame<'_>, sh: &Shared) {
         let code = f.code.unwrap_or("unknown");
         let message = f.message.unwrap_or("");
-        let is_send = f.reference.is_some_and(|r| r.parse::<u64>().is_ok());
-        if !is_send {
+        let send_ref = f.reference.and_then(|r| r.parse::<u64>().ok());
+        let is_send = send_ref.is_some();
+        if let Some(rec) = &sh.record {
+            let mut ev = Event::new("x", sh.clock.now_ns(), self.id as u64);
+            ev.k = send_ref;
+            ev.r = f.room.and_then(|r| sh.rooms.iter().position(|n| n == r)).map(|r| r as u64);
+            ev.code = Some(code.to_string());
+            rec.event(&ev);
+        }
+        if !is_send && code != "not_joined" {
+            // A rejoin (churn or reconnect) answered `unavailable` (Redis
+            // away): send it again in a moment.
+            let back = |t: &Track| matches!(t.join, JoinState::Rejoining | JoinState::Resuming);
+            let named = f.reference.and_then(|r| r.strip_prefix("rejoin-")).and_then(|r| r.parse::<usize>().ok());
+            let again = self
+                .tracks
+                .iter()
+                .position(|t| back(t) && (named == Some(t.room) || Some(sh.rooms[t.room].as_str()) == f.room))
+                .or_else(|| self.tracks.iter().position(back));
+            if let (Some(i), "unavailable") = (again, code) {
+                let frame = rejoin_frame(&self.tracks[i], sh);
+                self.retry.push(frame);
+                sh.stats.rejoin_retries.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
             let rejoin = self
                 .tracks
                 .iter()
-                .position(|t| t.join == JoinState::Rejoining && Some(sh.rooms[t.room].as_str()) == f.room)
-                .or_else(|| self.tracks.iter().position(|t| t.join == JoinState::Rejoining));
+                .position(|t| back(t) && (named == Some(t.room) || Some(sh.rooms[t.room].as_str()) == f.room))
+                .or_else(|| self.tracks.iter().position(back));
             if let Some(i) = rejoin {
                 // The rejoin was refused: this member is out of the room
                 // from here on, and its missed messages count as missing.
@@ -486,9 +693,22 @@ impl ReaderState {
                 .iter()
                 .position(|t| t.join == JoinState::Pending && Some(sh.rooms[t.room].as_str()) == f.room)
                 .or_else(|| self.tracks.iter().position(|t| t.join == JoinState::Pending));
+            if let (Some(i), "unavailable", Some(_)) = (i, code, &sh.redial) {
+                // With --reconnect (a run where backends fail), a first
+                // join answered `unavailable` is tried again too.
+                let presence = if sh.presence { r#","presence":true"# } else { "" };
+                let room = &sh.rooms_json[self.tracks[i].room];
+                self.retry.push(format!(r#"{{"type":"join","room":{room}{presence}}}"#));
+                sh.stats.rejoin_retries.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
             if let Some(i) = i {
                 self.tracks[i].join = JoinState::Failed;
                 self.pending -= 1;
+                if !self.tracks.iter().any(|t| matches!(t.join, JoinState::Joined | JoinState::Pending)) {
+                    // In no room: nothing for the churn driver to leave.
+                    self.churning.store(true, Ordering::SeqCst);
+                }
                 sh.stats.join_failed.fetch_add(1, Ordering::Relaxed);
                 sh.stats.join_pending.fetch_sub(1, Ordering::SeqCst);
                 let room = &sh.rooms[self.tracks[i].room];
@@ -501,6 +721,11 @@ impl ReaderState {
 
     fn on_end(&mut self, end: &str, sh: &Shared) {
         let stats = &sh.stats;
+        if let (Some(rec), false) = (&sh.record, stats.closing.load(Ordering::Relaxed)) {
+            let mut ev = Event::new("z", sh.clock.now_ns(), self.id as u64);
+            ev.why = Some(end.to_string());
+            rec.event(&ev);
+        }
         stats.up.fetch_sub(1, Ordering::Relaxed);
         if self.pending > 0 {
             let n = self.pending;
@@ -515,6 +740,21 @@ impl ReaderState {
             stats.issues().closes.add(end, || end.to_string());
         }
     }
+}
+
+/// A join with `since` = the last seq the member saw and that seq's epoch,
+/// and `ref` = `rejoin-<room index>` (an error names the room it answers).
+fn rejoin_frame(t: &Track, sh: &Shared) -> String {
+    let presence = if sh.presence { r#","presence":true"# } else { "" };
+    let since = t.seq.last.unwrap_or(0);
+    let epoch = match &t.epoch {
+        Some(e) => format!(r#","epoch":"{e}""#),
+        None => String::new(),
+    };
+    format!(
+        r#"{{"type":"join","room":{},"since":{since}{epoch}{presence},"ref":"rejoin-{}"}}"#,
+        sh.rooms_json[t.room], t.room
+    )
 }
 
 async fn send_loop(
@@ -545,6 +785,11 @@ async fn send_loop(
         let r = w.flush().await;
         drop(w);
         if r.is_err() {
+            if sh.redial.is_some() {
+                // Lost with the connection (never acked); the reader is
+                // reconnecting, later messages go on the new one.
+                continue;
+            }
             // The reader reports how the connection ended.
             break;
         }
@@ -629,6 +874,9 @@ mod tests {
             presence_complete: false,
             churning: Arc::new(AtomicBool::new(false)),
             outbox: Vec::new(),
+            retry: Vec::new(),
+            redials: 0,
+            generation: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -707,7 +955,7 @@ mod tests {
         st.on_text(br#"{"type":"left","room":"a"}"#, sh.clock.now_ns(), &sh);
         assert_eq!(
             st.outbox,
-            vec![r#"{"type":"join","room":"a","since":12,"epoch":"e1","presence":true}"#.to_string()]
+            vec![r#"{"type":"join","room":"a","since":12,"epoch":"e1","presence":true,"ref":"rejoin-0"}"#.to_string()]
         );
         // A second `left` (not ours) sends nothing more.
         st.on_text(br#"{"type":"left","room":"a"}"#, sh.clock.now_ns(), &sh);
@@ -744,6 +992,65 @@ mod tests {
         assert_eq!(sh.stats.churn_failed.load(Ordering::SeqCst), 1);
         assert!(!st.churning.load(Ordering::SeqCst));
         assert_eq!(sh.stats.issues().join.0["forbidden"].0, 1);
+    }
+
+    /// `--reconnect`: after the connection is opened again, the member
+    /// rejoins with since/epoch; the replay and live messages pass the seq
+    /// check; a rejoin answered `unavailable` is queued to be sent again;
+    /// an unsolicited `joined` (new epoch) restarts the seq check; and
+    /// everything lands in the record.
+    #[test]
+    fn reconnect_rejoins_retries_and_follows_a_new_epoch() {
+        let dir = std::env::temp_dir().join(format!("loadgen-session-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("rec.jsonl");
+        let mut sh = Shared::new(Stats::new(2, 1).unwrap(), Clock::new(), vec!["a".into(), "b".into()]);
+        sh.record = Some(Recorder::create(&path).unwrap());
+        sh.stats.counting.store(true, Ordering::SeqCst);
+        let mut st = state(&sh, vec![0, 1], None);
+        st.on_text(br#"{"type":"joined","room":"a","seq":10,"epoch":"e1"}"#, sh.clock.now_ns(), &sh);
+        st.on_text(br#"{"type":"joined","room":"b","seq":0,"epoch":"f1"}"#, sh.clock.now_ns(), &sh);
+        st.on_text(&msg("a", 11, 0), sh.clock.now_ns(), &sh);
+        st.on_end("eof without close frame", &sh);
+        let frames = st.rejoins(&sh);
+        assert_eq!(
+            frames,
+            vec![
+                r#"{"type":"join","room":"a","since":11,"epoch":"e1","ref":"rejoin-0"}"#.to_string(),
+                r#"{"type":"join","room":"b","since":0,"epoch":"f1","ref":"rejoin-1"}"#.to_string()
+            ]
+        );
+        assert!(st.churning.load(Ordering::SeqCst), "no churn while on the way back");
+        // Room a: the replay, then joined. Room b: Redis is away.
+        st.on_text(&msg("a", 12, 1), sh.clock.now_ns(), &sh);
+        st.on_text(br#"{"type":"joined","room":"a","seq":12,"epoch":"e1","recovered":true}"#, sh.clock.now_ns(), &sh);
+        st.on_text(
+            br#"{"type":"error","code":"unavailable","message":"redis","ref":"rejoin-1"}"#,
+            sh.clock.now_ns(),
+            &sh,
+        );
+        assert_eq!(st.retry, vec![r#"{"type":"join","room":"b","since":0,"epoch":"f1","ref":"rejoin-1"}"#.to_string()]);
+        assert!(st.churning.load(Ordering::SeqCst));
+        st.on_text(br#"{"type":"joined","room":"b","seq":0,"epoch":"f1","recovered":true}"#, sh.clock.now_ns(), &sh);
+        assert!(!st.churning.load(Ordering::SeqCst));
+        assert_eq!(sh.stats.resumed.load(Ordering::SeqCst), 2);
+        assert_eq!(sh.stats.rejoin_retries.load(Ordering::SeqCst), 1);
+        // Redis lost its data: an unsolicited joined, then seqs from 1.
+        st.on_text(br#"{"type":"joined","room":"a","seq":0,"epoch":"e2","recovered":false}"#, sh.clock.now_ns(), &sh);
+        st.on_text(&msg("a", 1, 2), sh.clock.now_ns(), &sh);
+        let m = sh.stats.merged();
+        assert_eq!((m.gaps, m.duplicates, m.reorders, m.delivered), (0, 0, 0, 3));
+        assert_eq!(sh.stats.epoch_changes.load(Ordering::SeqCst), 1);
+        sh.record.as_ref().unwrap().flush().unwrap();
+        let evs = crate::record::read(&path).unwrap();
+        let kinds: Vec<&str> = evs.iter().map(|e| e.e.as_str()).collect();
+        assert_eq!(kinds, vec!["j", "j", "m", "z", "m", "j", "x", "j", "j", "m"]);
+        assert_eq!(evs[3].why.as_deref(), Some("eof without close frame"));
+        assert_eq!((evs[5].rc, evs[5].since.is_some()), (Some(true), true));
+        assert_eq!((evs[6].code.as_deref(), evs[6].k), (Some("unavailable"), None));
+        assert!(evs[8].u && evs[8].ep.as_deref() == Some("e2"));
+        assert_eq!((evs[9].r, evs[9].s, evs[9].p, evs[9].k), (Some(0), Some(1), Some(9), Some(2)));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

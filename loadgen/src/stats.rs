@@ -160,6 +160,14 @@ pub struct Stats {
     pub churn_unrecovered: AtomicU64,
     pub churn_failed: AtomicU64,
     pub churn_skipped: AtomicU64,
+    /// `--reconnect`: connections opened again, rejoins after them answered
+    /// (and how many said `recovered: false`), rejoins sent again after
+    /// `unavailable`; unsolicited `joined` of a new epoch.
+    pub reconnects: AtomicU64,
+    pub resumed: AtomicU64,
+    pub resume_unrecovered: AtomicU64,
+    pub rejoin_retries: AtomicU64,
+    pub epoch_changes: AtomicU64,
     pub connect_hist: Mutex<Hist>,
     pub issues: Mutex<Issues>,
     /// Deliveries and acks count while this is set (send and drain phases).
@@ -195,6 +203,11 @@ impl Stats {
             churn_unrecovered: AtomicU64::new(0),
             churn_failed: AtomicU64::new(0),
             churn_skipped: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            resumed: AtomicU64::new(0),
+            resume_unrecovered: AtomicU64::new(0),
+            rejoin_retries: AtomicU64::new(0),
+            epoch_changes: AtomicU64::new(0),
             issues: Mutex::new(Issues::default()),
             counting: AtomicBool::new(false),
             closing: AtomicBool::new(false),

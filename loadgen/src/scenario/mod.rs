@@ -87,7 +87,9 @@ pub fn plan(s: &Scenario) -> Result<Plan> {
         Scenario::Connect(a) => connect::plan(a),
         Scenario::Idle(a) => idle::plan(a),
         Scenario::Sweep(a) => plan(&a.target.scenario()),
-        Scenario::Merge(_) | Scenario::Compare(_) => anyhow::bail!("merge and compare read runs, they do not run one"),
+        Scenario::Merge(_) | Scenario::Compare(_) | Scenario::Audit(_) => {
+            anyhow::bail!("merge, compare and audit read runs, they do not run one")
+        }
     }
 }
 
