@@ -509,3 +509,64 @@ async fn in_a_cluster_with_durable_acks_a_sigkill_loses_nothing_acked_or_deliver
     }
     db.drop().await;
 }
+
+fn redis_addr() -> SocketAddr {
+    let url = redis_url();
+    let host_port = url.trim_start_matches("redis://").split('/').next().unwrap_or("127.0.0.1:6379");
+    std::net::ToSocketAddrs::to_socket_addrs(host_port).unwrap().next().unwrap()
+}
+
+/// Found by scripts/chaos (Redis restarted without its data under
+/// `--durable-acks`): a node that missed acked messages on pub/sub filled
+/// the gap from Redis history alone, so when Redis had lost them members
+/// skipped them for good although the database held them. The gap fill now
+/// reads the database for what Redis no longer holds.
+#[tokio::test]
+async fn in_a_cluster_with_durable_acks_a_gap_fill_finds_in_the_database_what_redis_lost() {
+    let db = TestDb::create().await;
+    let prefix = keyspace::TestPrefix::new("dlost", &redis_url());
+    let proxy = Proxy::start(redis_addr()).await;
+    let proxied = format!("redis://{}", proxy.addr);
+    let a = durable_cluster_node(&db, prefix.as_str()).await;
+    let b = server(&db.url, &["--redis-url", &proxied, "--redis-prefix", prefix.as_str(), "--durable-acks"]).await;
+    let mut member = Client::connect(b.addr, "/ws/lost", &token("member", None, 3600)).await;
+    member.recv_type("joined").await;
+    let mut writer = publisher(&a).await;
+    assert_eq!(publish_many(&mut writer, "lost", 3).await, range(1, 3));
+    assert_eq!(message_seqs(&mut member, 3).await, range(1, 3));
+
+    // Node b is cut off while 4 and 5 are acked (so in the database), then
+    // Redis loses the room (its state and history) before b is back.
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(publish_many(&mut writer, "lost", 2).await, range(4, 5));
+    let state = format!("{}:{{lost}}:state", prefix.as_str());
+    let history = format!("{}:{{lost}}:history", prefix.as_str());
+    let url = redis_url();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+        let _: () = redis::cmd("DEL").arg(&state).arg(&history).query(&mut conn).unwrap();
+    })
+    .await
+    .unwrap();
+    proxy.restore();
+    // The room goes on from the database, in the same epoch; b resubscribes
+    // and fills its gap, from the database.
+    assert_eq!(publish_many(&mut writer, "lost", 1).await, vec![6]);
+    assert_eq!(message_seqs(&mut member, 3).await, range(4, 6), "4 and 5 are acked: the member must get them");
+    stop(a).await;
+    stop(b).await;
+    db.drop().await;
+}
+
+/// The seqs of the next `count` messages `client` receives.
+async fn message_seqs(client: &mut Client, count: usize) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    while seqs.len() < count {
+        let frame = client.recv_json().await;
+        if frame["type"] == "message" {
+            seqs.push(frame["seq"].as_u64().unwrap());
+        }
+    }
+    seqs
+}

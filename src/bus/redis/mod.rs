@@ -233,16 +233,7 @@ impl RedisBus {
     /// The room's seq and epoch, and the messages after `since`: from Redis,
     /// and from the database for what Redis no longer holds.
     pub async fn snapshot(&self, room: &RoomName, since: Option<u64>) -> Result<Snapshot, BusError> {
-        let mut snapshot = self.scripts.snapshot(room, since).await?;
-        let (Some(db), Some(since)) = (&self.scripts.db, since) else { return Ok(snapshot) };
-        let first_held = snapshot.messages.first().map_or(snapshot.seq + 1, |m| m.seq);
-        if first_held > since + 1 {
-            let older = db.messages_after(room, since, MAX_REPLAY).await.map_err(BusError::database)?;
-            let mut messages: Vec<StoredMessage> = older.into_iter().filter(|m| m.seq < first_held).collect();
-            messages.append(&mut snapshot.messages);
-            snapshot.messages = messages;
-        }
-        Ok(snapshot)
+        snapshot_with_db(&self.scripts, room, since).await
     }
 
     /// Up to `limit` messages before `before`, oldest first: from Redis, and
@@ -349,6 +340,28 @@ fn score_or_member(value: Value) -> Vec<u8> {
         Value::Int(score) => score.to_string().into_bytes(),
         _ => Vec::new(),
     }
+}
+
+/// The room's seq and epoch, and the messages after `since`: from Redis,
+/// and from the database for what Redis no longer holds (a Redis that lost
+/// its data, a history capped shorter than the gap). Joins with `since` and
+/// the subscriber's gap fills both read through it, so a message the
+/// database holds is never skipped because Redis lost it.
+pub(super) async fn snapshot_with_db(
+    scripts: &Scripts,
+    room: &RoomName,
+    since: Option<u64>,
+) -> Result<Snapshot, BusError> {
+    let mut snapshot = scripts.snapshot(room, since).await?;
+    let (Some(db), Some(since)) = (&scripts.db, since) else { return Ok(snapshot) };
+    let first_held = snapshot.messages.first().map_or(snapshot.seq + 1, |m| m.seq);
+    if first_held > since + 1 {
+        let older = db.messages_after(room, since, MAX_REPLAY).await.map_err(BusError::database)?;
+        let mut messages: Vec<StoredMessage> = older.into_iter().filter(|m| m.seq < first_held).collect();
+        messages.append(&mut snapshot.messages);
+        snapshot.messages = messages;
+    }
+    Ok(snapshot)
 }
 
 #[cfg(test)]

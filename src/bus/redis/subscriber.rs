@@ -223,14 +223,16 @@ pub(super) async fn on_message(
     Ok(())
 }
 
-/// Delivers what Redis history holds after `seq`.
+/// Delivers what history holds after `seq`: Redis history, and the
+/// database for what Redis lost (with `--durable-acks` an acked message may
+/// be released just before Redis restarts empty; members must still get it).
 pub(super) async fn fill_from(
     scripts: &Scripts,
     registry: &Registry,
     room: &RoomName,
     seq: u64,
 ) -> Result<(), BusError> {
-    let snapshot = scripts.snapshot(room, Some(seq)).await?;
+    let snapshot = super::snapshot_with_db(scripts, room, Some(seq)).await?;
     for message in snapshot.messages {
         registry.deliver(room, &snapshot.epoch, message, true);
     }
