@@ -12,24 +12,10 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{token, Client, TestServer, GUARD};
+use common::{test_database_url, token, with_database, Client, TestServer, GUARD};
 use proxy::Proxy;
 use serde_json::{json, Value};
 use tokio_postgres::NoTls;
-
-fn base_url() -> String {
-    std::env::var("CHORUS_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-/// `url` with its database name replaced.
-fn with_database(url: &str, name: &str) -> String {
-    let (head, query) = url.split_once('?').map_or((url, None), |(h, q)| (h, Some(q)));
-    let base = head.rsplit_once('/').map_or(head, |(b, _)| b);
-    match query {
-        Some(q) => format!("{base}/{name}?{q}"),
-        None => format!("{base}/{name}"),
-    }
-}
 
 /// A database of the test's own.
 struct TestDb {
@@ -41,7 +27,7 @@ impl TestDb {
     async fn create() -> Self {
         let name = format!("chorus_test_{}_{:08x}", std::process::id(), rand::random::<u32>());
         admin().await.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
-        let url = with_database(&base_url(), &name);
+        let url = with_database(&test_database_url(), &name);
         Self { name, url }
     }
 
@@ -93,11 +79,11 @@ async fn connect(url: &str) -> tokio_postgres::Client {
 }
 
 async fn admin() -> tokio_postgres::Client {
-    connect(&base_url()).await
+    connect(&test_database_url()).await
 }
 
 fn postgres_addr() -> SocketAddr {
-    let url = base_url();
+    let url = test_database_url();
     let after_at = url.rsplit_once('@').map_or(url.as_str(), |(_, rest)| rest);
     let host_port = after_at.trim_start_matches("postgres://").split('/').next().unwrap_or("127.0.0.1:5432");
     let host_port = if host_port.contains(':') { host_port.to_owned() } else { format!("{host_port}:5432") };

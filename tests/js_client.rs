@@ -8,6 +8,8 @@
 //! what they check; this test gives them a PostgreSQL database of their own
 //! (CHORUS_TEST_DATABASE_URL) and fails with node's report when any fails.
 
+mod common;
+
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -15,25 +17,14 @@ use std::time::Duration;
 use tokio::process::Command;
 use tokio_postgres::NoTls;
 
+use common::{test_database_url, with_database};
+
 /// The whole node run: a few restarts, a token that must outlive its expiry.
 const NODE_GUARD: Duration = Duration::from_secs(180);
 
-fn base_url() -> String {
-    std::env::var("CHORUS_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-/// `url` with its database name replaced.
-fn with_database(url: &str, name: &str) -> String {
-    let (head, query) = url.split_once('?').map_or((url, None), |(h, q)| (h, Some(q)));
-    let base = head.rsplit_once('/').map_or(head, |(b, _)| b);
-    match query {
-        Some(q) => format!("{base}/{name}?{q}"),
-        None => format!("{base}/{name}"),
-    }
-}
-
 async fn admin() -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(&base_url(), NoTls).await.expect("PostgreSQL for the tests");
+    let (client, connection) =
+        tokio_postgres::connect(&test_database_url(), NoTls).await.expect("PostgreSQL for the tests");
     tokio::spawn(connection);
     client
 }
@@ -72,7 +63,7 @@ async fn the_chat_page_works_in_a_real_chromium() {
 async fn run_node_tests(dir: &str, min_passed: usize) {
     let name = format!("chorus_test_js_{}_{:08x}", std::process::id(), rand::random::<u32>());
     admin().await.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
-    let database_url = with_database(&base_url(), &name);
+    let database_url = with_database(&test_database_url(), &name);
 
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
     let mut files: Vec<String> = std::fs::read_dir(&dir)

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{metric_value, token, Client, TempDir, TestServer, GUARD};
+use common::{metric_value, test_database_url, token, with_database, Client, TempDir, TestServer, GUARD};
 use serde_json::{json, Value};
 
 fn seeds() -> String {
@@ -991,20 +991,6 @@ async fn on_the_cluster_a_join_past_the_limit_gets_too_many_rooms_and_keeps_the_
 // Durable history (PostgreSQL) on the cluster: a persist stream per partition
 // ---------------------------------------------------------------------------
 
-fn database_url() -> String {
-    std::env::var("CHORUS_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-/// `url` with its database name replaced.
-fn with_database(url: &str, name: &str) -> String {
-    let (head, query) = url.split_once('?').map_or((url, None), |(h, q)| (h, Some(q)));
-    let base = head.rsplit_once('/').map_or(head, |(b, _)| b);
-    match query {
-        Some(q) => format!("{base}/{name}?{q}"),
-        None => format!("{base}/{name}"),
-    }
-}
-
 async fn pg(url: &str) -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
@@ -1012,7 +998,7 @@ async fn pg(url: &str) -> tokio_postgres::Client {
 }
 
 fn postgres_addr() -> std::net::SocketAddr {
-    let url = database_url();
+    let url = test_database_url();
     let after_at = url.rsplit_once('@').map_or(url.as_str(), |(_, rest)| rest);
     let host_port = after_at.trim_start_matches("postgres://").split('/').next().unwrap_or("127.0.0.1:5432");
     let host_port = if host_port.contains(':') { host_port.to_owned() } else { format!("{host_port}:5432") };
@@ -1028,8 +1014,8 @@ struct TestDb {
 impl TestDb {
     async fn create() -> Self {
         let name = format!("chorus_test_cluster_{}_{:08x}", std::process::id(), rand::random::<u32>());
-        pg(&database_url()).await.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
-        let url = with_database(&database_url(), &name);
+        pg(&test_database_url()).await.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+        let url = with_database(&test_database_url(), &name);
         Self { name, url }
     }
 
@@ -1058,7 +1044,7 @@ impl TestDb {
 
     async fn drop(self) {
         let drop = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        let _ = pg(&database_url()).await.batch_execute(&drop).await;
+        let _ = pg(&test_database_url()).await.batch_execute(&drop).await;
     }
 }
 

@@ -107,10 +107,7 @@ async fn rooms_with_members_stay_and_unused_rooms_expire_into_a_new_epoch() {
 // ---------------------------------------------------------------------------
 
 fn database_url(name: &str) -> String {
-    let base = std::env::var("CHORUS_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let head = base.split_once('?').map_or(base.as_str(), |(h, _)| h);
-    format!("{}/{name}", head.rsplit_once('/').map_or(head, |(b, _)| b))
+    with_database(&test_database_url(), name)
 }
 
 async fn admin() -> tokio_postgres::Client {

@@ -711,3 +711,19 @@ pub fn assert_is_checkout_commit(printed: &str) {
         None => assert_eq!(printed, "unknown", "no git checkout here, yet the build names a commit"),
     }
 }
+
+/// The PostgreSQL server the tests use: `CHORUS_TEST_DATABASE_URL`, or the
+/// machine's own (each test creates and drops a database of its own there).
+pub fn test_database_url() -> String {
+    std::env::var("CHORUS_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// `url` with its database name replaced.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (head, query) = url.split_once('?').map_or((url, None), |(h, q)| (h, Some(q)));
+    let base = head.rsplit_once('/').map_or(head, |(b, _)| b);
+    match query {
+        Some(q) => format!("{base}/{name}?{q}"),
+        None => format!("{base}/{name}"),
+    }
+}

@@ -18,11 +18,12 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use redis::{PushInfo, PushKind, RedisResult, Value};
+use redis::{PushInfo, PushKind, RedisResult};
 use tokio::sync::mpsc;
 use tokio::time::Interval;
 
 use super::link::{cluster_client, CommandLink, Conn};
+use super::shards::{bytes, text};
 
 /// How often subscriptions that failed are tried again.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
@@ -167,23 +168,12 @@ impl ShardChannels {
     }
 }
 
-fn bytes(value: &Value) -> Option<&[u8]> {
-    match value {
-        Value::BulkString(b) => Some(b),
-        _ => None,
-    }
-}
-
-fn text(value: &Value) -> Option<String> {
-    bytes(value).and_then(|b| std::str::from_utf8(b).ok()).map(str::to_owned)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn push(kind: PushKind, data: &[&[u8]]) -> PushInfo {
-        PushInfo { kind, data: data.iter().map(|d| Value::BulkString(d.to_vec())).collect() }
+        PushInfo { kind, data: data.iter().map(|d| redis::Value::BulkString(d.to_vec())).collect() }
     }
 
     #[tokio::test]

@@ -239,13 +239,15 @@ impl ShardSubscriber {
     }
 }
 
-fn bytes(value: &Value) -> Option<&[u8]> {
+/// A push's bulk string, as bytes (a channel name or a payload).
+pub(super) fn bytes(value: &Value) -> Option<&[u8]> {
     match value {
         Value::BulkString(b) => Some(b),
         _ => None,
     }
 }
 
-fn text(value: &Value) -> Option<String> {
+/// A push's bulk string, as text.
+pub(super) fn text(value: &Value) -> Option<String> {
     bytes(value).and_then(|b| std::str::from_utf8(b).ok()).map(str::to_owned)
 }
