@@ -59,9 +59,7 @@ pub async fn run(state: Arc<ServerState>, ttl: Option<Duration>) {
 fn record(state: &ServerState, reason: &'static str, mut evicted: Evicted) {
     if reason == "memory" {
         let inline = state.bus.registry().take_evicted_inline();
-        evicted.rooms += inline.rooms;
-        evicted.trimmed += inline.trimmed;
-        evicted.forgotten += inline.forgotten;
+        evicted += inline;
     }
     state.metrics.evicted(reason, evicted.rooms, evicted.trimmed, evicted.forgotten);
     if evicted.forgotten > 0 {

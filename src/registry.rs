@@ -61,8 +61,8 @@ impl StoredMessage {
     /// The frame `conn` gets: the compressed one when it negotiated
     /// compression and the payload suits its limits, else the plain one.
     pub fn frame_for(&self, conn: &Connection) -> Bytes {
-        match (&self.deflated, conn.deflate()) {
-            (Some(deflated), Some(peer)) if peer.wants(payload(&self.frame).len()) => deflated.clone(),
+        match &self.deflated {
+            Some(deflated) if conn.wants_compressed(&self.frame) => deflated.clone(),
             _ => self.frame.clone(),
         }
     }
@@ -176,6 +176,14 @@ pub struct Evicted {
     pub trimmed: usize,
     /// Tombstones forgotten: those rooms start a new epoch when used again.
     pub forgotten: usize,
+}
+
+impl std::ops::AddAssign for Evicted {
+    fn add_assign(&mut self, other: Self) {
+        self.rooms += other.rooms;
+        self.trimmed += other.trimmed;
+        self.forgotten += other.forgotten;
+    }
 }
 
 struct Room {
@@ -398,10 +406,7 @@ impl Registry {
             return;
         }
         let evicted = sweeping(|| self.evict_for_memory_locked());
-        let mut total = self.evicted_inline.lock();
-        total.rooms += evicted.rooms;
-        total.trimmed += evicted.trimmed;
-        total.forgotten += evicted.forgotten;
+        *self.evicted_inline.lock() += evicted;
     }
 
     /// What evictions past the budget did since the last call.

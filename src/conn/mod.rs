@@ -88,13 +88,20 @@ impl Connection {
         self.deflate
     }
 
+    /// Whether `frame` goes to this connection compressed: it negotiated
+    /// compression and the frame's payload suits its limits.
+    pub fn wants_compressed(&self, frame: &[u8]) -> bool {
+        self.deflate.is_some_and(|peer| peer.wants(ws::frame::payload(frame).len()))
+    }
+
     /// A frame made for this connection alone (a reply): compressed when it
-    /// negotiated compression and the payload qualifies. Control frames and
-    /// frames already compressed go as they are.
+    /// [wants it](Self::wants_compressed). Control frames and frames already
+    /// compressed go as they are.
     pub fn own_frame(&self, frame: Bytes) -> Bytes {
-        match self.deflate {
-            Some(peer) if peer.wants(ws::frame::payload(&frame).len()) => ws::deflate_frame(&frame).unwrap_or(frame),
-            _ => frame,
+        if self.wants_compressed(&frame) {
+            ws::deflate_frame(&frame).unwrap_or(frame)
+        } else {
+            frame
         }
     }
 
@@ -102,11 +109,10 @@ impl Connection {
     /// `joined`), in the form this one gets: `deflated` caches the
     /// compressed twin, made at most once for all of them.
     pub fn shared_frame(&self, frame: &Bytes, deflated: &mut Option<Option<Bytes>>) -> Bytes {
-        match self.deflate {
-            Some(peer) if peer.wants(ws::frame::payload(frame).len()) => {
-                deflated.get_or_insert_with(|| ws::deflate_frame(frame)).clone().unwrap_or_else(|| frame.clone())
-            }
-            _ => frame.clone(),
+        if self.wants_compressed(frame) {
+            deflated.get_or_insert_with(|| ws::deflate_frame(frame)).clone().unwrap_or_else(|| frame.clone())
+        } else {
+            frame.clone()
         }
     }
 
