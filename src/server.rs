@@ -24,7 +24,7 @@ use crate::http::Face;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::state::ServerState;
-use crate::tls::{Tls, TlsError};
+use crate::tls::Tls;
 use crate::{eviction, http, liveness};
 
 /// Pending connections the kernel holds for us during a connection storm.
@@ -92,15 +92,6 @@ impl Server {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
-    }
-
-    /// Reads `--tls-cert` and `--tls-key` again for new connections (SIGHUP);
-    /// on error the pair in use stays. Without TLS there is nothing to do.
-    pub fn reload_tls(&self) -> Result<(), TlsError> {
-        match &self.tls {
-            Some(tls) => tls.reload(),
-            None => Ok(()),
-        }
     }
 
     /// The listener's TLS, for a task that reloads it on SIGHUP.
