@@ -166,10 +166,11 @@ impl ShardSubscriber {
         }
     }
 
-    /// Delivers what was published after `seq`; in a new epoch (the room's
-    /// shard failed over meanwhile), everything of that epoch.
+    /// Delivers what was published after `seq` (from Redis, and from the
+    /// database for what Redis lost, as every gap fill does); in a new epoch
+    /// (the room's shard failed over meanwhile), everything of that epoch.
     async fn fill_after(&self, room: &RoomName, seq: u64) -> Result<(), BusError> {
-        let snapshot = self.scripts.snapshot(room, Some(seq)).await?;
+        let snapshot = super::snapshot_with_db(&self.scripts, room, Some(seq)).await?;
         if *snapshot.epoch == *self.registry.room_epoch(room) {
             for message in snapshot.messages {
                 self.registry.deliver(room, &snapshot.epoch, message, true);
