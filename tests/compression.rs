@@ -237,8 +237,11 @@ async fn negotiation_follows_the_flag_and_the_offer() {
         Some("permessage-deflate; mystery_param"),
         Some("permessage-deflate; client_no_context_takeover; client_no_context_takeover"),
     ] {
-        let peer = Peer::connect(on.addr, "/ws", &t, offer).await;
+        let mut peer = Peer::connect(on.addr, "/ws", &t, offer).await;
         assert_eq!(peer.extensions, None, "{offer:?}");
+        // A working plain connection, not just an upgrade.
+        peer.send_raw(0x81, br#"{"type":"ping","ref":"plain"}"#).await;
+        assert_eq!(peer.frame_of("pong").await.json()["ref"], "plain", "{offer:?}");
     }
     // Flag off: never.
     let peer = Peer::connect(off.addr, "/ws", &t, Some(OFFER)).await;
@@ -378,6 +381,9 @@ async fn bad_compressed_frames_close_the_connection_and_the_server_goes_on() {
     let mut a = Peer::compressing(server.addr, "/ws", "bad").await;
     a.send_raw(0xC2, &deflate(b"\x00\x01")).await;
     assert_eq!(a.frame_of("error").await.json()["code"], "bad_request");
+    // ...and the connection goes on.
+    a.send_compressed(&json!({"type":"ping","ref":"still"})).await;
+    assert_eq!(a.frame_of("pong").await.json()["ref"], "still");
     // The server goes on.
     let mut ok = Peer::compressing(server.addr, "/ws", "ok").await;
     ok.join("fine").await;

@@ -44,6 +44,17 @@ async fn readiness_fails_first_while_clients_are_still_served_then_1001_and_exit
     assert_eq!(alice.recv_close().await, (1001, "going away".to_owned()));
     assert_eq!(bob.recv_close().await.0, 1001);
     assert!(signalled.elapsed() >= Duration::from_millis(1500), "closed before the drain period ended");
+    // Past the drain the node stops accepting: the connection is refused,
+    // or the upgrade is answered 503.
+    if let Ok(stream) = tokio::net::TcpStream::connect(server.addr).await {
+        let request = with_bearer(ws_request(server.addr, "/ws"), &token("carol", None, 600));
+        let late = tokio::time::timeout(GUARD, tokio_tungstenite::client_async(request, stream)).await;
+        match late.expect("the late handshake hung") {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 503),
+            Err(_) => {}
+            Ok(_) => panic!("a connection was upgraded after the drain"),
+        }
+    }
     assert!(server.wait_exit().await.success());
 }
 
