@@ -363,7 +363,7 @@ impl Handle {
         let mut pubsub = cluster.pubsub_client()?.get_async_pubsub().await?;
         pubsub.psubscribe(cluster.pattern()).await?;
         // Whatever was missed while not listening.
-        self.mark_remote_due(|_| true);
+        self.mark_all_remote_due();
         let mut stream = pubsub.on_message();
         while let Some(message) = stream.next().await {
             let node = message.get_payload_bytes();
@@ -439,24 +439,27 @@ impl Handle {
         }
     }
 
+    /// Marks `room` for a read of the other nodes' presence, if it follows them.
     fn mark_room_due(&self, room: &RoomName) {
         let Some(cell) = self.rooms.get(room).map(|e| e.value().clone()) else { return };
-        let mut presence = cell.lock();
-        if presence.wants_remote() {
-            presence.sync.remote_due = true;
-            self.schedule(room, &cell, &mut presence);
+        self.mark_due(room, &cell);
+    }
+
+    /// Marks every room that follows the other nodes (after a resubscribe:
+    /// notices may have been missed).
+    fn mark_all_remote_due(&self) {
+        let rooms: Vec<(RoomName, RoomCell)> =
+            self.rooms.iter().map(|e| (e.key().clone(), e.value().clone())).collect();
+        for (name, cell) in rooms {
+            self.mark_due(&name, &cell);
         }
     }
 
-    fn mark_remote_due(&self, which: impl Fn(&RoomName) -> bool) {
-        let rooms: Vec<(RoomName, RoomCell)> =
-            self.rooms.iter().filter(|e| which(e.key())).map(|e| (e.key().clone(), e.value().clone())).collect();
-        for (name, cell) in rooms {
-            let mut presence = cell.lock();
-            if presence.wants_remote() {
-                presence.sync.remote_due = true;
-                self.schedule(&name, &cell, &mut presence);
-            }
+    fn mark_due(&self, room: &RoomName, cell: &RoomCell) {
+        let mut presence = cell.lock();
+        if presence.wants_remote() {
+            presence.sync.remote_due = true;
+            self.schedule(room, cell, &mut presence);
         }
     }
 }

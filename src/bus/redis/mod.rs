@@ -68,7 +68,6 @@ pub struct RedisBus {
     commands: mpsc::UnboundedSender<Command>,
     link_up: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
-    cluster: bool,
     /// `--redis-url`, for what opens connections of its own beside the bus.
     url: String,
 }
@@ -140,7 +139,7 @@ impl RedisBus {
             shutdown,
         };
         tokio::spawn(subscriber.run(command_rx));
-        Ok(Self { scripts, acks, commands, link_up, metrics, cluster: false, url: settings.url.to_owned() })
+        Ok(Self { scripts, acks, commands, link_up, metrics, url: settings.url.to_owned() })
     }
 
     /// The bus over a Redis Cluster: one cluster connection (a pipelined
@@ -189,7 +188,7 @@ impl RedisBus {
             shutdown,
         };
         tokio::spawn(subscriber.run(command_rx, push_rx));
-        Ok(Self { scripts, acks, commands, link_up, metrics, cluster: true, url: settings.url.to_owned() })
+        Ok(Self { scripts, acks, commands, link_up, metrics, url: settings.url.to_owned() })
     }
 
     /// The link, key names and URL that presence and the admin API use.
@@ -285,7 +284,7 @@ impl RedisBus {
     /// The backends that do not answer: Redis (or this node's pub/sub
     /// connection to it), and the database if there is one.
     pub async fn unready(&self) -> Vec<&'static str> {
-        if self.cluster {
+        if self.scripts.keys.is_cluster() {
             return self.unready_shards().await;
         }
         let ping =
