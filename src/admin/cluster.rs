@@ -101,11 +101,7 @@ pub async fn load_at_start(state: &ServerState) {
     let Some(link) = &state.admin.cluster else { return };
     // On a cluster the first command also connects to every primary.
     let wait = if link.access.is_cluster() { COMMAND_TIMEOUT * 2 } else { COMMAND_TIMEOUT };
-    match tokio::time::timeout(wait, link.load_bans()).await {
-        Ok(Ok(bans)) => record(state, bans),
-        Ok(Err(e)) => tracing::warn!("cannot read the bans from redis yet: {e}"),
-        Err(_) => tracing::warn!("cannot read the bans from redis yet: timed out"),
-    }
+    reload_bans(state, link, wait).await;
 }
 
 fn record(state: &ServerState, bans: Vec<(String, u64)>) {
@@ -182,19 +178,20 @@ async fn listen_sharded(state: &ServerState, link: &ClusterLink) {
             event = channels.next() => match event {
                 Some(ChannelEvent::Message { payload, .. }) => apply(state, &payload),
                 // Read after subscribing: a ban announced in between is caught by one or the other.
-                Some(ChannelEvent::Subscribed(_)) => bans_due = !reload_bans(state, link).await,
+                Some(ChannelEvent::Subscribed(_)) => bans_due = !reload_bans(state, link, COMMAND_TIMEOUT * 2).await,
                 None => return,
             },
-            _ = reload.tick(), if bans_due => bans_due = !reload_bans(state, link).await,
+            _ = reload.tick(), if bans_due => bans_due = !reload_bans(state, link, COMMAND_TIMEOUT * 2).await,
             _ = tidy.tick() => state.admin.bans.forget_ended(unix_millis()),
             () = state.shutdown.cancelled() => return,
         }
     }
 }
 
-/// Reads every ban from Redis into memory; whether that worked.
-async fn reload_bans(state: &ServerState, link: &ClusterLink) -> bool {
-    match tokio::time::timeout(COMMAND_TIMEOUT * 2, link.load_bans()).await {
+/// Reads every ban from Redis into this node, waiting at most `wait`;
+/// false (and a warning) when Redis did not answer.
+async fn reload_bans(state: &ServerState, link: &ClusterLink, wait: Duration) -> bool {
+    match tokio::time::timeout(wait, link.load_bans()).await {
         Ok(Ok(bans)) => {
             record(state, bans);
             true
