@@ -123,31 +123,14 @@ impl ShardSubscriber {
         self.metrics.bus_subscriptions.set(subs.wanted.len() as i64);
     }
 
-    /// Subscribes every failed room and ack channel again, all at once:
-    /// during a failover each may wait for a response timeout, and one after
-    /// another they would hold up every other room's messages meanwhile.
     async fn retry_failed(&self, subs: &mut Subscriptions) {
-        let rooms: Vec<RoomName> = subs.failed.iter().cloned().collect();
-        let channels: Vec<String> = rooms.iter().map(|room| self.scripts.keys.channel(room)).collect();
-        let acks: Vec<String> = subs.acks_failed.iter().cloned().collect();
-        let tries = channels.iter().chain(&acks).map(|channel| self.sharded("SSUBSCRIBE", channel));
-        let mut results = futures_util::future::join_all(tries).await.into_iter();
-        for (room, result) in rooms.into_iter().zip(results.by_ref()) {
-            match result {
-                Ok(()) => {
-                    subs.failed.remove(&room);
-                    self.link_up.store(true, Ordering::Relaxed);
-                }
-                Err(e) => tracing::warn!("cannot subscribe room {room}: {e}"),
-            }
+        let failed: Vec<RoomName> = subs.failed.iter().cloned().collect();
+        for room in failed {
+            self.subscribe(subs, room).await;
         }
-        for (channel, result) in acks.into_iter().zip(results) {
-            match result {
-                Ok(()) => {
-                    subs.acks_failed.remove(&channel);
-                }
-                Err(e) => tracing::debug!("cannot subscribe {channel}: {e}"),
-            }
+        let failed: Vec<String> = subs.acks_failed.iter().cloned().collect();
+        for channel in failed {
+            self.subscribe_acks(subs, channel).await;
         }
     }
 
