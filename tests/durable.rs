@@ -7,88 +7,17 @@ mod common;
 mod keyspace;
 #[path = "common/proxy.rs"]
 mod proxy;
+#[path = "common/test_db.rs"]
+mod test_db;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{test_database_url, token, with_database, Client, TestServer, GUARD};
+use common::{token, with_database, Client, TestServer, GUARD};
 use proxy::Proxy;
 use serde_json::{json, Value};
-use tokio_postgres::NoTls;
-
-/// A database of the test's own.
-struct TestDb {
-    name: String,
-    url: String,
-}
-
-impl TestDb {
-    async fn create() -> Self {
-        let name = format!("chorus_test_{}_{:08x}", std::process::id(), rand::random::<u32>());
-        admin().await.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
-        let url = with_database(&test_database_url(), &name);
-        Self { name, url }
-    }
-
-    async fn client(&self) -> tokio_postgres::Client {
-        connect(&self.url).await
-    }
-
-    /// The stored seqs of `room`, in order.
-    async fn seqs(&self, room: &str) -> Vec<u64> {
-        let rows =
-            self.client().await.query("SELECT seq FROM messages WHERE room = $1 ORDER BY seq", &[&room]).await.unwrap();
-        rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect()
-    }
-
-    /// Waits until `room` has `count` rows (write-behind may lag a moment).
-    async fn wait_rows(&self, room: &str, count: usize) -> Vec<u64> {
-        let deadline = tokio::time::Instant::now() + GUARD * 3;
-        loop {
-            let seqs = self.seqs(room).await;
-            if seqs.len() >= count || tokio::time::Instant::now() > deadline {
-                return seqs;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Waits until every seq of `wanted` is stored (messages may be claimed
-    /// from a dead node a few seconds later); returns what is stored.
-    async fn wait_for(&self, room: &str, wanted: &[u64]) -> BTreeSet<u64> {
-        let deadline = tokio::time::Instant::now() + GUARD * 3;
-        loop {
-            let stored: BTreeSet<u64> = self.seqs(room).await.into_iter().collect();
-            if wanted.iter().all(|s| stored.contains(s)) || tokio::time::Instant::now() > deadline {
-                return stored;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn drop(self) {
-        let _ = admin().await.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).await;
-    }
-}
-
-async fn connect(url: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await.unwrap();
-    tokio::spawn(connection);
-    client
-}
-
-async fn admin() -> tokio_postgres::Client {
-    connect(&test_database_url()).await
-}
-
-fn postgres_addr() -> SocketAddr {
-    let url = test_database_url();
-    let after_at = url.rsplit_once('@').map_or(url.as_str(), |(_, rest)| rest);
-    let host_port = after_at.trim_start_matches("postgres://").split('/').next().unwrap_or("127.0.0.1:5432");
-    let host_port = if host_port.contains(':') { host_port.to_owned() } else { format!("{host_port}:5432") };
-    std::net::ToSocketAddrs::to_socket_addrs(&host_port).unwrap().next().unwrap()
-}
+use test_db::{postgres_addr, TestDb};
 
 async fn server(url: &str, extra: &[&str]) -> TestServer {
     let mut args = vec!["--database-url", url, "--rate", "100000", "--burst", "100000"];
@@ -148,7 +77,7 @@ fn range(from: u64, to: u64) -> Vec<u64> {
 
 #[tokio::test]
 async fn messages_survive_a_restart_and_the_sequence_continues_in_the_same_epoch() {
-    let db = TestDb::create().await;
+    let db = TestDb::create("durable").await;
     let first = server(&db.url, &[]).await;
     let epoch = joined(&first, "keep").await["epoch"].clone();
     assert_eq!(publish_many(&mut publisher(&first).await, "keep", 20).await, range(1, 20));
@@ -165,7 +94,7 @@ async fn messages_survive_a_restart_and_the_sequence_continues_in_the_same_epoch
 
 #[tokio::test]
 async fn a_burst_of_10000_messages_is_stored_exactly_once() {
-    let db = TestDb::create().await;
+    let db = TestDb::create("durable").await;
     let server = server(&db.url, &[]).await;
     let acked = publish_many(&mut publisher(&server).await, "burst", 10_000).await;
     assert_eq!(acked, range(1, 10_000));
@@ -176,7 +105,7 @@ async fn a_burst_of_10000_messages_is_stored_exactly_once() {
 
 #[tokio::test]
 async fn history_pages_across_the_memory_and_database_boundary() {
-    let db = TestDb::create().await;
+    let db = TestDb::create("durable").await;
     let server = server(&db.url, &["--history-size", "10"]).await;
     publish_many(&mut publisher(&server).await, "pages", 50).await;
     assert_eq!(db.wait_rows("pages", 50).await.len(), 50);
@@ -195,7 +124,7 @@ async fn history_pages_across_the_memory_and_database_boundary() {
 
 #[tokio::test]
 async fn recovery_reaches_further_back_than_memory() {
-    let db = TestDb::create().await;
+    let db = TestDb::create("durable").await;
     let server = server(&db.url, &["--history-size", "10"]).await;
     let epoch = joined(&server, "deep").await["epoch"].clone();
     publish_many(&mut publisher(&server).await, "deep", 50).await;
@@ -218,7 +147,7 @@ async fn recovery_reaches_further_back_than_memory() {
 
 #[tokio::test]
 async fn a_database_outage_loses_nothing_acked_and_a_full_queue_answers_unavailable() {
-    let db = TestDb::create().await;
+    let db = TestDb::create("durable").await;
     let proxy = Proxy::start(postgres_addr()).await;
     let proxied = with_database(&format!("postgres://postgres@{}/x", proxy.addr), &db.name);
     let server = server(&proxied, &["--persist-queue", "30"]).await;
@@ -301,7 +230,7 @@ async fn receive_until_closed(mut client: Client) -> Vec<u64> {
 
 #[tokio::test]
 async fn sigterm_while_messages_flow_keeps_every_acked_message() {
-    let db = TestDb::create().await;
+    let db = TestDb::create("durable").await;
     let first = server(&db.url, &[]).await;
     let sender = tokio::spawn(publish_until_closed(publisher(&first).await, "flow"));
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -331,7 +260,7 @@ async fn kill_while_flowing(db: &TestDb, extra: &[&str]) -> (Vec<u64>, Vec<u64>,
 
 #[tokio::test]
 async fn with_durable_acks_a_sigkill_loses_nothing_acked_or_delivered_and_keeps_the_epoch() {
-    let db = TestDb::create().await;
+    let db = TestDb::create("durable").await;
     let (acked, delivered, epoch) = kill_while_flowing(&db, &["--durable-acks"]).await;
     assert!(!acked.is_empty() && !delivered.is_empty());
     let node = server(&db.url, &["--durable-acks"]).await;
@@ -350,7 +279,7 @@ async fn with_durable_acks_a_sigkill_loses_nothing_acked_or_delivered_and_keeps_
 
 #[tokio::test]
 async fn without_durable_acks_a_sigkill_never_reuses_a_seq_within_an_epoch() {
-    let db = TestDb::create().await;
+    let db = TestDb::create("durable").await;
     let (acked, delivered, epoch) = kill_while_flowing(&db, &[]).await;
     let seen = acked.iter().chain(&delivered).max().copied().unwrap_or(0);
     assert!(seen > 0);
@@ -379,7 +308,7 @@ async fn cluster_node(db: &TestDb, prefix: &str) -> TestServer {
 
 #[tokio::test]
 async fn in_a_cluster_every_acked_message_reaches_the_database_when_a_node_is_killed() {
-    let db = TestDb::create().await;
+    let db = TestDb::create("durable").await;
     let prefix = keyspace::TestPrefix::new("kill", &redis_url());
     // The doomed node reaches the database through a proxy that is then cut,
     // so it dies holding messages it read from the stream but never wrote.
@@ -410,7 +339,7 @@ async fn in_a_cluster_every_acked_message_reaches_the_database_when_a_node_is_ki
 
 #[tokio::test]
 async fn in_a_cluster_redis_losing_a_room_continues_from_the_database_in_a_new_epoch() {
-    let db = TestDb::create().await;
+    let db = TestDb::create("durable").await;
     let prefix = keyspace::TestPrefix::new("restore", &redis_url());
     let node = cluster_node(&db, prefix.as_str()).await;
     let epoch = joined(&node, "again").await["epoch"].clone();
@@ -438,7 +367,7 @@ async fn durable_cluster_node(db: &TestDb, prefix: &str) -> TestServer {
 
 #[tokio::test]
 async fn in_a_cluster_with_durable_acks_an_ack_means_the_database_holds_it() {
-    let db = TestDb::create().await;
+    let db = TestDb::create("durable").await;
     let prefix = keyspace::TestPrefix::new("dack", &redis_url());
     let a = durable_cluster_node(&db, prefix.as_str()).await;
     let b = durable_cluster_node(&db, prefix.as_str()).await;
@@ -468,7 +397,7 @@ async fn in_a_cluster_with_durable_acks_an_ack_means_the_database_holds_it() {
 
 #[tokio::test]
 async fn in_a_cluster_with_durable_acks_a_sigkill_loses_nothing_acked_or_delivered() {
-    let db = TestDb::create().await;
+    let db = TestDb::create("durable").await;
     let prefix = keyspace::TestPrefix::new("dkill", &redis_url());
     let mut doomed = durable_cluster_node(&db, prefix.as_str()).await;
     let survivor = durable_cluster_node(&db, prefix.as_str()).await;
@@ -509,7 +438,7 @@ fn redis_addr() -> SocketAddr {
 /// reads the database for what Redis no longer holds.
 #[tokio::test]
 async fn in_a_cluster_with_durable_acks_a_gap_fill_finds_in_the_database_what_redis_lost() {
-    let db = TestDb::create().await;
+    let db = TestDb::create("durable").await;
     let prefix = keyspace::TestPrefix::new("dlost", &redis_url());
     let proxy = Proxy::start(redis_addr()).await;
     let proxied = format!("redis://{}", proxy.addr);

@@ -9,25 +9,18 @@
 //! (CHORUS_TEST_DATABASE_URL) and fails with node's report when any fails.
 
 mod common;
+#[path = "common/test_db.rs"]
+mod test_db;
 
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use test_db::TestDb;
 use tokio::process::Command;
-use tokio_postgres::NoTls;
-
-use common::{test_database_url, with_database};
 
 /// The whole node run: a few restarts, a token that must outlive its expiry.
 const NODE_GUARD: Duration = Duration::from_secs(180);
-
-async fn admin() -> tokio_postgres::Client {
-    let (client, connection) =
-        tokio_postgres::connect(&test_database_url(), NoTls).await.expect("PostgreSQL for the tests");
-    tokio::spawn(connection);
-    client
-}
 
 /// The arguments that give node a global `WebSocket` (built in from node 22,
 /// behind a flag in node 20 and 21).
@@ -61,9 +54,7 @@ async fn the_chat_page_works_in_a_real_chromium() {
 /// their own; fails with node's report unless all pass and at least
 /// `min_passed` ran (a file that skipped everything must not look green).
 async fn run_node_tests(dir: &str, min_passed: usize) {
-    let name = format!("chorus_test_js_{}_{:08x}", std::process::id(), rand::random::<u32>());
-    admin().await.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
-    let database_url = with_database(&test_database_url(), &name);
+    let db = TestDb::create("js").await;
 
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
     let mut files: Vec<String> = std::fs::read_dir(&dir)
@@ -81,12 +72,12 @@ async fn run_node_tests(dir: &str, min_passed: usize) {
         .args(&args)
         .args(&files)
         .env("CHORUS_BIN", env!("CARGO_BIN_EXE_chorus"))
-        .env("CHORUS_TEST_DATABASE_URL", &database_url)
+        .env("CHORUS_TEST_DATABASE_URL", &db.url)
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output();
     let output = tokio::time::timeout(NODE_GUARD, run).await;
-    let _ = admin().await.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+    db.drop().await;
     let output = output.expect("node's tests took too long").expect("cannot run node");
     let report = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "node --test failed:\n{report}\n{}", String::from_utf8_lossy(&output.stderr));

@@ -10,13 +10,16 @@
 mod common;
 #[path = "common/proxy.rs"]
 mod proxy;
+#[path = "common/test_db.rs"]
+mod test_db;
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{metric_value, test_database_url, token, with_database, Client, TempDir, TestServer, GUARD};
+use common::{metric_value, token, with_database, Client, TempDir, TestServer, GUARD};
 use serde_json::{json, Value};
+use test_db::{postgres_addr, TestDb};
 
 fn seeds() -> String {
     std::env::var("CHORUS_TEST_REDIS_CLUSTER").unwrap_or_else(|_| "redis://127.0.0.1:17100".to_owned())
@@ -991,64 +994,6 @@ async fn on_the_cluster_a_join_past_the_limit_gets_too_many_rooms_and_keeps_the_
 // Durable history (PostgreSQL) on the cluster: a persist stream per partition
 // ---------------------------------------------------------------------------
 
-async fn pg(url: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(connection);
-    client
-}
-
-fn postgres_addr() -> std::net::SocketAddr {
-    let url = test_database_url();
-    let after_at = url.rsplit_once('@').map_or(url.as_str(), |(_, rest)| rest);
-    let host_port = after_at.trim_start_matches("postgres://").split('/').next().unwrap_or("127.0.0.1:5432");
-    let host_port = if host_port.contains(':') { host_port.to_owned() } else { format!("{host_port}:5432") };
-    std::net::ToSocketAddrs::to_socket_addrs(&host_port).unwrap().next().unwrap()
-}
-
-/// A database of the test's own, on the machine's PostgreSQL.
-struct TestDb {
-    name: String,
-    url: String,
-}
-
-impl TestDb {
-    async fn create() -> Self {
-        let name = format!("chorus_test_cluster_{}_{:08x}", std::process::id(), rand::random::<u32>());
-        pg(&test_database_url()).await.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
-        let url = with_database(&test_database_url(), &name);
-        Self { name, url }
-    }
-
-    /// The stored seqs of `room`, in order; none while the nodes have not
-    /// created the schema yet (a query error reads as no rows).
-    async fn seqs(&self, room: &str) -> Vec<u64> {
-        let rows = pg(&self.url)
-            .await
-            .query("SELECT seq FROM messages WHERE room = $1 ORDER BY seq", &[&room])
-            .await
-            .unwrap_or_default();
-        rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect()
-    }
-
-    /// Waits until every seq of `wanted` is stored (messages may be claimed
-    /// from a dead node a few seconds later); returns what is stored.
-    async fn wait_for(&self, room: &str, wanted: &[u64]) -> std::collections::BTreeSet<u64> {
-        let deadline = tokio::time::Instant::now() + GUARD * 3;
-        loop {
-            let stored: std::collections::BTreeSet<u64> = self.seqs(room).await.into_iter().collect();
-            if wanted.iter().all(|s| stored.contains(s)) || tokio::time::Instant::now() > deadline {
-                return stored;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn drop(self) {
-        let drop = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        let _ = pg(&test_database_url()).await.batch_execute(&drop).await;
-    }
-}
-
 /// A node with durable history in `database`.
 async fn durable_node(seeds: &str, prefix: &str, database: &str, extra: &[&str]) -> TestServer {
     let mut args = vec!["--database-url", database];
@@ -1068,7 +1013,7 @@ async fn history_of_rooms_on_every_shard_is_written_to_the_database_by_both_node
     let seeds = seeds();
     let prefix = prefix("pg");
     let _wipe = Wipe(seeds.clone(), prefix.clone());
-    let db = TestDb::create().await;
+    let db = TestDb::create("cluster").await;
     let rooms = rooms_on_every_shard(&seeds, &prefix, 2);
     // Redis keeps 5 messages a room: the rest of history comes from the database.
     let small = ["--history-size", "5"];
@@ -1106,7 +1051,7 @@ async fn a_node_killed_right_after_its_acks_still_gets_its_messages_into_the_dat
     let seeds = seeds();
     let prefix = prefix("pgkill");
     let _wipe = Wipe(seeds.clone(), prefix.clone());
-    let db = TestDb::create().await;
+    let db = TestDb::create("cluster").await;
     let rooms = rooms_on_every_shard(&seeds, &prefix, 1);
     // The doomed node reaches the database through a proxy that is then cut,
     // so it dies holding messages it read from the streams but never wrote.
@@ -1147,7 +1092,7 @@ async fn with_durable_acks_on_the_cluster_an_ack_means_the_database_holds_it() {
     let seeds = seeds();
     let prefix = prefix("dacks");
     let _wipe = Wipe(seeds.clone(), prefix.clone());
-    let db = TestDb::create().await;
+    let db = TestDb::create("cluster").await;
     let rooms = rooms_on_every_shard(&seeds, &prefix, 1);
     let durable = ["--durable-acks"];
     let (a, b) = (
@@ -1212,7 +1157,7 @@ async fn with_durable_acks_on_the_cluster_a_sigkilled_writer_loses_nothing_acked
     let seeds = seeds();
     let prefix = prefix("dkill");
     let _wipe = Wipe(seeds.clone(), prefix.clone());
-    let db = TestDb::create().await;
+    let db = TestDb::create("cluster").await;
     let rooms = rooms_on_every_shard(&seeds, &prefix, 1);
     let durable = ["--durable-acks"];
     // The first node takes the partitions' writer leases; it is the one killed.
@@ -1279,7 +1224,8 @@ async fn until_replicated(addr: &str) {
 
 /// The stored `(seq, body)` rows of `room`.
 async fn stored_bodies(db: &TestDb, room: &str) -> HashMap<u64, Value> {
-    let rows = pg(&db.url)
+    let rows = db
+        .client()
         .await
         .query("SELECT seq, body::text FROM messages WHERE room = $1", &[&room])
         .await
@@ -1303,7 +1249,7 @@ struct FailoverRun {
 async fn failover_with_database(test: &str, extra: &[&str]) -> FailoverRun {
     let cluster = PrivateCluster::start();
     let prefix = prefix(test);
-    let db = TestDb::create().await;
+    let db = TestDb::create("cluster").await;
     let room = "busy";
     let server = durable_node(&cluster.seeds, &prefix, &db.url, extra).await;
     let epoch = |server: &TestServer| {

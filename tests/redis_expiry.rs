@@ -7,6 +7,8 @@
 mod common;
 #[path = "common/keyspace.rs"]
 mod keyspace;
+#[path = "common/test_db.rs"]
+mod test_db;
 
 use std::time::Duration;
 
@@ -106,24 +108,12 @@ async fn rooms_with_members_stay_and_unused_rooms_expire_into_a_new_epoch() {
 // With a database
 // ---------------------------------------------------------------------------
 
-fn database_url(name: &str) -> String {
-    with_database(&test_database_url(), name)
-}
-
-async fn admin() -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(&database_url("postgres"), tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(connection);
-    client
-}
-
 /// An expired room goes on from the database's sequence: no `seq` repeats.
 #[tokio::test]
 async fn an_expired_room_goes_on_from_the_database() {
-    let name = format!("chorus_test_expiry_{}_{:08x}", std::process::id(), rand::random::<u32>());
-    admin().await.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+    let db = test_db::TestDb::create("expiry").await;
     let prefix = keyspace::TestPrefix::new("dbexpire", &redis_url());
-    let url = database_url(&name);
-    let server = node(prefix.as_str(), &["--history-ttl", "1s", "--database-url", &url]).await;
+    let server = node(prefix.as_str(), &["--history-ttl", "1s", "--database-url", &db.url]).await;
     let mut writer = server.connect("/ws", &token("writer", None, 3600)).await;
     for i in 1..=3 {
         assert_eq!(writer.publish("kept-in-db", json!(i)).await, i);
@@ -140,5 +130,5 @@ async fn an_expired_room_goes_on_from_the_database() {
     let seqs: Vec<u64> = history["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, [1, 2, 3, 4]);
     drop(server);
-    let _ = admin().await.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+    db.drop().await;
 }
