@@ -588,12 +588,21 @@ impl Registry {
     /// Cluster: hands a message from the bus to the members, in `seq` order.
     /// With `accept_gap`, a message past a gap is delivered anyway (history
     /// no longer held what was missing).
+    ///
+    /// A message of a new epoch past its first is a gap from 1: the room's
+    /// Redis lost its data (or a Redis Cluster shard failed over) and this
+    /// node missed the start of the new epoch while it resubscribed or
+    /// followed the room to another shard. The members then get the new
+    /// epoch from its start, as far as history holds it.
     pub fn deliver(&self, room: &RoomName, epoch: &str, message: StoredMessage, accept_gap: bool) -> Delivered {
         self.with_existing_room(room, |state| {
             if !state.subscribed {
                 return Delivered::Unwanted;
             }
             match state.seq {
+                Some(_) if *state.epoch != *epoch && message.seq > 1 && !accept_gap => {
+                    return Delivered::Gap { from: 1 };
+                }
                 Some(_) if *state.epoch != *epoch => restart_epoch(state, room, epoch, message.seq.saturating_sub(1)),
                 Some(seq) if message.seq <= seq => return Delivered::Duplicate,
                 Some(seq) if message.seq > seq + 1 && !accept_gap => return Delivered::Gap { from: seq + 1 },
@@ -850,6 +859,79 @@ mod tests {
     fn other_epoch_or_future_seq_replays_nothing() {
         assert_eq!(replay(&snapshot(3, 1..=3), &[], 3, since(1, Some("old"))), (vec![], false));
         assert_eq!(replay(&snapshot(3, 1..=3), &[], 3, since(9, Some("e"))), (vec![], false));
+    }
+
+    /// A member's connection over real loopback TCP, and the client's side.
+    async fn member() -> (Arc<Connection>, std::net::TcpStream) {
+        use crate::conn::{Coalescing, Setup, WriterConfig};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        client.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        let (socket, _) = listener.accept().await.unwrap();
+        let writer = Arc::new(WriterConfig {
+            coalescing: Coalescing::new(Duration::ZERO, 0.0),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
+        });
+        let setup =
+            Setup { id: 1, sub: "m".into(), send_queue: 64, expires_at: u64::MAX, now_ms: 0, writer, deflate: None };
+        (Arc::new(Connection::new(socket, setup)), client)
+    }
+
+    /// Everything the client has received so far, as text (frame headers
+    /// are a few bytes of noise around the payloads).
+    fn received(client: &mut std::net::TcpStream) -> String {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = std::io::Read::read(client, &mut buf) {
+            all.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&all).into_owned()
+    }
+
+    fn stored(seq: u64) -> StoredMessage {
+        StoredMessage::new(seq, Bytes::from(format!("<m{seq}>")))
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_new_epoch_that_arrives_past_its_first_message_is_a_gap_from_its_start() {
+        let registry = Registry::new(100, "node".into());
+        let lobby = RoomName::parse("lobby").unwrap();
+        let (conn, mut client) = member().await;
+        registry.add_syncing_member(&lobby, &conn, || {});
+        registry.complete_join(&lobby, &conn, None, Snapshot { seq: 2, epoch: "e1".into(), messages: vec![] });
+        assert!(matches!(registry.deliver(&lobby, "e1", stored(3), false), Delivered::Fanout { recipients: 1, .. }));
+
+        // The room's Redis lost it and this node missed the new epoch's start.
+        assert_eq!(registry.deliver(&lobby, "e2", stored(3), false), Delivered::Gap { from: 1 });
+        assert_eq!(&*registry.room_epoch(&lobby), "e1", "nothing changed before the gap is filled");
+        // The fill delivers the new epoch from its start, then the message.
+        for seq in 1..=3 {
+            assert!(matches!(registry.deliver(&lobby, "e2", stored(seq), true), Delivered::Fanout { .. }));
+        }
+        assert_eq!(registry.deliver(&lobby, "e2", stored(3), false), Delivered::Duplicate);
+        // Within the new epoch, a gap is the usual one.
+        assert_eq!(registry.deliver(&lobby, "e2", stored(6), false), Delivered::Gap { from: 4 });
+        // A new epoch that arrives at its first message needs no fill.
+        assert!(matches!(registry.deliver(&lobby, "e3", stored(1), false), Delivered::Fanout { .. }));
+
+        crate::conn::cork::round_flushed().await;
+        let text = received(&mut client);
+        let order = [
+            r#""seq":2,"epoch":"e1""#,
+            "<m3>",
+            r#""seq":0,"epoch":"e2","recovered":false"#,
+            "<m1>",
+            "<m2>",
+            "<m3>",
+            r#""seq":0,"epoch":"e3","recovered":false"#,
+            "<m1>",
+        ];
+        let mut rest = text.as_str();
+        for wanted in order {
+            let at = rest.find(wanted).unwrap_or_else(|| panic!("{wanted} missing or out of order in {text}"));
+            rest = &rest[at + wanted.len()..];
+        }
+        assert!(!rest.contains("<m"), "nothing more: {text}");
     }
 
     #[test]

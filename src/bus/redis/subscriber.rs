@@ -203,15 +203,10 @@ pub(super) async fn on_message(
     metrics.bus_messages_received.inc();
     let message = StoredMessage::new(envelope.seq, text_frame(envelope.json));
     let started = Instant::now();
-    if scripts.keys.is_cluster() && envelope.seq > 1 && *registry.room_epoch(&room) != *envelope.epoch {
-        // A new epoch (a failover on a Redis Cluster): its first messages
-        // may have been published before this node followed the room to
-        // the new primary; deliver the new epoch from its start.
-        fill_from(scripts, registry, &room, 0).await?;
-    }
     let mut outcome = registry.deliver(&room, envelope.epoch, message.clone(), false);
-    // Delivers in order: when messages before this one are missing, they
-    // come from Redis history first.
+    // Delivers in order: when messages before this one are missing (in
+    // this epoch, or from the start of a new one), they come from history
+    // first.
     if let Delivered::Gap { from } = outcome {
         metrics.bus_gap_fills.inc();
         fill_from(scripts, registry, &room, from - 1).await?;
