@@ -1,8 +1,10 @@
 //! `--redis-cluster`: chorus nodes over a real local Redis Cluster (7.0+),
 //! found through `CHORUS_TEST_REDIS_CLUSTER` (seed URLs; `scripts/test`
 //! starts one with `scripts/redis-cluster`). Each test uses a key prefix of
-//! its own and deletes its keys at the end. The failover test starts a
-//! private cluster, since it kills one of its nodes. The last section checks
+//! its own and deletes its keys at the end (the helpers shared with the
+//! presence and admin tests are in tests/common/redis_cluster.rs). The
+//! failover and slot-migration tests start a private cluster, since they
+//! kill or reshard its nodes, and throw it away. The last section checks
 //! PROTOCOL.md section 12 (bounded memory) on the cluster, with TTLs of a
 //! second or two. The tests of durable history use a PostgreSQL database of
 //! their own, created and dropped by the test.
@@ -10,6 +12,8 @@
 mod common;
 #[path = "common/proxy.rs"]
 mod proxy;
+#[path = "common/redis_cluster.rs"]
+mod redis_cluster;
 #[path = "common/test_db.rs"]
 mod test_db;
 
@@ -18,44 +22,19 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{metric_value, token, with_database, Client, TempDir, TestServer, GUARD};
+use redis_cluster::{
+    classic_channels, first_seed, keys_by_primary, node_conn, primaries, seeds, shard_channels_on, slot_owners,
+    unique_prefix, ClusterPrefix,
+};
 use serde_json::{json, Value};
 use test_db::{postgres_addr, TestDb};
 
-fn seeds() -> String {
-    std::env::var("CHORUS_TEST_REDIS_CLUSTER").unwrap_or_else(|_| "redis://127.0.0.1:17100".to_owned())
-}
-
-fn prefix(test: &str) -> String {
-    format!("chorus-test-{test}-{}-{:08x}", std::process::id(), rand::random::<u32>())
-}
-
-/// A plain connection to one cluster node, `host:port`.
-fn node_conn(addr: &str) -> redis::Connection {
-    redis::Client::open(format!("redis://{addr}")).unwrap().get_connection().expect("cluster node answers")
-}
-
-fn first_seed(seeds: &str) -> String {
-    seeds.split(',').next().unwrap().trim().trim_start_matches("redis://").to_owned()
-}
-
-/// The cluster's primaries, by the slot ranges they own: `(start, end, addr)`.
-fn slot_owners(seeds: &str) -> Vec<(u16, u16, String)> {
-    let mut conn = node_conn(&first_seed(seeds));
-    let slots: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query(&mut conn).unwrap();
-    slots
-        .iter()
-        .map(|range| {
-            let redis::Value::Array(parts) = range else { panic!("CLUSTER SLOTS: {range:?}") };
-            let int = |v: &redis::Value| match v {
-                redis::Value::Int(i) => *i as u16,
-                other => panic!("slot {other:?}"),
-            };
-            let redis::Value::Array(primary) = &parts[2] else { panic!("CLUSTER SLOTS node") };
-            let host: String = redis::from_redis_value(primary[0].clone()).unwrap();
-            let port = int(&primary[1]);
-            (int(&parts[0]), int(&parts[1]), format!("{host}:{port}"))
-        })
-        .collect()
+/// The shared cluster's seeds, and a key prefix of the test's own there
+/// whose keys go when the test ends: how every test on it begins.
+fn shared_cluster(test: &str) -> (String, ClusterPrefix) {
+    let seeds = seeds();
+    let prefix = ClusterPrefix::new(test, &seeds);
+    (seeds, prefix)
 }
 
 /// A key of `room` on the cluster, `{prefix}:{tagged room}:{suffix}`: the
@@ -74,37 +53,24 @@ fn channel_of(prefix: &str, room: &str) -> String {
     format!("{prefix}:room:{}", tagged(room))
 }
 
+/// The slot of `key` (a key or a shard channel).
+fn slot_of_key(seeds: &str, key: &str) -> u16 {
+    redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(&mut node_conn(&first_seed(seeds))).unwrap()
+}
+
+/// The primary that owns `slot` now.
+fn owner_of_slot(seeds: &str, slot: u16) -> String {
+    slot_owners(seeds).into_iter().find(|(a, b, _)| (*a..=*b).contains(&slot)).expect("slot served").2
+}
+
 /// The slot of `room`'s keys and channel.
 fn slot_of(seeds: &str, prefix: &str, room: &str) -> u16 {
-    let mut conn = node_conn(&first_seed(seeds));
-    redis::cmd("CLUSTER").arg("KEYSLOT").arg(room_key(prefix, room, "state")).query(&mut conn).unwrap()
+    slot_of_key(seeds, &room_key(prefix, room, "state"))
 }
 
 /// The primary that owns `room`'s slot now.
 fn owner_of(seeds: &str, prefix: &str, room: &str) -> String {
-    let slot = slot_of(seeds, prefix, room);
-    slot_owners(seeds).into_iter().find(|(a, b, _)| (*a..=*b).contains(&slot)).expect("slot served").2
-}
-
-/// Deletes the prefix's keys on every primary (one key at a time: a
-/// multi-key DEL may not cross slots).
-fn wipe(seeds: &str, prefix: &str) {
-    let mut primaries: Vec<String> = slot_owners(seeds).into_iter().map(|o| o.2).collect();
-    primaries.dedup();
-    for addr in primaries {
-        let mut conn = node_conn(&addr);
-        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query(&mut conn).unwrap_or_default();
-        for key in keys {
-            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(key).query(&mut conn);
-        }
-    }
-}
-
-struct Wipe(String, String);
-impl Drop for Wipe {
-    fn drop(&mut self) {
-        wipe(&self.0, &self.1);
-    }
+    owner_of_slot(seeds, slot_of(seeds, prefix, room))
 }
 
 async fn node(seeds: &str, prefix: &str) -> TestServer {
@@ -136,12 +102,7 @@ async fn member(server: &TestServer, room: &str, sub: &str) -> Client {
 
 /// Room names until every primary owns at least `per_shard` of them.
 fn rooms_on_every_shard(seeds: &str, prefix: &str, per_shard: usize) -> Vec<String> {
-    let primaries: usize = {
-        let mut p: Vec<String> = slot_owners(seeds).into_iter().map(|o| o.2).collect();
-        p.sort();
-        p.dedup();
-        p.len()
-    };
+    let shards = primaries(seeds).len();
     let mut by_owner: HashMap<String, usize> = HashMap::new();
     let mut rooms = Vec::new();
     for i in 0.. {
@@ -152,7 +113,7 @@ fn rooms_on_every_shard(seeds: &str, prefix: &str, per_shard: usize) -> Vec<Stri
             *count += 1;
             rooms.push(room);
         }
-        if by_owner.len() == primaries && by_owner.values().all(|c| *c >= per_shard) {
+        if by_owner.len() == shards && by_owner.values().all(|c| *c >= per_shard) {
             break;
         }
     }
@@ -173,9 +134,7 @@ async fn seqs_of(client: &mut Client, count: usize) -> Vec<u64> {
 
 #[tokio::test]
 async fn rooms_on_every_shard_reach_both_nodes_in_order_over_sharded_pubsub() {
-    let seeds = seeds();
-    let prefix = prefix("shards");
-    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let (seeds, prefix) = shared_cluster("shards");
     let rooms = rooms_on_every_shard(&seeds, &prefix, 2);
     let (a, b) = (node(&seeds, &prefix).await, node(&seeds, &prefix).await);
     let mut members = Vec::new();
@@ -206,20 +165,13 @@ async fn rooms_on_every_shard_reach_both_nodes_in_order_over_sharded_pubsub() {
         let counts: (String, i64) = redis::cmd("PUBSUB").arg("SHARDNUMSUB").arg(&channel).query(&mut conn).unwrap();
         assert_eq!(counts, (channel, 2), "room {room} on {owner}");
     }
-    let mut primaries: Vec<String> = slot_owners(&seeds).into_iter().map(|o| o.2).collect();
-    primaries.dedup();
-    for addr in primaries {
-        let classic: Vec<String> =
-            redis::cmd("PUBSUB").arg("CHANNELS").arg(format!("{prefix}*")).query(&mut node_conn(&addr)).unwrap();
-        assert!(classic.is_empty(), "classic channels on {addr}: {classic:?}");
-    }
+    let classic = classic_channels(&seeds, &format!("{prefix}*"));
+    assert!(classic.is_empty(), "classic channels: {classic:?}");
 }
 
 #[tokio::test]
 async fn history_and_since_recovery_work_across_nodes_and_shards() {
-    let seeds = seeds();
-    let prefix = prefix("history");
-    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let (seeds, prefix) = shared_cluster("history");
     let (a, b) = (node(&seeds, &prefix).await, node(&seeds, &prefix).await);
     let mut sender = Client::connect(a.addr, "/ws", &token("sa", None, 3600)).await;
     for room in rooms_on_every_shard(&seeds, &prefix, 1) {
@@ -253,7 +205,7 @@ async fn history_and_since_recovery_work_across_nodes_and_shards() {
 async fn an_unreachable_cluster_is_unready_and_sends_answer_unavailable() {
     // Nothing listens on port 1: the node starts, is not ready, refuses
     // sends with `unavailable`, and its connections go on working.
-    let server = node("redis://127.0.0.1:1", &prefix("down")).await;
+    let server = node("redis://127.0.0.1:1", &unique_prefix("down")).await;
     let response = reqwest::get(server.url("/readyz")).await.unwrap();
     assert_eq!(response.status().as_u16(), 503);
     assert!(response.text().await.unwrap().contains("redis"));
@@ -267,8 +219,8 @@ async fn an_unreachable_cluster_is_unready_and_sends_answer_unavailable() {
 
 #[tokio::test]
 async fn the_cluster_is_ready_when_every_shard_answers() {
-    let seeds = seeds();
-    let server = node(&seeds, &prefix("ready")).await;
+    let (seeds, prefix) = shared_cluster("ready");
+    let server = node(&seeds, &prefix).await;
     let deadline = tokio::time::Instant::now() + GUARD;
     loop {
         let response = reqwest::get(server.url("/readyz")).await.unwrap();
@@ -354,7 +306,7 @@ fn check_gapless(name: &str, frames: &[Value]) -> BTreeMap<String, Vec<u64>> {
 #[tokio::test]
 async fn a_primary_killed_under_load_loses_nothing_acked_within_an_epoch() {
     let cluster = PrivateCluster::start();
-    let prefix = prefix("failover");
+    let prefix = unique_prefix("failover");
     let room = "busy";
     let (a, b) = (node(&cluster.seeds, &prefix).await, node(&cluster.seeds, &prefix).await);
     let mut on_a = member(&a, room, "ann").await;
@@ -472,10 +424,7 @@ fn migrate_slot(seeds: &str, slot: u16, from: &str, to: &str) {
             .query(&mut src)
             .unwrap();
     }
-    let mut primaries: Vec<String> = slot_owners(seeds).into_iter().map(|o| o.2).collect();
-    primaries.sort();
-    primaries.dedup();
-    for addr in [to.to_owned(), from.to_owned()].into_iter().chain(primaries) {
+    for addr in [to.to_owned(), from.to_owned()].into_iter().chain(primaries(seeds)) {
         let _: () = redis::cmd("CLUSTER")
             .arg("SETSLOT")
             .arg(slot)
@@ -489,17 +438,14 @@ fn migrate_slot(seeds: &str, slot: u16, from: &str, to: &str) {
 #[tokio::test]
 async fn a_busy_rooms_slot_migrated_to_another_shard_keeps_its_epoch_and_loses_nothing() {
     let cluster = PrivateCluster::start();
-    let prefix = prefix("reshard");
+    let prefix = unique_prefix("reshard");
     let room = "moving";
     let (a, b) = (node(&cluster.seeds, &prefix).await, node(&cluster.seeds, &prefix).await);
     let mut on_a = member(&a, room, "ann").await;
     let mut on_b = member(&b, room, "bob").await;
     let mut sender = Client::connect(a.addr, "/ws", &token("sa", None, 3600)).await;
     let from = owner_of(&cluster.seeds, &prefix, room);
-    let mut owners: Vec<String> = slot_owners(&cluster.seeds).into_iter().map(|o| o.2).collect();
-    owners.sort();
-    owners.dedup();
-    let to = owners.into_iter().find(|o| *o != from).unwrap();
+    let to = primaries(&cluster.seeds).into_iter().find(|o| *o != from).unwrap();
     let slot = slot_of(&cluster.seeds, &prefix, room);
 
     let mut acked = Vec::new();
@@ -548,9 +494,7 @@ async fn a_busy_rooms_slot_migrated_to_another_shard_keeps_its_epoch_and_loses_n
 
 #[tokio::test]
 async fn three_nodes_share_rooms_on_every_shard_gaplessly() {
-    let seeds = seeds();
-    let prefix = prefix("three");
-    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let (seeds, prefix) = shared_cluster("three");
     let rooms = rooms_on_every_shard(&seeds, &prefix, 1);
     let nodes = [node(&seeds, &prefix).await, node(&seeds, &prefix).await, node(&seeds, &prefix).await];
     let mut members = Vec::new();
@@ -577,31 +521,12 @@ async fn three_nodes_share_rooms_on_every_shard_gaplessly() {
     }
 }
 
-/// The shard channels matching `pattern` on the cluster: `(channel,
-/// subscribers, primary)`.
-fn shard_channels_on(seeds: &str, pattern: &str) -> Vec<(String, i64, String)> {
-    let mut primaries: Vec<String> = slot_owners(seeds).into_iter().map(|o| o.2).collect();
-    primaries.sort();
-    primaries.dedup();
-    let mut found = Vec::new();
-    for addr in primaries {
-        let mut conn = node_conn(&addr);
-        let channels: Vec<String> = redis::cmd("PUBSUB").arg("SHARDCHANNELS").arg(pattern).query(&mut conn).unwrap();
-        for channel in channels {
-            let (_, count): (String, i64) =
-                redis::cmd("PUBSUB").arg("SHARDNUMSUB").arg(&channel).query(&mut conn).unwrap();
-            found.push((channel, count, addr.clone()));
-        }
-    }
-    found
-}
-
 /// Moves the slot of `key` (a key or a shard channel) to another primary;
 /// returns where it went.
 async fn move_slot_of(seeds: &str, key: &str) -> String {
-    let slot: u16 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(&mut node_conn(&first_seed(seeds))).unwrap();
-    let from = slot_owners(seeds).into_iter().find(|(a, b, _)| (*a..=*b).contains(&slot)).unwrap().2;
-    let to = slot_owners(seeds).into_iter().map(|o| o.2).find(|o| *o != from).unwrap();
+    let slot = slot_of_key(seeds, key);
+    let from = owner_of_slot(seeds, slot);
+    let to = primaries(seeds).into_iter().find(|o| *o != from).unwrap();
     let (seeds, moved_to) = (seeds.to_owned(), to.clone());
     tokio::task::spawn_blocking(move || migrate_slot(&seeds, slot, &from, &to)).await.unwrap();
     moved_to
@@ -614,7 +539,7 @@ async fn move_slot_of(seeds: &str, key: &str) -> String {
 #[tokio::test]
 async fn presence_and_bans_follow_their_channels_to_another_shard() {
     let cluster = PrivateCluster::start();
-    let prefix = prefix("follow");
+    let prefix = unique_prefix("follow");
     let room = "moving";
     let admin = ["--admin-listen", "127.0.0.1:0"];
     let (a, b) = (node_with(&cluster.seeds, &prefix, &admin).await, node_with(&cluster.seeds, &prefix, &admin).await);
@@ -679,8 +604,7 @@ fn live_seed(seeds: &str) -> String {
 /// The primary that owns the slot of `key` (a key or a shard channel) now.
 fn owner_of_key(seeds: &str, key: &str) -> String {
     let seeds = live_seed(seeds);
-    let slot: u16 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(&mut node_conn(&first_seed(&seeds))).unwrap();
-    slot_owners(&seeds).into_iter().find(|(a, b, _)| (*a..=*b).contains(&slot)).expect("slot served").2
+    owner_of_slot(&seeds, slot_of_key(&seeds, key))
 }
 
 /// The primary that owns both the admin channel and a room's presence
@@ -690,7 +614,7 @@ fn owner_of_key(seeds: &str, key: &str) -> String {
 #[tokio::test]
 async fn presence_and_bans_survive_a_failover_of_their_shard() {
     let cluster = PrivateCluster::start();
-    let prefix = prefix("failover-side");
+    let prefix = unique_prefix("failover-side");
     let extra = ["--admin-listen", "127.0.0.1:0", "--presence-ttl", "2s"];
     let (a, b) = (node_with(&cluster.seeds, &prefix, &extra).await, node_with(&cluster.seeds, &prefix, &extra).await);
     let admin_channel = format!("{prefix}:admin");
@@ -788,9 +712,7 @@ async fn until_expired(seeds: &str, prefix: &str, room: &str) {
 
 #[tokio::test]
 async fn room_keys_on_every_shard_carry_the_history_ttl_and_publishes_and_joins_renew_it() {
-    let seeds = seeds();
-    let prefix = prefix("ttl");
-    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let (seeds, prefix) = shared_cluster("ttl");
     let rooms = rooms_on_every_shard(&seeds, &prefix, 1);
     let server = node_with(&seeds, &prefix, &["--history-ttl", "5s"]).await;
     let mut writer = Client::connect(server.addr, "/ws", &token("writer", None, 3600)).await;
@@ -817,9 +739,7 @@ async fn room_keys_on_every_shard_carry_the_history_ttl_and_publishes_and_joins_
 
 #[tokio::test]
 async fn without_a_ttl_room_keys_on_the_cluster_do_not_expire() {
-    let seeds = seeds();
-    let prefix = prefix("nottl");
-    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let (seeds, prefix) = shared_cluster("nottl");
     let server = node_with(&seeds, &prefix, &["--history-ttl", "0s"]).await;
     let mut writer = Client::connect(server.addr, "/ws", &token("writer", None, 3600)).await;
     for room in rooms_on_every_shard(&seeds, &prefix, 1) {
@@ -834,9 +754,7 @@ async fn without_a_ttl_room_keys_on_the_cluster_do_not_expire() {
 /// other node, finds a new epoch and `recovered: false`.
 #[tokio::test]
 async fn on_the_cluster_rooms_with_members_stay_and_unused_rooms_expire_into_a_new_epoch() {
-    let seeds = seeds();
-    let prefix = prefix("expire");
-    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let (seeds, prefix) = shared_cluster("expire");
     let busy = rooms_on_every_shard(&seeds, &prefix, 1);
     let a = node_with(&seeds, &prefix, &["--history-ttl", "1s"]).await;
     let b = node_with(&seeds, &prefix, &["--history-ttl", "1s"]).await;
@@ -882,13 +800,9 @@ async fn on_the_cluster_rooms_with_members_stay_and_unused_rooms_expire_into_a_n
 
 /// The keys under `prefix` on every primary, each with its PTTL.
 fn keys_and_pttls(seeds: &str, prefix: &str) -> Vec<(String, i64)> {
-    let mut primaries: Vec<String> = slot_owners(seeds).into_iter().map(|o| o.2).collect();
-    primaries.sort();
-    primaries.dedup();
     let mut found = Vec::new();
-    for addr in primaries {
+    for (addr, keys) in keys_by_primary(seeds, &format!("{prefix}:*")) {
         let mut conn = node_conn(&addr);
-        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query(&mut conn).unwrap();
         for key in keys {
             let pttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut conn).unwrap();
             found.push((key, pttl));
@@ -903,9 +817,7 @@ fn keys_and_pttls(seeds: &str, prefix: &str) -> Vec<(String, i64)> {
 /// member are left; the flooding connection works throughout.
 #[tokio::test]
 async fn a_flood_of_new_rooms_leaves_nothing_on_the_cluster_after_a_ttl() {
-    let seeds = seeds();
-    let prefix = prefix("flood");
-    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let (seeds, prefix) = shared_cluster("flood");
     let server = node_with(&seeds, &prefix, &["--history-ttl", "2s"]).await;
     let mut keeper = member(&server, "kept", "keeper").await;
     let mut flooder = Client::connect(server.addr, "/ws", &token("flooder", None, 3600)).await;
@@ -969,9 +881,7 @@ async fn a_flood_of_new_rooms_leaves_nothing_on_the_cluster_after_a_ttl() {
 /// `too_many_rooms`, and the connection keeps its rooms on their shards.
 #[tokio::test]
 async fn on_the_cluster_a_join_past_the_limit_gets_too_many_rooms_and_keeps_the_rooms() {
-    let seeds = seeds();
-    let prefix = prefix("cap");
-    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let (seeds, prefix) = shared_cluster("cap");
     let rooms = rooms_on_every_shard(&seeds, &prefix, 1);
     let limit = rooms.len().to_string();
     let server = node_with(&seeds, &prefix, &["--max-rooms-per-connection", &limit]).await;
@@ -1010,9 +920,7 @@ fn stream_of(prefix: &str, room: &str) -> String {
 
 #[tokio::test]
 async fn history_of_rooms_on_every_shard_is_written_to_the_database_by_both_nodes() {
-    let seeds = seeds();
-    let prefix = prefix("pg");
-    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let (seeds, prefix) = shared_cluster("pg");
     let db = TestDb::create("cluster").await;
     let rooms = rooms_on_every_shard(&seeds, &prefix, 2);
     // Redis keeps 5 messages a room: the rest of history comes from the database.
@@ -1048,9 +956,7 @@ async fn history_of_rooms_on_every_shard_is_written_to_the_database_by_both_node
 
 #[tokio::test]
 async fn a_node_killed_right_after_its_acks_still_gets_its_messages_into_the_database() {
-    let seeds = seeds();
-    let prefix = prefix("pgkill");
-    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let (seeds, prefix) = shared_cluster("pgkill");
     let db = TestDb::create("cluster").await;
     let rooms = rooms_on_every_shard(&seeds, &prefix, 1);
     // The doomed node reaches the database through a proxy that is then cut,
@@ -1089,9 +995,7 @@ async fn a_node_killed_right_after_its_acks_still_gets_its_messages_into_the_dat
 
 #[tokio::test]
 async fn with_durable_acks_on_the_cluster_an_ack_means_the_database_holds_it() {
-    let seeds = seeds();
-    let prefix = prefix("dacks");
-    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let (seeds, prefix) = shared_cluster("dacks");
     let db = TestDb::create("cluster").await;
     let rooms = rooms_on_every_shard(&seeds, &prefix, 1);
     let durable = ["--durable-acks"];
@@ -1154,9 +1058,7 @@ async fn publish_until_closed(mut client: Client, room: String) -> Vec<u64> {
 
 #[tokio::test]
 async fn with_durable_acks_on_the_cluster_a_sigkilled_writer_loses_nothing_acked_or_delivered() {
-    let seeds = seeds();
-    let prefix = prefix("dkill");
-    let _wipe = Wipe(seeds.clone(), prefix.clone());
+    let (seeds, prefix) = shared_cluster("dkill");
     let db = TestDb::create("cluster").await;
     let rooms = rooms_on_every_shard(&seeds, &prefix, 1);
     let durable = ["--durable-acks"];
@@ -1248,7 +1150,7 @@ struct FailoverRun {
 /// acked after the kill; waits until those are stored.
 async fn failover_with_database(test: &str, extra: &[&str]) -> FailoverRun {
     let cluster = PrivateCluster::start();
-    let prefix = prefix(test);
+    let prefix = unique_prefix(test);
     let db = TestDb::create("cluster").await;
     let room = "busy";
     let server = durable_node(&cluster.seeds, &prefix, &db.url, extra).await;

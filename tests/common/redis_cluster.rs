@@ -1,9 +1,10 @@
-//! A real local Redis Cluster for tests of what runs beside the bus on
-//! `--redis-cluster` (presence, the admin API): its seeds from
-//! `CHORUS_TEST_REDIS_CLUSTER` (`scripts/test` starts one with
-//! `scripts/redis-cluster`), a key prefix of the test's own whose keys are
-//! deleted from every primary when the test ends, and a look at the
-//! primaries' pub/sub.
+//! A real local Redis Cluster for the tests of `--redis-cluster` (the bus,
+//! presence, the admin API): its seeds from `CHORUS_TEST_REDIS_CLUSTER`
+//! (`scripts/test` starts one with `scripts/redis-cluster`), a key prefix of
+//! the test's own whose keys are deleted from every primary when the test
+//! ends, and a look at the primaries, their slots and their pub/sub. One
+//! copy, included by each test file that needs it, so that the files agree
+//! on what a test's prefix is and how its keys go away.
 
 #![allow(dead_code)]
 
@@ -11,29 +12,57 @@ pub fn seeds() -> String {
     std::env::var("CHORUS_TEST_REDIS_CLUSTER").unwrap_or_else(|_| "redis://127.0.0.1:17100".to_owned())
 }
 
+/// `chorus-test-<test>-<pid>-<random>`: unique to the test and the run. On
+/// a cluster the test throws away, nothing needs wiping, so this alone is
+/// enough there; on a shared cluster, use `ClusterPrefix`.
+pub fn unique_prefix(test: &str) -> String {
+    format!("chorus-test-{test}-{}-{:08x}", std::process::id(), rand::random::<u32>())
+}
+
+/// The first seed's `host:port`, to ask the cluster about itself.
+pub fn first_seed(seeds: &str) -> String {
+    seeds.split(',').next().unwrap_or_default().trim().trim_start_matches("redis://").to_owned()
+}
+
 /// A plain connection to one cluster node, `host:port`.
 pub fn node_conn(addr: &str) -> redis::Connection {
     redis::Client::open(format!("redis://{addr}")).unwrap().get_connection().expect("cluster node answers")
 }
 
-/// The addresses of the cluster's primaries, from `CLUSTER SLOTS`.
+/// The cluster's primaries, by the slot ranges they own: `(start, end,
+/// addr)`, from `CLUSTER SLOTS`.
+pub fn slot_owners(seeds: &str) -> Vec<(u16, u16, String)> {
+    try_slot_owners(seeds).expect("CLUSTER SLOTS")
+}
+
+/// `slot_owners` without panicking, for a `Drop` that may run while the
+/// test unwinds.
+fn try_slot_owners(seeds: &str) -> redis::RedisResult<Vec<(u16, u16, String)>> {
+    let mut conn = redis::Client::open(format!("redis://{}", first_seed(seeds)))?.get_connection()?;
+    let slots: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query(&mut conn)?;
+    let mut owners = Vec::new();
+    for range in slots {
+        let redis::Value::Array(parts) = range else { continue };
+        let (Some(start), Some(end), Some(redis::Value::Array(primary))) = (parts.first(), parts.get(1), parts.get(2))
+        else {
+            continue;
+        };
+        let (Some(host), Some(port)) = (primary.first(), primary.get(1)) else { continue };
+        let host: String = redis::from_redis_value(host.clone())?;
+        let port: u16 = redis::from_redis_value(port.clone())?;
+        let (start, end): (u16, u16) = (redis::from_redis_value(start.clone())?, redis::from_redis_value(end.clone())?);
+        owners.push((start, end, format!("{host}:{port}")));
+    }
+    Ok(owners)
+}
+
+/// The addresses of the cluster's primaries, each once, sorted.
 pub fn primaries(seeds: &str) -> Vec<String> {
     try_primaries(seeds).expect("CLUSTER SLOTS")
 }
 
 fn try_primaries(seeds: &str) -> redis::RedisResult<Vec<String>> {
-    let first = seeds.split(',').next().unwrap_or_default().trim().trim_start_matches("redis://").to_owned();
-    let mut conn = redis::Client::open(format!("redis://{first}"))?.get_connection()?;
-    let slots: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query(&mut conn)?;
-    let mut primaries = Vec::new();
-    for range in slots {
-        let redis::Value::Array(parts) = range else { continue };
-        let Some(redis::Value::Array(primary)) = parts.get(2) else { continue };
-        let (Some(host), Some(port)) = (primary.first(), primary.get(1)) else { continue };
-        let host: String = redis::from_redis_value(host.clone())?;
-        let port: u16 = redis::from_redis_value(port.clone())?;
-        primaries.push(format!("{host}:{port}"));
-    }
+    let mut primaries: Vec<String> = try_slot_owners(seeds)?.into_iter().map(|(_, _, addr)| addr).collect();
     primaries.sort();
     primaries.dedup();
     Ok(primaries)
@@ -51,8 +80,18 @@ pub fn keys_by_primary(seeds: &str, pattern: &str) -> Vec<(String, Vec<String>)>
 }
 
 /// Every shard channel matching `pattern` on the cluster, with the
-/// subscribers its primary counts.
+/// subscribers its primary counts, sorted.
 pub fn shard_channels(seeds: &str, pattern: &str) -> Vec<(String, i64)> {
+    let mut found: Vec<(String, i64)> =
+        shard_channels_on(seeds, pattern).into_iter().map(|(channel, count, _)| (channel, count)).collect();
+    found.sort();
+    found
+}
+
+/// Every shard channel matching `pattern` on the cluster: `(channel,
+/// subscribers, primary)`, for a test that follows a channel from one
+/// primary to another.
+pub fn shard_channels_on(seeds: &str, pattern: &str) -> Vec<(String, i64, String)> {
     let mut found = Vec::new();
     for addr in primaries(seeds) {
         let mut conn = node_conn(&addr);
@@ -60,10 +99,9 @@ pub fn shard_channels(seeds: &str, pattern: &str) -> Vec<(String, i64)> {
         for channel in channels {
             let (_, count): (String, i64) =
                 redis::cmd("PUBSUB").arg("SHARDNUMSUB").arg(&channel).query(&mut conn).unwrap();
-            found.push((channel, count));
+            found.push((channel, count, addr.clone()));
         }
     }
-    found.sort();
     found
 }
 
@@ -88,12 +126,27 @@ pub struct ClusterPrefix {
 
 impl ClusterPrefix {
     pub fn new(test: &str, seeds: &str) -> Self {
-        let name = format!("chorus-test-{test}-{}-{:08x}", std::process::id(), rand::random::<u32>());
-        Self { name, seeds: seeds.to_owned() }
+        Self { name: unique_prefix(test), seeds: seeds.to_owned() }
     }
 
     pub fn as_str(&self) -> &str {
         &self.name
+    }
+}
+
+/// A prefix goes wherever a `&str` prefix does (`&prefix`, `{prefix}`), so
+/// that a test with many uses need not spell out `as_str()` at each.
+impl std::ops::Deref for ClusterPrefix {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.name
+    }
+}
+
+impl std::fmt::Display for ClusterPrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
     }
 }
 
