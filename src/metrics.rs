@@ -38,6 +38,8 @@ pub struct Metrics {
     pub writes: Counter,
     /// The process's CPU time over the last sample, as a fraction of the cores.
     pub cpu_ratio: Gauge<f64, AtomicU64>,
+    /// Every process's CPU time over the last sample, as a fraction of the cores.
+    pub machine_cpu_ratio: Gauge<f64, AtomicU64>,
     /// The coalescing window in force (the full one only while the server is busy).
     pub write_window_seconds: Gauge<f64, AtomicU64>,
     pub messages_published: Counter,
@@ -97,6 +99,7 @@ impl Metrics {
         let frames_out = Counter::default();
         let writes = Counter::default();
         let cpu_ratio = Gauge::<f64, AtomicU64>::default();
+        let machine_cpu_ratio = Gauge::<f64, AtomicU64>::default();
         let write_window_seconds = Gauge::<f64, AtomicU64>::default();
         let messages_published = Counter::default();
         let deliveries = Counter::default();
@@ -120,6 +123,11 @@ impl Metrics {
             "cpu_ratio",
             "The process's CPU time over the last sample, as a fraction of the machine's cores",
             cpu_ratio.clone(),
+        );
+        registry.register(
+            "machine_cpu_ratio",
+            "Every process's CPU time over the last sample (from /proc/stat), as a fraction of the machine's cores",
+            machine_cpu_ratio.clone(),
         );
         registry.register(
             "write_window_seconds",
@@ -199,6 +207,7 @@ impl Metrics {
             frames_out,
             writes,
             cpu_ratio,
+            machine_cpu_ratio,
             write_window_seconds,
             messages_published,
             deliveries,
