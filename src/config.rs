@@ -101,7 +101,7 @@ pub struct ServeArgs {
     /// While the server is saturated, a busy connection writes at most once per this window; frames that arrive meanwhile leave together. 0 turns it off.
     #[arg(long, env = "CHORUS_WRITE_COALESCE", default_value = "10ms", value_parser = humantime::parse_duration)]
     pub write_coalesce: Duration,
-    /// The window applies while writing without it takes this fraction of the machine's cores (process CPU time, measured without the window); 0 applies it always.
+    /// The window applies while writing without it takes this fraction of the machine's cores (process CPU time over half a second, measured without the window) and the machine's cores are at least 90% busy; 0 applies it always.
     #[arg(long, env = "CHORUS_WRITE_COALESCE_LOAD", default_value_t = 0.35)]
     pub write_coalesce_load: f64,
     /// Prefix of every Redis key and channel.

@@ -159,8 +159,12 @@ impl Coalescing {
             let mean = |part: fn(&Load) -> f64| gate.recent.iter().map(part).sum::<f64>() / OPEN_AFTER as f64;
             let sustained = gate.recent.len() == OPEN_AFTER
                 && self.saturated(Load { process: mean(|l| l.process), machine: mean(|l| l.machine) });
-            // A probe over the thresholds reopens at once: the load held.
-            let open = sustained || (gate.probing && self.saturated(load));
+            // A probe whose process load is over the threshold reopens at
+            // once: the load held. The machine's load is not asked of a
+            // probe: `/proc/stat` counts in hundredths of a second, a few
+            // ticks in 20 ms, and a probe at 96% read 75% often enough to
+            // close the window for half a second at a time.
+            let open = sustained || (gate.probing && load.process >= self.open_at);
             gate.probing = false;
             if open {
                 gate.since_probe = 0;
@@ -302,7 +306,14 @@ mod tests {
             c.observe(sample(0.3, 0.7));
         }
         assert!(c.probing());
-        assert!(!c.observe(sample(0.6, 0.8)), "the probe found the machine with CPU to spare: it closes");
+        assert!(c.observe(sample(0.6, 0.75)), "a probe reads the process alone: the machine's ticks are too coarse");
+        for _ in 0..PROBE_EVERY {
+            c.observe(sample(0.3, 1.0));
+        }
+        assert!(!c.observe(sample(0.3, 1.0)), "a probe under the process threshold closes it");
+        for _ in 0..3 * OPEN_AFTER {
+            assert!(!c.observe(sample(0.6, 0.8)), "and it stays closed while the machine has CPU to spare");
+        }
     }
 
     #[test]
