@@ -43,12 +43,12 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 const PROBE_LENGTH: Duration = Duration::from_millis(20);
 
 /// The samples without the window whose mean opens it: half a second.
-/// One sample is too noisy to act on. CPU time is counted in scheduler
-/// ticks, and a steady load of 0.30 of the cores read from 0.25 to 0.37
-/// over 100 ms samples on this project's machine; two such samples in a
-/// row over a threshold of 0.35 had opened the window, at a load that
-/// needs it no more than it needs its 10 ms of latency, once every few
-/// seconds. The mean also keeps a burst of connections from opening it.
+/// One sample is too noisy to act on: a steady load of a third of the
+/// cores read from 0.22 to 0.36 (median 0.33) over 100 ms samples on this
+/// project's machine; two samples in a row over a threshold of 0.35 had
+/// opened the window, at a load that needs it no more than it needs its
+/// 10 ms of latency, once every few seconds. The mean also keeps a burst
+/// of connections from opening it.
 const OPEN_AFTER: usize = 5;
 
 /// While open, one sample in this many is a probe without the window, to
