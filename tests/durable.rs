@@ -448,7 +448,7 @@ async fn in_a_cluster_with_durable_acks_a_gap_fill_finds_in_the_database_what_re
     member.recv_type("joined").await;
     let mut writer = publisher(&a).await;
     assert_eq!(publish_many(&mut writer, "lost", 3).await, range(1, 3));
-    assert_eq!(message_seqs(&mut member, 3).await, range(1, 3));
+    assert_eq!(member.message_seqs(3).await, range(1, 3));
 
     // Node b is cut off while 4 and 5 are acked (so in the database), then
     // Redis loses the room (its state and history) before b is back.
@@ -468,20 +468,8 @@ async fn in_a_cluster_with_durable_acks_a_gap_fill_finds_in_the_database_what_re
     // The room goes on from the database, in the same epoch; b resubscribes
     // and fills its gap, from the database.
     assert_eq!(publish_many(&mut writer, "lost", 1).await, vec![6]);
-    assert_eq!(message_seqs(&mut member, 3).await, range(4, 6), "4 and 5 are acked: the member must get them");
+    assert_eq!(member.message_seqs(3).await, range(4, 6), "4 and 5 are acked: the member must get them");
     stop(a).await;
     stop(b).await;
     db.drop().await;
-}
-
-/// The seqs of the next `count` messages `client` receives.
-async fn message_seqs(client: &mut Client, count: usize) -> Vec<u64> {
-    let mut seqs = Vec::new();
-    while seqs.len() < count {
-        let frame = client.recv_json().await;
-        if frame["type"] == "message" {
-            seqs.push(frame["seq"].as_u64().unwrap());
-        }
-    }
-    seqs
 }

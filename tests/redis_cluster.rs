@@ -120,18 +120,6 @@ fn rooms_on_every_shard(seeds: &str, prefix: &str, per_shard: usize) -> Vec<Stri
     rooms
 }
 
-/// Reads frames until `count` messages of `room` arrived; returns their seqs.
-async fn seqs_of(client: &mut Client, count: usize) -> Vec<u64> {
-    let mut seqs = Vec::new();
-    while seqs.len() < count {
-        let frame = client.recv_json().await;
-        if frame["type"] == "message" {
-            seqs.push(frame["seq"].as_u64().unwrap());
-        }
-    }
-    seqs
-}
-
 #[tokio::test]
 async fn rooms_on_every_shard_reach_both_nodes_in_order_over_sharded_pubsub() {
     let (seeds, prefix) = shared_cluster("shards");
@@ -153,8 +141,8 @@ async fn rooms_on_every_shard_reach_both_nodes_in_order_over_sharded_pubsub() {
     }
     let expected: Vec<u64> = (1..=(2 * EACH) as u64).collect();
     for (room, on_a, on_b) in &mut members {
-        assert_eq!(seqs_of(on_a, 2 * EACH).await, expected, "room {room} on node a");
-        assert_eq!(seqs_of(on_b, 2 * EACH).await, expected, "room {room} on node b");
+        assert_eq!(on_a.message_seqs(2 * EACH).await, expected, "room {room} on node a");
+        assert_eq!(on_b.message_seqs(2 * EACH).await, expected, "room {room} on node b");
     }
     // Sharded: each room's channel has both nodes' subscriptions on the
     // shard that owns it, and classic pub/sub carries none of them.
@@ -191,13 +179,13 @@ async fn history_and_since_recovery_work_across_nodes_and_shards() {
         late.recv_type("left").await;
         let epoch = joined["epoch"].clone();
         late.send_json(&json!({"type": "join", "room": room, "since": 4, "epoch": epoch})).await;
-        let replay = seqs_of(&mut late, 6).await;
+        let replay = late.message_seqs(6).await;
         assert_eq!(replay, [5, 6, 7, 8, 9, 10], "replay of {room}");
         let joined = late.recv_type("joined").await;
         assert_eq!((joined["seq"].clone(), joined["recovered"].clone()), (json!(10), json!(true)));
         // Live messages follow the replay with no gap.
         assert_eq!(sender.publish(&room, json!(11)).await, 11);
-        assert_eq!(seqs_of(&mut late, 1).await, [11]);
+        assert_eq!(late.message_seqs(1).await, [11]);
     }
 }
 
@@ -517,7 +505,7 @@ async fn three_nodes_share_rooms_on_every_shard_gaplessly() {
     }
     let expected: Vec<u64> = (1..=(3 * EACH) as u64).collect();
     for (name, client) in &mut members {
-        assert_eq!(seqs_of(client, 3 * EACH).await, expected, "{name}");
+        assert_eq!(client.message_seqs(3 * EACH).await, expected, "{name}");
     }
 }
 
@@ -1025,8 +1013,8 @@ async fn with_durable_acks_on_the_cluster_an_ack_means_the_database_holds_it() {
         let mut seqs = acked[room.as_str()].clone();
         seqs.sort_unstable();
         assert_eq!(seqs, all, "{room}: acked seqs");
-        assert_eq!(seqs_of(on_a, 20).await, all, "room {room} on node a");
-        assert_eq!(seqs_of(on_b, 20).await, all, "room {room} on node b");
+        assert_eq!(on_a.message_seqs(20).await, all, "room {room} on node a");
+        assert_eq!(on_b.message_seqs(20).await, all, "room {room} on node b");
     }
     drop((a, b));
     db.drop().await;

@@ -13,13 +13,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod common;
+
 use clap::Parser;
 use loadgen::summary::Percentiles;
 use loadgen::{report, Cli, Summary};
 use serde_json::Value;
 
-/// The HS256 secret the server trusts and loadgen mints tokens with.
-const SECRET: &str = "loadgen-against-chorus-secret";
+use common::{start_chorus, SECRET};
 
 /// The latency distributions of a summary, by their JSON names.
 const LATENCIES: [&str; 4] = ["delivery", "delivery_from_send", "ack", "connect"];
@@ -27,13 +28,6 @@ const LATENCIES: [&str; 4] = ["delivery", "delivery_from_send", "ack", "connect"
 /// The fields of one latency distribution in the JSON file.
 const PERCENTILE_FIELDS: [&str; 9] =
     ["count", "min_us", "mean_us", "p50_us", "p90_us", "p99_us", "p999_us", "p9999_us", "max_us"];
-
-/// `chorus serve`'s options (`ServeArgs` is a flattened `clap::Args`).
-#[derive(Parser)]
-struct ServeCli {
-    #[command(flatten)]
-    args: chorus::ServeArgs,
-}
 
 /// A chorus server on a free loopback port, with a rate limit far above
 /// what the scenarios send.
@@ -43,12 +37,7 @@ async fn start_server() -> chorus::Server {
 
 /// [`start_server`] with more `chorus serve` options.
 async fn start_server_with(extra: &[&str]) -> chorus::Server {
-    let mut argv =
-        vec!["chorus", "--listen", "127.0.0.1:0", "--jwt-secret", SECRET, "--rate", "100000", "--burst", "100000"];
-    argv.extend_from_slice(extra);
-    let cli = ServeCli::try_parse_from(argv).expect("chorus options");
-    let config = chorus::Config::from_args(cli.args).expect("chorus configuration");
-    chorus::Server::start(config).await.expect("chorus starts")
+    start_chorus("100000", "100000", extra).await
 }
 
 /// A file in the temporary directory, unique to this process and name,
@@ -608,19 +597,8 @@ async fn fanout_over_wss_with_a_trusted_certificate() {
     let key = TempFile::new("tls-key.pem");
     std::fs::write(cert.path(), made.cert.pem()).unwrap();
     std::fs::write(key.path(), made.signing_key.serialize_pem()).unwrap();
-    let cli = ServeCli::try_parse_from([
-        "chorus",
-        "--listen",
-        "127.0.0.1:0",
-        "--jwt-secret",
-        SECRET,
-        "--tls-cert",
-        cert.arg(),
-        "--tls-key",
-        key.arg(),
-    ])
-    .expect("chorus options");
-    let server = chorus::Server::start(chorus::Config::from_args(cli.args).expect("config")).await.expect("starts");
+    // chorus's default rate limit (100 frames/s, burst 200).
+    let server = start_chorus("100", "200", &["--tls-cert", cert.arg(), "--tls-key", key.arg()]).await;
     let url = format!("wss://localhost:{}", server.local_addr().port());
     let json = TempFile::new("wss.json");
     let words = [

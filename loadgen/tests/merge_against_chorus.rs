@@ -10,32 +10,15 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+mod common;
+
 use clap::Parser;
 use loadgen::{merge, report, Cli, Summary};
 
-const SECRET: &str = "loadgen-merge-against-chorus-secret";
-
-#[derive(Parser)]
-struct ServeCli {
-    #[command(flatten)]
-    args: chorus::ServeArgs,
-}
+use common::{start_chorus, SECRET};
 
 async fn start_server() -> chorus::Server {
-    let cli = ServeCli::try_parse_from([
-        "chorus",
-        "--listen",
-        "127.0.0.1:0",
-        "--jwt-secret",
-        SECRET,
-        "--rate",
-        "100000",
-        "--burst",
-        "100000",
-    ])
-    .expect("chorus options");
-    let config = chorus::Config::from_args(cli.args).expect("chorus configuration");
-    chorus::Server::start(config).await.expect("chorus starts")
+    start_chorus("100000", "100000", &[]).await
 }
 
 fn temp(name: &str) -> PathBuf {

@@ -7,37 +7,16 @@
 
 use std::time::Duration;
 
+mod common;
+
 use clap::Parser;
 use loadgen::audit::{self, Input};
 use loadgen::Cli;
 
-const SECRET: &str = "loadgen-reconnect-secret";
-
-#[derive(Parser)]
-struct ServeCli {
-    #[command(flatten)]
-    args: chorus::ServeArgs,
-}
+use common::{start_chorus, SECRET};
 
 async fn node(redis: &str, prefix: &str) -> chorus::Server {
-    let argv = [
-        "chorus",
-        "--listen",
-        "127.0.0.1:0",
-        "--jwt-secret",
-        SECRET,
-        "--rate",
-        "100000",
-        "--burst",
-        "100000",
-        "--redis-url",
-        redis,
-        "--redis-prefix",
-        prefix,
-    ];
-    let cli = ServeCli::try_parse_from(argv).expect("chorus options");
-    let config = chorus::Config::from_args(cli.args).expect("chorus configuration");
-    chorus::Server::start(config).await.expect("chorus starts")
+    start_chorus("100000", "100000", &["--redis-url", redis, "--redis-prefix", prefix]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

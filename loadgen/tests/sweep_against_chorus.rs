@@ -7,32 +7,15 @@
 //! The checks are counts and verdicts, not times: the machine may be slow
 //! and shared.
 
+mod common;
+
 use clap::Parser;
 use loadgen::{sweep, sweep_report, Cli};
 
-const SECRET: &str = "loadgen-sweep-against-chorus-secret";
-
-#[derive(Parser)]
-struct ServeCli {
-    #[command(flatten)]
-    args: chorus::ServeArgs,
-}
+use common::{start_chorus, SECRET};
 
 async fn start_server(rate: &str, burst: &str) -> chorus::Server {
-    let cli = ServeCli::try_parse_from([
-        "chorus",
-        "--listen",
-        "127.0.0.1:0",
-        "--jwt-secret",
-        SECRET,
-        "--rate",
-        rate,
-        "--burst",
-        burst,
-    ])
-    .expect("chorus options");
-    let config = chorus::Config::from_args(cli.args).expect("chorus configuration");
-    chorus::Server::start(config).await.expect("chorus starts")
+    start_chorus(rate, burst, &[]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

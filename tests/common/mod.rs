@@ -438,6 +438,18 @@ impl Client {
         value
     }
 
+    /// The seqs of the next `count` `message` frames, skipping any other frame.
+    pub async fn message_seqs(&mut self, count: usize) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        while seqs.len() < count {
+            let frame = self.recv_json().await;
+            if frame["type"] == "message" {
+                seqs.push(frame["seq"].as_u64().unwrap());
+            }
+        }
+        seqs
+    }
+
     /// The next frame must be an `error` with `code` (and `ref` when given).
     pub async fn recv_error(&mut self, code: &str, reference: Option<&str>) -> Value {
         let value = self.recv_type("error").await;
