@@ -42,38 +42,46 @@ impl TestDb {
     /// Waits until `room` has at least `count` rows (write-behind may lag a
     /// moment); returns its seqs. Fails the test at the deadline.
     pub async fn wait_rows(&self, room: &str, count: usize) -> Vec<u64> {
-        let deadline = tokio::time::Instant::now() + GUARD * 3;
-        loop {
-            let seqs = self.seqs(room).await;
+        self.wait_until(room, |seqs| {
             if seqs.len() >= count {
-                return seqs;
+                Ok(())
+            } else {
+                Err(format!("{} of {count} rows: {seqs:?}", seqs.len()))
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{room} has {} of {count} rows after {:?}: {seqs:?}",
-                seqs.len(),
-                GUARD * 3
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     }
 
     /// Waits until every seq of `wanted` is stored (messages may be claimed
     /// from a dead node a few seconds later); returns what is stored. Fails
     /// the test at the deadline, naming what is missing.
     pub async fn wait_for(&self, room: &str, wanted: &[u64]) -> BTreeSet<u64> {
+        let stored = self
+            .wait_until(room, |seqs| {
+                let missing: Vec<u64> = wanted.iter().copied().filter(|s| !seqs.contains(s)).collect();
+                if missing.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("seqs {missing:?} still not stored"))
+                }
+            })
+            .await;
+        stored.into_iter().collect()
+    }
+
+    /// Reads `room`'s stored seqs until `ready` accepts them, and returns
+    /// them; at the deadline fails the test with what `ready` said is
+    /// missing.
+    async fn wait_until(&self, room: &str, ready: impl Fn(&[u64]) -> Result<(), String>) -> Vec<u64> {
         let deadline = tokio::time::Instant::now() + GUARD * 3;
         loop {
-            let stored: BTreeSet<u64> = self.seqs(room).await.into_iter().collect();
-            let missing: Vec<u64> = wanted.iter().copied().filter(|s| !stored.contains(s)).collect();
-            if missing.is_empty() {
-                return stored;
+            let seqs = self.seqs(room).await;
+            match ready(&seqs) {
+                Ok(()) => return seqs,
+                Err(missing) => {
+                    assert!(tokio::time::Instant::now() < deadline, "{room}: {missing} after {:?}", GUARD * 3)
+                }
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{room}: seqs {missing:?} still not stored after {:?}",
-                GUARD * 3
-            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
