@@ -98,7 +98,7 @@ pub struct ServeArgs {
     /// Frames waiting behind a socket that refuses more before the connection counts as a slow consumer (closed with 1013).
     #[arg(long, env = "CHORUS_SEND_QUEUE", default_value_t = 1024)]
     pub send_queue: usize,
-    /// While the server is saturated, a busy connection writes at most once per window; frames that arrive meanwhile leave together. The window opens at this length, then moves between half and twice it to keep the machine's cores about 90% busy. 0 turns it off.
+    /// While the server is saturated, a busy connection writes at most once per window; frames that arrive meanwhile leave together. The window opens at this length and never goes under it; it grows up to twice it while the machine's cores stay over 95% busy. 0 turns it off.
     #[arg(long, env = "CHORUS_WRITE_COALESCE", default_value = "10ms", value_parser = humantime::parse_duration)]
     pub write_coalesce: Duration,
     /// The window applies while writing without it takes this fraction of the machine's cores (process CPU time over half a second, measured without the window) and the machine's cores are at least 90% busy; 0 applies it always.

@@ -21,9 +21,13 @@
 //! samples, to measure again what the load would be without it. A gap
 //! between an opening and a closing threshold would not do: the window
 //! itself lowers the load it is judged by, so it stayed open at loads that
-//! do not need it once a burst had opened it. Frames held back by the
-//! window never count toward the slow-consumer bound (see
-//! [`super::outbox`]).
+//! do not need it once a burst had opened it. The window only ever lowers
+//! the load, so a load still over both thresholds with the window open
+//! proves what a probe would measure: a probe is due only once the load
+//! with the window has fallen under them (each probe costs a burst of
+//! unbatched writes, and a probe that reads low closes the window for half
+//! a second). Frames held back by the window never count toward the
+//! slow-consumer bound (see [`super::outbox`]).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -51,8 +55,10 @@ const PROBE_LENGTH: Duration = Duration::from_millis(20);
 /// of connections from opening it.
 const OPEN_AFTER: usize = 5;
 
-/// While open, one sample in this many is a probe without the window, to
-/// measure the load without it (every 2 s at 100 ms a sample).
+/// While open, one sample in this many may be a probe without the window,
+/// to measure the load without it (every 2 s at 100 ms a sample): it is,
+/// unless the mean load over the samples since the last one is over both
+/// thresholds even with the window.
 pub const PROBE_EVERY: u32 = 20;
 
 /// The busy fraction of the machine's cores (every process's CPU time, from
@@ -74,8 +80,8 @@ const ADJUST_EVERY: u32 = 3;
 /// the window grows, so that writes carry more frames each.
 const LENGTHEN_ABOVE: f64 = 0.95;
 
-/// Under this mean the machine has CPU to spare: the window shrinks, and
-/// frames wait less.
+/// Under this mean the machine has CPU to spare: a window that had grown
+/// shrinks back toward `--write-coalesce`, and frames wait less.
 const SHORTEN_BELOW: f64 = 0.85;
 
 /// How much the window grows or shrinks at one adjustment.
@@ -83,8 +89,8 @@ const ADJUST_FACTOR: f64 = 1.25;
 
 /// The window and whether it applies now.
 pub struct Coalescing {
-    /// `--write-coalesce`: the length a window opens with; it then moves
-    /// between half and twice this.
+    /// `--write-coalesce`: the length a window opens with and never goes
+    /// under; it may grow to twice this.
     base_window: Duration,
     /// The length now, in microseconds.
     length_micros: AtomicU64,
@@ -99,7 +105,7 @@ pub struct Coalescing {
 
 /// One sample of the load: this process's CPU time, and every process's,
 /// each as a fraction of the machine's cores.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy)]
 pub struct Load {
     pub process: f64,
     pub machine: f64,
@@ -111,8 +117,10 @@ struct Gate {
     /// The last samples without the window, oldest first: at most
     /// [`OPEN_AFTER`], forgotten when the window opens.
     recent: VecDeque<Load>,
-    /// Samples since the window opened or was last probed.
+    /// Samples since the window opened or was last probed, and their
+    /// loads summed (with the window).
     since_probe: u32,
+    windowed_sum: Load,
     /// The machine's load summed over the samples since the window's length
     /// was last set, and how many.
     machine_sum: f64,
@@ -158,10 +166,13 @@ impl Coalescing {
     /// the machine is still saturated (CPU is what is short, and a longer
     /// window buys it: at 1 M deliveries a second on a slower machine, 20 ms
     /// took 0.58 to 0.62 µs a delivery and p99 31 to 39 ms, against 0.82 to
-    /// 0.86 µs and 42 to 67 ms at 10 ms), shorter once it has CPU to spare
-    /// (then the window's wait is what is long). So the window settles
-    /// where the machine is about 90% busy, between half and twice
-    /// `--write-coalesce`.
+    /// 0.86 µs and 42 to 67 ms at 10 ms), back toward `--write-coalesce`
+    /// once it has CPU to spare, but never shorter: on a saturated machine
+    /// a shorter window does not shorten the wait. Its writes cost the CPU
+    /// that every frame then queues for: at 1 M deliveries a second,
+    /// letting it shrink to 5 ms took 0.81 to 0.89 µs a delivery and p99
+    /// 30 to 47 ms, against 0.78 µs and 16 to 18 ms for a window held at
+    /// 10 ms, in the same run.
     fn adjust_length(&self, gate: &mut Gate, machine: f64) {
         gate.machine_sum += machine;
         gate.machine_samples += 1;
@@ -171,8 +182,7 @@ impl Coalescing {
         let mean = gate.machine_sum / f64::from(gate.machine_samples);
         (gate.machine_sum, gate.machine_samples) = (0.0, 0);
         let now = self.length_micros.load(Ordering::Relaxed) as f64;
-        let (shortest, longest) =
-            (self.base_window.as_micros() as f64 / 2.0, self.base_window.as_micros() as f64 * 2.0);
+        let (shortest, longest) = (self.base_window.as_micros() as f64, self.base_window.as_micros() as f64 * 2.0);
         let length = if mean > LENGTHEN_ABOVE {
             (now * ADJUST_FACTOR).min(longest)
         } else if mean < SHORTEN_BELOW {
@@ -198,10 +208,16 @@ impl Coalescing {
         let open = if self.open.load(Ordering::Relaxed) {
             self.adjust_length(&mut gate, load.machine);
             gate.since_probe += 1;
+            gate.windowed_sum.process += load.process;
+            gate.windowed_sum.machine += load.machine;
             if gate.since_probe >= PROBE_EVERY {
-                gate.since_probe = 0;
-                gate.probing = true;
-                false
+                let samples = f64::from(gate.since_probe);
+                let windowed =
+                    Load { process: gate.windowed_sum.process / samples, machine: gate.windowed_sum.machine / samples };
+                (gate.since_probe, gate.windowed_sum) = (0, Load::default());
+                // Saturated even with the window: without it, more so.
+                gate.probing = !self.saturated(windowed);
+                !gate.probing
             } else {
                 true
             }
@@ -221,7 +237,7 @@ impl Coalescing {
             let open = sustained || (gate.probing && load.process >= self.open_at);
             gate.probing = false;
             if open {
-                gate.since_probe = 0;
+                (gate.since_probe, gate.windowed_sum) = (0, Load::default());
                 gate.recent.clear();
                 (gate.machine_sum, gate.machine_samples) = (0.0, 0);
             }
@@ -377,7 +393,7 @@ mod tests {
     }
 
     #[test]
-    fn an_open_window_grows_while_the_machine_stays_saturated_and_shrinks_when_it_has_cpu_to_spare() {
+    fn an_open_window_grows_while_the_machine_stays_saturated_and_shrinks_back_when_it_has_cpu_to_spare() {
         let c = Coalescing::new(Duration::from_millis(10), 0.4);
         let sample = |machine| Load { process: 0.6, machine };
         for _ in 0..OPEN_AFTER {
@@ -406,11 +422,31 @@ mod tests {
                 lengths.push(now);
             }
         }
-        assert_eq!(
-            lengths,
-            [20_000, 16_000, 12_800, 10_240, 8_192, 6_553, 5_242, 5_000],
-            "CPU to spare: shorter, down to half the base"
-        );
+        assert_eq!(lengths, [20_000, 16_000, 12_800, 10_240, 10_000], "CPU to spare: shorter, down to the base");
+    }
+
+    #[test]
+    fn a_load_over_both_thresholds_with_the_window_open_needs_no_probe() {
+        let c = Coalescing::new(Duration::from_millis(10), 0.4);
+        for _ in 0..OPEN_AFTER {
+            c.observe(busy(0.6));
+        }
+        for _ in 0..3 * PROBE_EVERY {
+            assert!(c.observe(busy(0.45)), "without the window the load would be higher still");
+            assert!(!c.probing());
+        }
+        // The mean since the last probe decides, not the last sample.
+        for _ in 0..PROBE_EVERY - 1 {
+            assert!(c.observe(busy(0.35)));
+        }
+        assert!(!c.observe(busy(0.9)), "a mean of 0.38 with the window proves nothing: a probe");
+        assert!(c.probing());
+        assert!(c.observe(busy(0.5)), "which found the load still there");
+        for _ in 0..PROBE_EVERY - 1 {
+            assert!(c.observe(busy(0.6)));
+        }
+        assert!(c.observe(Load { process: 0.6, machine: 0.7 }), "the machine had CPU to spare only at the end");
+        assert!(!c.probing(), "its mean over the samples was still saturated");
     }
 
     #[test]
@@ -420,9 +456,10 @@ mod tests {
             c.observe(busy(0.6));
         }
         assert!(c.window() > Duration::from_millis(10));
-        // A probe that finds the load gone closes it.
+        // The load with the window falls under the threshold; the probe
+        // that follows finds it gone too, and closes it.
         while !c.probing() {
-            c.observe(busy(0.6));
+            c.observe(busy(0.3));
         }
         assert!(!c.observe(busy(0.1)));
         for _ in 0..OPEN_AFTER {
