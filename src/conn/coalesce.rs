@@ -111,20 +111,45 @@ pub struct Load {
     pub machine: f64,
 }
 
+/// Loads summed over a run of samples, for their mean.
+#[derive(Default)]
+struct Tally {
+    samples: u32,
+    sum: Load,
+}
+
+impl Tally {
+    fn add(&mut self, load: Load) {
+        self.samples += 1;
+        self.sum.process += load.process;
+        self.sum.machine += load.machine;
+    }
+
+    /// The mean once `count` samples are in, starting a new run; `None`
+    /// before.
+    fn mean_after(&mut self, count: u32) -> Option<Load> {
+        if self.samples < count {
+            return None;
+        }
+        let samples = f64::from(self.samples);
+        let mean = Load { process: self.sum.process / samples, machine: self.sum.machine / samples };
+        *self = Self::default();
+        Some(mean)
+    }
+}
+
 /// The sampler's memory of the last samples.
 #[derive(Default)]
 struct Gate {
     /// The last samples without the window, oldest first: at most
     /// [`OPEN_AFTER`], forgotten when the window opens.
     recent: VecDeque<Load>,
-    /// Samples since the window opened or was last probed, and their
-    /// loads summed (with the window).
-    since_probe: u32,
-    windowed_sum: Load,
-    /// The machine's load summed over the samples since the window's length
-    /// was last set, and how many.
-    machine_sum: f64,
-    machine_samples: u32,
+    /// The samples with the window since it opened or was last checked for
+    /// a probe (every [`PROBE_EVERY`]).
+    since_check: Tally,
+    /// The samples with the window since its length was last set (every
+    /// [`ADJUST_EVERY`]).
+    since_adjust: Tally,
     /// The last sample ran without the window to measure the load.
     probing: bool,
 }
@@ -173,14 +198,11 @@ impl Coalescing {
     /// letting it shrink to 5 ms took 0.81 to 0.89 µs a delivery and p99
     /// 30 to 47 ms, against 0.78 µs and 16 to 18 ms for a window held at
     /// 10 ms, in the same run.
-    fn adjust_length(&self, gate: &mut Gate, machine: f64) {
-        gate.machine_sum += machine;
-        gate.machine_samples += 1;
-        if gate.machine_samples < ADJUST_EVERY {
+    fn adjust_length(&self, gate: &mut Gate, load: Load) {
+        gate.since_adjust.add(load);
+        let Some(Load { machine: mean, .. }) = gate.since_adjust.mean_after(ADJUST_EVERY) else {
             return;
-        }
-        let mean = gate.machine_sum / f64::from(gate.machine_samples);
-        (gate.machine_sum, gate.machine_samples) = (0.0, 0);
+        };
         let now = self.length_micros.load(Ordering::Relaxed) as f64;
         let (shortest, longest) = (self.base_window.as_micros() as f64, self.base_window.as_micros() as f64 * 2.0);
         let length = if mean > LENGTHEN_ABOVE {
@@ -206,20 +228,15 @@ impl Coalescing {
         }
         let mut gate = self.gate.lock();
         let open = if self.open.load(Ordering::Relaxed) {
-            self.adjust_length(&mut gate, load.machine);
-            gate.since_probe += 1;
-            gate.windowed_sum.process += load.process;
-            gate.windowed_sum.machine += load.machine;
-            if gate.since_probe >= PROBE_EVERY {
-                let samples = f64::from(gate.since_probe);
-                let windowed =
-                    Load { process: gate.windowed_sum.process / samples, machine: gate.windowed_sum.machine / samples };
-                (gate.since_probe, gate.windowed_sum) = (0, Load::default());
+            self.adjust_length(&mut gate, load);
+            gate.since_check.add(load);
+            match gate.since_check.mean_after(PROBE_EVERY) {
                 // Saturated even with the window: without it, more so.
-                gate.probing = !self.saturated(windowed);
-                !gate.probing
-            } else {
-                true
+                Some(windowed) => {
+                    gate.probing = !self.saturated(windowed);
+                    !gate.probing
+                }
+                None => true,
             }
         } else {
             if gate.recent.len() == OPEN_AFTER {
@@ -237,9 +254,8 @@ impl Coalescing {
             let open = sustained || (gate.probing && load.process >= self.open_at);
             gate.probing = false;
             if open {
-                (gate.since_probe, gate.windowed_sum) = (0, Load::default());
+                (gate.since_check, gate.since_adjust) = (Tally::default(), Tally::default());
                 gate.recent.clear();
-                (gate.machine_sum, gate.machine_samples) = (0.0, 0);
             }
             if sustained {
                 // A new spell of saturation starts from the configured
