@@ -25,6 +25,9 @@ type Ended = [(&'static str, &'static str); 1];
 /// Label set of the eviction counter: `reason` (`idle`, `memory`, `trimmed`, `forgotten`).
 type EvictionReason = [(&'static str, &'static str); 1];
 
+/// Label set of the window-openings counter: `by` (`load`, `backlog`).
+type OpenedBy = [(&'static str, &'static str); 1];
+
 /// Label set of the build-info gauge: `version`, `commit`, `dirty`.
 type Build = [(&'static str, &'static str); 3];
 
@@ -42,6 +45,10 @@ pub struct Metrics {
     pub machine_cpu_ratio: Gauge<f64, AtomicU64>,
     /// The coalescing window in force (the full one only while the server is busy).
     pub write_window_seconds: Gauge<f64, AtomicU64>,
+    /// The share of the last 100 ms the window's sampler waited for a worker.
+    pub worker_lag_ratio: Gauge<f64, AtomicU64>,
+    /// Spells of the coalescing window, by what opened them.
+    write_window_openings: Family<OpenedBy, Counter>,
     pub messages_published: Counter,
     pub deliveries: Counter,
     pub slow_consumers: Counter,
@@ -101,6 +108,8 @@ impl Metrics {
         let cpu_ratio = Gauge::<f64, AtomicU64>::default();
         let machine_cpu_ratio = Gauge::<f64, AtomicU64>::default();
         let write_window_seconds = Gauge::<f64, AtomicU64>::default();
+        let worker_lag_ratio = Gauge::<f64, AtomicU64>::default();
+        let write_window_openings = Family::<OpenedBy, Counter>::default();
         let messages_published = Counter::default();
         let deliveries = Counter::default();
         let slow_consumers = Counter::default();
@@ -133,6 +142,17 @@ impl Metrics {
             "write_window_seconds",
             "Coalescing window in force (zero unless the server is saturated)",
             write_window_seconds.clone(),
+        );
+        registry.register(
+            "worker_lag_ratio",
+            "The share of the last 100 ms that a timer's task waited for a worker (the workers' backlog)",
+            worker_lag_ratio.clone(),
+        );
+        registry.register(
+            "write_window_openings",
+            "Spells of the coalescing window, by what opened it: load (half a second of CPU samples) \
+             or backlog (the workers kept a timer waiting half of 100 ms)",
+            write_window_openings.clone(),
         );
         registry.register("messages_published", "Messages given a seq", messages_published.clone());
         registry.register("deliveries", "Message frames queued to members", deliveries.clone());
@@ -209,6 +229,8 @@ impl Metrics {
             cpu_ratio,
             machine_cpu_ratio,
             write_window_seconds,
+            worker_lag_ratio,
+            write_window_openings,
             messages_published,
             deliveries,
             slow_consumers,
@@ -263,6 +285,10 @@ impl Metrics {
 
     pub fn auth_failure(&self, reason: &'static str) {
         self.auth_failures.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    pub fn write_window_opened(&self, by: &'static str) {
+        self.write_window_openings.get_or_create(&[("by", by)]).inc();
     }
 
     pub fn close_linger(&self, ended: &'static str) {

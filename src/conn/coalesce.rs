@@ -28,6 +28,17 @@
 //! unbatched writes, and a probe that reads low closes the window for half
 //! a second). Frames held back by the window never count toward the
 //! slow-consumer bound (see [`super::outbox`]).
+//!
+//! Half a second of samples opens the window late when a load arrives
+//! past capacity all at once: the unbatched writes meanwhile build a
+//! backlog that the window then takes long to drain. So a backlog of the
+//! workers themselves ([`super::backlog`]) opens it at once: when over the
+//! last 100 ms the sampler waited for a worker at least [`BACKLOG_OPENS`]
+//! of the time, and the process took at least `--write-coalesce-load` of
+//! the cores. Everyday loads do not leave the workers behind for that long,
+//! whatever their bursts. The sampler watches the backlog (wakes every
+//! 10 ms) only after a sample that read at least half that threshold: a
+//! light load does not pay for the wake-ups.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,6 +48,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use super::backlog::{self, Backlog, BacklogMeter};
 use super::WriterConfig;
 
 /// How often the workers' busy time is sampled.
@@ -60,6 +72,21 @@ const OPEN_AFTER: usize = 5;
 /// unless the mean load over the samples since the last one is over both
 /// thresholds even with the window.
 pub const PROBE_EVERY: u32 = 20;
+
+/// The share of the last [`backlog::SPAN`] that the sampler must have spent
+/// waiting for a worker to open the window at once. A tick's own timer
+/// rounding accounts for about a tenth; measured over 100 ms on a 2-core
+/// machine (with 5 ms ticks), everyday loads stayed at or under 0.43 and
+/// the onset of 1 M deliveries a second reached 0.75.
+pub const BACKLOG_OPENS: f64 = 0.5;
+
+/// The share of `--write-coalesce-load` that the last sample must have
+/// read for the sampler to watch the backlog until the next one. Each of
+/// its hundred wakes a second may wake a parked worker: watching always
+/// took an idle server on a 2-core machine from 2 to 6 ms of CPU a second.
+/// A load past capacity shows in the first sample, and the backlog then
+/// opens the window within the next span.
+const WATCH_FROM: f64 = 0.5;
 
 /// The busy fraction of the machine's cores (every process's CPU time, from
 /// `/proc/stat`) under which the window never applies: with a tenth of the
@@ -215,9 +242,57 @@ impl Coalescing {
         self.length_micros.store(length as u64, Ordering::Relaxed);
     }
 
+    /// Whether the window applies now (whatever its length).
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Whether the window opens and closes with the load at all: not when
+    /// it is off (`--write-coalesce 0s`) or held open (a threshold of 0).
+    fn follows_load(&self) -> bool {
+        self.open_at > 0.0 && !self.base_window.is_zero()
+    }
+
+    /// Whether the sampler should watch the workers' backlog until the next
+    /// sample, after one that read `process`: only while a backlog could
+    /// open the window, and the process is busy enough to build one soon.
+    pub fn watches_backlog(&self, process: f64) -> bool {
+        self.follows_load() && !self.is_open() && !self.probing() && process >= self.open_at * WATCH_FROM
+    }
+
     /// Whether the next sample is a probe without the window.
     pub fn probing(&self) -> bool {
         self.gate.lock().probing
+    }
+
+    /// Opens the window at once if it is shut, no probe runs, and `backlog`
+    /// shows the workers behind while this process is busy; returns whether
+    /// it opened it. The machine's load is not asked: `/proc/stat` counts in
+    /// hundredths of a second, too coarse for 100 ms, and workers that keep a
+    /// timer waiting half the time are short of CPU whoever else uses it.
+    pub fn open_on_backlog(&self, backlog: Backlog) -> bool {
+        if !self.follows_load() || self.is_open() {
+            return false;
+        }
+        if backlog.lag < BACKLOG_OPENS || backlog.process < self.open_at {
+            return false;
+        }
+        let mut gate = self.gate.lock();
+        if gate.probing {
+            return false;
+        }
+        self.start_spell(&mut gate);
+        self.open.store(true, Ordering::Relaxed);
+        true
+    }
+
+    /// A new spell of saturation: the samples before it are forgotten, and
+    /// the window starts from the configured length (a spell that a probe
+    /// found still there keeps its own).
+    fn start_spell(&self, gate: &mut Gate) {
+        (gate.since_check, gate.since_adjust) = (Tally::default(), Tally::default());
+        gate.recent.clear();
+        self.length_micros.store(self.base_window.as_micros() as u64, Ordering::Relaxed);
     }
 
     /// Takes the load of the last sample; returns whether the window
@@ -251,18 +326,15 @@ impl Coalescing {
             // probe: `/proc/stat` counts in hundredths of a second, a few
             // ticks in 20 ms, and a probe at 96% read 75% often enough to
             // close the window for half a second at a time.
-            let open = sustained || (gate.probing && load.process >= self.open_at);
+            let reopened = !sustained && gate.probing && load.process >= self.open_at;
             gate.probing = false;
-            if open {
+            if sustained {
+                self.start_spell(&mut gate);
+            } else if reopened {
                 (gate.since_check, gate.since_adjust) = (Tally::default(), Tally::default());
                 gate.recent.clear();
             }
-            if sustained {
-                // A new spell of saturation starts from the configured
-                // length; one that a probe found still there keeps its own.
-                self.length_micros.store(self.base_window.as_micros() as u64, Ordering::Relaxed);
-            }
-            open
+            sustained || reopened
         };
         self.open.store(open, Ordering::Relaxed);
         open
@@ -307,25 +379,45 @@ fn machine_fraction(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> f6
     }
 }
 
-/// Samples the process's and the machine's CPU time until shutdown and
-/// opens or closes the window; exports them as metrics.
+/// Samples the process's and the machine's CPU time until shutdown, and
+/// the workers' backlog in between while the process is busy, and opens or
+/// closes the window; exports them as metrics.
 pub async fn run(writer: Arc<WriterConfig>, shutdown: CancellationToken) {
     let (coalescing, metrics) = (&writer.coalescing, &writer.metrics);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let mut backlog = BacklogMeter::new(cores);
     let (mut last_at, mut last_cpu, mut last_machine) = (Instant::now(), process_cpu_time(), machine_cpu_ticks());
-    let mut next_sample = SAMPLE_EVERY;
+    let (mut tick_due, mut watching) = (last_at + backlog::TICK, false);
     loop {
+        let sample_due = last_at + if coalescing.probing() { PROBE_LENGTH } else { SAMPLE_EVERY };
+        let due = if watching { tick_due.min(sample_due) } else { sample_due };
         tokio::select! {
-            () = tokio::time::sleep(next_sample) => {}
+            () = tokio::time::sleep_until(due.into()) => {}
             () = shutdown.cancelled() => return,
         }
-        let (now, cpu, machine) = (Instant::now(), process_cpu_time(), machine_cpu_ticks());
+        let (now, cpu) = (Instant::now(), process_cpu_time());
+        if let Some(reading) = backlog.record(now, now.saturating_duration_since(due), cpu) {
+            metrics.worker_lag_ratio.set(reading.lag);
+            if coalescing.open_on_backlog(reading) {
+                metrics.write_window_opened("backlog");
+                metrics.write_window_seconds.set(coalescing.window().as_secs_f64());
+            }
+        }
+        tick_due = now + backlog::TICK;
+        if now < sample_due {
+            continue;
+        }
+        let machine = machine_cpu_ticks();
         let capacity = now.duration_since(last_at).as_secs_f64() * cores;
         let process = if capacity > 0.0 { cpu.saturating_sub(last_cpu).as_secs_f64() / capacity } else { 0.0 };
         let load = Load { process, machine: machine_fraction(last_machine, machine) };
         (last_at, last_cpu, last_machine) = (now, cpu, machine);
-        coalescing.observe(load);
-        next_sample = if coalescing.probing() { PROBE_LENGTH } else { SAMPLE_EVERY };
+        // A spell of saturation goes on through its probes.
+        let in_spell = coalescing.is_open() || coalescing.probing();
+        if coalescing.observe(load) && !in_spell && coalescing.follows_load() {
+            metrics.write_window_opened("load");
+        }
+        watching = coalescing.watches_backlog(load.process);
         metrics.cpu_ratio.set(load.process);
         metrics.machine_cpu_ratio.set(load.machine);
         metrics.write_window_seconds.set(coalescing.window().as_secs_f64());
@@ -485,6 +577,75 @@ mod tests {
     }
 
     #[test]
+    fn a_backlog_opens_the_window_at_once_while_the_process_is_busy() {
+        let c = Coalescing::new(Duration::from_millis(10), 0.4);
+        assert!(!c.open_on_backlog(Backlog { lag: 0.45, process: 0.9 }), "workers that catch up: a train of work");
+        assert!(
+            !c.open_on_backlog(Backlog { lag: 0.8, process: 0.3 }),
+            "workers kept from this process's work by others"
+        );
+        assert_eq!(c.window(), Duration::ZERO);
+        assert!(c.open_on_backlog(Backlog { lag: 0.5, process: 0.4 }));
+        assert_eq!(c.window(), Duration::from_millis(10));
+        assert!(!c.open_on_backlog(Backlog { lag: 0.9, process: 0.9 }), "already open: not a new spell");
+        // From here the samples judge it as any open window: it stays open
+        // until a probe, whatever the load with it.
+        for _ in 0..PROBE_EVERY - 1 {
+            assert!(c.observe(busy(0.1)));
+        }
+        assert!(!c.observe(busy(0.1)), "the probe");
+        assert!(!c.open_on_backlog(Backlog { lag: 0.9, process: 0.9 }), "a probe measures without the window");
+        assert!(!c.observe(busy(0.1)), "the probe found no load: closed");
+        assert!(c.open_on_backlog(Backlog { lag: 0.9, process: 0.9 }), "until the next backlog");
+    }
+
+    #[test]
+    fn a_backlog_leaves_alone_a_window_that_is_held_open_or_off() {
+        let held = Coalescing::new(Duration::from_millis(10), 0.0);
+        assert!(!held.open_on_backlog(Backlog { lag: 1.0, process: 1.0 }));
+        assert_eq!(held.window(), Duration::from_millis(10));
+        let off = Coalescing::new(Duration::ZERO, 0.4);
+        assert!(!off.open_on_backlog(Backlog { lag: 1.0, process: 1.0 }));
+        assert_eq!(off.window(), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_backlog_is_watched_only_while_it_could_open_the_window() {
+        let c = Coalescing::new(Duration::from_millis(10), 0.4);
+        assert!(!c.watches_backlog(0.19), "a light load: no wake-ups between samples");
+        assert!(c.watches_backlog(0.2));
+        c.open_on_backlog(Backlog { lag: 0.9, process: 0.9 });
+        assert!(!c.watches_backlog(0.9), "open already");
+        while !c.probing() {
+            c.observe(busy(0.1));
+        }
+        assert!(!c.watches_backlog(0.9), "a probe is judged by its own sample");
+        assert!(!Coalescing::new(Duration::from_millis(10), 0.0).watches_backlog(1.0), "held open");
+        assert!(!Coalescing::new(Duration::ZERO, 0.4).watches_backlog(1.0), "off");
+    }
+
+    #[test]
+    fn a_spell_opened_by_a_backlog_starts_from_the_configured_window() {
+        let c = Coalescing::new(Duration::from_millis(10), 0.4);
+        for _ in 0..OPEN_AFTER + 3 * ADJUST_EVERY as usize {
+            c.observe(busy(0.6));
+        }
+        assert!(c.window() > Duration::from_millis(10));
+        while !c.probing() {
+            c.observe(busy(0.3));
+        }
+        assert!(!c.observe(busy(0.1)), "the probe closes it");
+        assert!(c.open_on_backlog(Backlog { lag: 0.7, process: 0.9 }));
+        assert_eq!(c.window(), Duration::from_millis(10));
+        // The samples of the old spell are forgotten: the first probe of the
+        // new one comes a full probe period after it opened.
+        for _ in 0..PROBE_EVERY - 1 {
+            assert!(c.observe(busy(0.3)));
+        }
+        assert!(!c.observe(busy(0.3)));
+    }
+
+    #[test]
     fn the_machine_load_is_the_busy_share_of_every_cpu_tick() {
         assert_eq!(machine_fraction(Some((100, 1000)), Some((190, 1100))), 0.9);
         assert_eq!(machine_fraction(None, Some((190, 1100))), 1.0, "unreadable counts as saturated");
@@ -535,6 +696,48 @@ mod tests {
             busy.store(false, Ordering::Relaxed);
             eventually("the window is closed again", || writer.coalescing.window() == Duration::ZERO).await;
             eventually("the closed window is exported", || exported() == Some(0.0)).await;
+            shutdown.cancel();
+        });
+    }
+
+    /// Two workers kept busy 50 ms at a time keep the sampler's timer
+    /// waiting: the backlog opens the window, without the half second of
+    /// samples (the machine threshold, over 100%, keeps that path shut).
+    #[test]
+    fn the_sampler_opens_the_window_on_the_workers_backlog() {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        runtime.block_on(async {
+            let writer = Arc::new(WriterConfig {
+                coalescing: Coalescing::new(Duration::from_millis(10), 0.2).with_machine_threshold(1.1),
+                metrics: Arc::new(crate::metrics::Metrics::new()),
+            });
+            let shutdown = CancellationToken::new();
+            tokio::spawn(run(writer.clone(), shutdown.clone()));
+            let busy = Arc::new(AtomicBool::new(true));
+            for _ in 0..2 {
+                let busy = busy.clone();
+                // A task that holds its worker for 50 ms between yields.
+                tokio::spawn(async move {
+                    while busy.load(Ordering::Relaxed) {
+                        let spin_until = Instant::now() + Duration::from_millis(50);
+                        while Instant::now() < spin_until {
+                            std::hint::spin_loop();
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                });
+            }
+            let opened_by_backlog =
+                || writer.metrics.render().contains("chorus_write_window_openings_total{by=\"backlog\"} 1");
+            eventually("a backlog opens the window", opened_by_backlog).await;
+            assert!(!writer.metrics.render().contains("by=\"load\""), "the samples never opened it");
+            busy.store(false, Ordering::Relaxed);
+            let lag = || {
+                let text = writer.metrics.render();
+                let line = text.lines().find(|l| l.starts_with("chorus_worker_lag_ratio "))?.to_owned();
+                line.rsplit(' ').next()?.parse::<f64>().ok()
+            };
+            eventually("the idle workers read no backlog", || lag().is_some_and(|lag| lag < 0.5)).await;
             shutdown.cancel();
         });
     }

@@ -2,6 +2,7 @@
 //! shutdown hold ([`Connection`]). It owns the socket: the session reads
 //! from it, and whoever flushes the outgoing queue writes to it.
 
+pub mod backlog;
 pub mod coalesce;
 pub mod cork;
 pub mod outbox;
