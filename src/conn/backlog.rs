@@ -44,7 +44,7 @@ struct Tick {
 }
 
 /// What the last [`SPAN`] showed.
-#[derive(Debug, Default, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Backlog {
     /// The share of the span the sampler spent waiting for a worker.
     pub lag: f64,

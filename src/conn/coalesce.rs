@@ -181,6 +181,15 @@ struct Gate {
     probing: bool,
 }
 
+impl Gate {
+    /// Forgets the samples taken so far: a spell of the window starts, or
+    /// goes on after a probe, from none.
+    fn forget_samples(&mut self) {
+        (self.since_check, self.since_adjust) = (Tally::default(), Tally::default());
+        self.recent.clear();
+    }
+}
+
 impl Coalescing {
     pub fn new(window: Duration, open_at: f64) -> Self {
         Self {
@@ -290,8 +299,7 @@ impl Coalescing {
     /// the window starts from the configured length (a spell that a probe
     /// found still there keeps its own).
     fn start_spell(&self, gate: &mut Gate) {
-        (gate.since_check, gate.since_adjust) = (Tally::default(), Tally::default());
-        gate.recent.clear();
+        gate.forget_samples();
         self.length_micros.store(self.base_window.as_micros() as u64, Ordering::Relaxed);
     }
 
@@ -331,8 +339,7 @@ impl Coalescing {
             if sustained {
                 self.start_spell(&mut gate);
             } else if reopened {
-                (gate.since_check, gate.since_adjust) = (Tally::default(), Tally::default());
-                gate.recent.clear();
+                gate.forget_samples();
             }
             sustained || reopened
         };
@@ -654,48 +661,64 @@ mod tests {
         assert!(busy <= total && total > 0);
     }
 
+    /// A sampler of `coalescing` running on the current runtime, and the
+    /// token that stops it.
+    fn start_sampler(coalescing: Coalescing) -> (Arc<WriterConfig>, CancellationToken) {
+        let writer = Arc::new(WriterConfig { coalescing, metrics: Arc::new(crate::metrics::Metrics::new()) });
+        let shutdown = CancellationToken::new();
+        tokio::spawn(run(writer.clone(), shutdown.clone()));
+        (writer, shutdown)
+    }
+
+    /// Two tasks that spin for `slice` between yields until the returned
+    /// flag is cleared: a spinning worker burns CPU, and never parks.
+    fn spin_two_workers(slice: Duration) -> Arc<AtomicBool> {
+        let busy = Arc::new(AtomicBool::new(true));
+        for _ in 0..2 {
+            let busy = busy.clone();
+            tokio::spawn(async move {
+                while busy.load(Ordering::Relaxed) {
+                    let spin_until = Instant::now() + slice;
+                    while Instant::now() < spin_until {
+                        std::hint::spin_loop();
+                    }
+                    tokio::task::yield_now().await;
+                }
+            });
+        }
+        busy
+    }
+
+    /// A gauge's value as `/metrics` renders it (None: not there).
+    fn exported(metrics: &crate::metrics::Metrics, gauge: &str) -> Option<f64> {
+        let text = metrics.render();
+        let line = text.lines().find(|l| l.starts_with(&format!("{gauge} ")))?;
+        line.rsplit(' ').next()?.parse::<f64>().ok()
+    }
+
+    fn two_worker_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    }
+
     /// The sampler opens the window while two threads burn CPU and closes
     /// it once they idle.
     #[test]
     fn the_sampler_follows_the_process_cpu_time() {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        runtime.block_on(async {
-            let writer = Arc::new(WriterConfig {
-                // Two spinning threads are a fifth of any machine up to ten cores.
-                // The machine's share: two threads of up to ten cores.
-                coalescing: Coalescing::new(Duration::from_millis(10), 0.2).with_machine_threshold(0.2),
-                metrics: Arc::new(crate::metrics::Metrics::new()),
-            });
-            let shutdown = CancellationToken::new();
-            tokio::spawn(run(writer.clone(), shutdown.clone()));
-            let busy = Arc::new(AtomicBool::new(true));
-            for _ in 0..2 {
-                let busy = busy.clone();
-                // A worker that spins burns CPU: it never parks.
-                tokio::spawn(async move {
-                    while busy.load(Ordering::Relaxed) {
-                        let spin_until = Instant::now() + Duration::from_millis(1);
-                        while Instant::now() < spin_until {
-                            std::hint::spin_loop();
-                        }
-                        tokio::task::yield_now().await;
-                    }
-                });
-            }
-            // The gauge's value as `/metrics` renders it (None: not there).
-            let exported = || {
-                let text = writer.metrics.render();
-                let line = text.lines().find(|l| l.starts_with("chorus_write_window_seconds "))?;
-                line.rsplit(' ').next()?.parse::<f64>().ok()
-            };
+        two_worker_runtime().block_on(async {
+            // Two spinning threads are a fifth of any machine up to ten cores.
+            // The machine's share: two threads of up to ten cores.
+            let (writer, shutdown) =
+                start_sampler(Coalescing::new(Duration::from_millis(10), 0.2).with_machine_threshold(0.2));
+            let busy = spin_two_workers(Duration::from_millis(1));
+            let window = || exported(&writer.metrics, "chorus_write_window_seconds");
             // Two spinning threads may saturate the machine, which lengthens
             // the window, up to twice its base.
             let open = |seconds: f64| (0.01..=0.02).contains(&seconds);
             eventually("the window opens", || open(writer.coalescing.window().as_secs_f64())).await;
-            eventually("the window is exported", || exported().is_some_and(open)).await;
+            eventually("the window is exported", || window().is_some_and(open)).await;
             busy.store(false, Ordering::Relaxed);
             eventually("the window is closed again", || writer.coalescing.window() == Duration::ZERO).await;
-            eventually("the closed window is exported", || exported() == Some(0.0)).await;
+            eventually("the closed window is exported", || window() == Some(0.0)).await;
             shutdown.cancel();
         });
     }
@@ -705,38 +728,16 @@ mod tests {
     /// samples (the machine threshold, over 100%, keeps that path shut).
     #[test]
     fn the_sampler_opens_the_window_on_the_workers_backlog() {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        runtime.block_on(async {
-            let writer = Arc::new(WriterConfig {
-                coalescing: Coalescing::new(Duration::from_millis(10), 0.2).with_machine_threshold(1.1),
-                metrics: Arc::new(crate::metrics::Metrics::new()),
-            });
-            let shutdown = CancellationToken::new();
-            tokio::spawn(run(writer.clone(), shutdown.clone()));
-            let busy = Arc::new(AtomicBool::new(true));
-            for _ in 0..2 {
-                let busy = busy.clone();
-                // A task that holds its worker for 50 ms between yields.
-                tokio::spawn(async move {
-                    while busy.load(Ordering::Relaxed) {
-                        let spin_until = Instant::now() + Duration::from_millis(50);
-                        while Instant::now() < spin_until {
-                            std::hint::spin_loop();
-                        }
-                        tokio::task::yield_now().await;
-                    }
-                });
-            }
+        two_worker_runtime().block_on(async {
+            let (writer, shutdown) =
+                start_sampler(Coalescing::new(Duration::from_millis(10), 0.2).with_machine_threshold(1.1));
+            let busy = spin_two_workers(Duration::from_millis(50));
             let opened_by_backlog =
                 || writer.metrics.render().contains("chorus_write_window_openings_total{by=\"backlog\"} 1");
             eventually("a backlog opens the window", opened_by_backlog).await;
             assert!(!writer.metrics.render().contains("by=\"load\""), "the samples never opened it");
             busy.store(false, Ordering::Relaxed);
-            let lag = || {
-                let text = writer.metrics.render();
-                let line = text.lines().find(|l| l.starts_with("chorus_worker_lag_ratio "))?.to_owned();
-                line.rsplit(' ').next()?.parse::<f64>().ok()
-            };
+            let lag = || exported(&writer.metrics, "chorus_worker_lag_ratio");
             eventually("the idle workers read no backlog", || lag().is_some_and(|lag| lag < 0.5)).await;
             shutdown.cancel();
         });
