@@ -150,8 +150,9 @@ impl Metrics {
         );
         registry.register(
             "write_window_openings",
-            "Spells of the coalescing window, by what opened it: load (half a second of CPU samples) \
-             or backlog (the workers kept a timer waiting half of 100 ms)",
+            "Spells of the coalescing window, by what opened it: load (half a second of CPU samples), \
+             backlog (the workers kept a timer waiting half of 100 ms) or demand (the fanout's \
+             deliveries would need more than every core unbatched, two 10 ms spans in a row)",
             write_window_openings.clone(),
         );
         registry.register("messages_published", "Messages given a seq", messages_published.clone());

@@ -519,6 +519,9 @@ impl Registry {
                 Err(PushError::Full) => slow_consumers += 1,
             }
         }
+        if let Some(member) = state.members.first() {
+            member.conn.note_fanout(recipients);
+        }
         state.seq = Some(state.seq.unwrap_or(0).max(message.seq));
         if self.history_size > 0 {
             if state.recent.len() >= self.history_size {

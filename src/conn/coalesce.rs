@@ -49,6 +49,7 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use super::backlog::{self, Backlog, BacklogMeter};
+use super::demand::DemandMeter;
 use super::WriterConfig;
 
 /// How often the workers' busy time is sampled.
@@ -128,6 +129,8 @@ pub struct Coalescing {
     machine_at: f64,
     open: AtomicBool,
     gate: Mutex<Gate>,
+    /// The fanout's deliveries, as the cores they would need unbatched.
+    demand: DemandMeter,
 }
 
 /// One sample of the load: this process's CPU time, and every process's,
@@ -199,6 +202,7 @@ impl Coalescing {
             machine_at: MACHINE_SATURATED,
             open: AtomicBool::new(open_at <= 0.0),
             gate: Mutex::new(Gate::default()),
+            demand: DemandMeter::new(machine_cores()),
         }
     }
 
@@ -295,6 +299,24 @@ impl Coalescing {
         true
     }
 
+    /// Counts the deliveries a fanout queued, and opens the window at once
+    /// if it is shut, no probe runs, and they have needed more than every
+    /// core for [`demand::SPANS_OVER`](super::demand::SPANS_OVER) spans in
+    /// a row; returns whether it opened it. Nothing is counted while the
+    /// window is open, off or held open.
+    pub fn open_on_demand(&self, deliveries: usize) -> bool {
+        if !self.follows_load() || self.is_open() || !self.demand.record(deliveries as u64) {
+            return false;
+        }
+        let mut gate = self.gate.lock();
+        if gate.probing {
+            return false;
+        }
+        self.start_spell(&mut gate);
+        self.open.store(true, Ordering::Relaxed);
+        true
+    }
+
     /// A new spell of saturation: the samples before it are forgotten, and
     /// the window starts from the configured length (a spell that a probe
     /// found still there keeps its own).
@@ -348,6 +370,11 @@ impl Coalescing {
     }
 }
 
+/// The cores this process may use.
+fn machine_cores() -> f64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
+}
+
 /// The CPU time this process has used, user and system, all threads.
 fn process_cpu_time() -> Duration {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
@@ -391,7 +418,7 @@ fn machine_fraction(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> f6
 /// closes the window; exports them as metrics.
 pub async fn run(writer: Arc<WriterConfig>, shutdown: CancellationToken) {
     let (coalescing, metrics) = (&writer.coalescing, &writer.metrics);
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let cores = machine_cores();
     let mut backlog = BacklogMeter::new(cores);
     let (mut last_at, mut last_cpu, mut last_machine) = (Instant::now(), process_cpu_time(), machine_cpu_ticks());
     let (mut tick_due, mut watching) = (last_at + backlog::TICK, false);
@@ -433,6 +460,7 @@ pub async fn run(writer: Arc<WriterConfig>, shutdown: CancellationToken) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::demand;
     use super::*;
 
     /// A sample of `process` on a saturated machine.
@@ -614,6 +642,47 @@ mod tests {
         let off = Coalescing::new(Duration::ZERO, 0.4);
         assert!(!off.open_on_backlog(Backlog { lag: 1.0, process: 1.0 }));
         assert_eq!(off.window(), Duration::ZERO);
+    }
+
+    /// Deliveries that need more than every core of any machine over a
+    /// span of up to a second.
+    const PAST_EVERY_CORE: usize = 100_000_000;
+
+    /// Calls `open_on_demand` once a span has passed since the last call.
+    fn fan_out_after_a_span(c: &Coalescing, deliveries: usize) -> bool {
+        std::thread::sleep(demand::SPAN + Duration::from_millis(1));
+        c.open_on_demand(deliveries)
+    }
+
+    #[test]
+    fn a_fanout_past_every_core_opens_the_window_within_two_spans() {
+        let c = Coalescing::new(Duration::from_millis(10), 0.4);
+        assert!(!fan_out_after_a_span(&c, PAST_EVERY_CORE), "one span: one large publish");
+        assert_eq!(c.window(), Duration::ZERO);
+        assert!(fan_out_after_a_span(&c, PAST_EVERY_CORE), "the second span in a row");
+        assert_eq!(c.window(), Duration::from_millis(10));
+        assert!(!fan_out_after_a_span(&c, PAST_EVERY_CORE), "already open: not a new spell");
+        while !c.probing() {
+            c.observe(busy(0.1));
+        }
+        for _ in 0..demand::SPANS_OVER {
+            assert!(!fan_out_after_a_span(&c, PAST_EVERY_CORE), "a probe measures without the window");
+        }
+        assert!(!c.observe(busy(0.1)), "the probe found no load: closed");
+        assert!(fan_out_after_a_span(&c, PAST_EVERY_CORE), "the spans counted during the probe open it");
+    }
+
+    #[test]
+    fn a_fanout_leaves_alone_a_window_that_is_held_open_or_off() {
+        for (c, window) in [
+            (Coalescing::new(Duration::from_millis(10), 0.0), Duration::from_millis(10)),
+            (Coalescing::new(Duration::ZERO, 0.4), Duration::ZERO),
+        ] {
+            for _ in 0..=demand::SPANS_OVER {
+                assert!(!fan_out_after_a_span(&c, PAST_EVERY_CORE));
+            }
+            assert_eq!(c.window(), window);
+        }
     }
 
     #[test]

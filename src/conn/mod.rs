@@ -5,6 +5,7 @@
 pub mod backlog;
 pub mod coalesce;
 pub mod cork;
+pub mod demand;
 pub mod outbox;
 pub mod rate;
 pub mod session;
@@ -123,6 +124,14 @@ impl Connection {
         let pushed = self.queue(frame)?;
         self.flush_if_owed(Some(pushed));
         Ok(())
+    }
+
+    /// Tells the server's writing that a fanout queued `deliveries` frames:
+    /// a load past capacity opens the coalescing window before a backlog
+    /// forms ([`demand`]). Every connection shares the server's
+    /// [`WriterConfig`], so any recipient can carry it.
+    pub fn note_fanout(&self, deliveries: usize) {
+        self.writer.note_fanout(deliveries);
     }
 
     /// Queues a frame, leaving an owed flush to the caller: fanout queues to

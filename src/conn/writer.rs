@@ -52,6 +52,18 @@ pub struct WriterConfig {
     pub metrics: Arc<Metrics>,
 }
 
+impl WriterConfig {
+    /// A fanout queued `deliveries` frames: opens the window at once when
+    /// the load would need more than every core unbatched (see
+    /// [`super::demand`]), and counts the opening.
+    pub fn note_fanout(&self, deliveries: usize) {
+        if self.coalescing.open_on_demand(deliveries) {
+            self.metrics.write_window_opened("demand");
+            self.metrics.write_window_seconds.set(self.coalescing.window().as_secs_f64());
+        }
+    }
+}
+
 /// Writes what `conn` has queued at the end of this round. Called by the
 /// pusher that was told `FlushNeeded`.
 pub fn flush(conn: &Arc<Connection>) {
