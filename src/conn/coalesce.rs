@@ -31,8 +31,12 @@
 //!
 //! Half a second of samples opens the window late when a load arrives
 //! past capacity all at once: the unbatched writes meanwhile build a
-//! backlog that the window then takes long to drain. So a backlog of the
-//! workers themselves ([`super::backlog`]) opens it at once: when over the
+//! backlog that the window then takes long to drain. Such a load shows
+//! first in the fanout's deliveries ([`super::demand`]): when two 10 ms
+//! spans in a row queued more than every core could write one write each,
+//! the window opens at once, before a backlog forms. A load past capacity
+//! that the fanout's count does not show leaves a backlog of the workers
+//! themselves ([`super::backlog`]), which opens it at once too: when over the
 //! last 100 ms the sampler waited for a worker at least [`BACKLOG_OPENS`]
 //! of the time, and the process took at least `--write-coalesce-load` of
 //! the cores. Everyday loads do not leave the workers behind for that long,
