@@ -519,7 +519,7 @@ impl Registry {
                 Err(PushError::Full) => slow_consumers += 1,
             }
         }
-        if let Some(member) = state.members.first() {
+        if let Some(member) = state.members.first().filter(|_| recipients > 0) {
             member.conn.note_fanout(recipients);
         }
         state.seq = Some(state.seq.unwrap_or(0).max(message.seq));

@@ -294,13 +294,7 @@ impl Coalescing {
         if backlog.lag < BACKLOG_OPENS || backlog.process < self.open_at {
             return false;
         }
-        let mut gate = self.gate.lock();
-        if gate.probing {
-            return false;
-        }
-        self.start_spell(&mut gate);
-        self.open.store(true, Ordering::Relaxed);
-        true
+        self.open_at_once()
     }
 
     /// Counts the deliveries a fanout queued, and opens the window at once
@@ -312,6 +306,12 @@ impl Coalescing {
         if !self.follows_load() || self.is_open() || !self.demand.record(deliveries as u64) {
             return false;
         }
+        self.open_at_once()
+    }
+
+    /// Opens a new spell of the window between samples, unless a probe is
+    /// measuring the load without it; returns whether it opened.
+    fn open_at_once(&self) -> bool {
         let mut gate = self.gate.lock();
         if gate.probing {
             return false;
@@ -437,8 +437,7 @@ pub async fn run(writer: Arc<WriterConfig>, shutdown: CancellationToken) {
         if let Some(reading) = backlog.record(now, now.saturating_duration_since(due), cpu) {
             metrics.worker_lag_ratio.set(reading.lag);
             if coalescing.open_on_backlog(reading) {
-                metrics.write_window_opened("backlog");
-                metrics.write_window_seconds.set(coalescing.window().as_secs_f64());
+                writer.window_opened("backlog");
             }
         }
         tick_due = now + backlog::TICK;

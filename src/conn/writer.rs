@@ -58,9 +58,15 @@ impl WriterConfig {
     /// [`super::demand`]), and counts the opening.
     pub fn note_fanout(&self, deliveries: usize) {
         if self.coalescing.open_on_demand(deliveries) {
-            self.metrics.write_window_opened("demand");
-            self.metrics.write_window_seconds.set(self.coalescing.window().as_secs_f64());
+            self.window_opened("demand");
         }
+    }
+
+    /// Counts a spell of the window opened between samples, `by` what, and
+    /// shows its length at once rather than at the next sample.
+    pub fn window_opened(&self, by: &'static str) {
+        self.metrics.write_window_opened(by);
+        self.metrics.write_window_seconds.set(self.coalescing.window().as_secs_f64());
     }
 }
 
